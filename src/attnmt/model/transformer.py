@@ -1,0 +1,173 @@
+"""The encoder-decoder Transformer: embeddings, positions, the two stacks, the output projection.
+
+API (the Annotated Transformer's): ``encode(src_tokens, src_mask) -> memory``,
+``decode(tgt_tokens, memory, src_mask, cache=None) -> logits``, and ``forward`` = teacher forcing.
+All tensors are batch-first. Masks follow ``attnmt.model.attention``: True means "may attend".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from attnmt.config import ModelConfig
+from attnmt.model.attention import KVCache
+from attnmt.model.layers import DecoderLayer, EncoderLayer
+
+
+def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
+    """The fixed sin/cos table of Vaswani et al., (n_positions, d_model)."""
+    position = torch.arange(n_positions, dtype=torch.float32)[:, None]
+    inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
+    table = torch.zeros(n_positions, d_model)
+    table[:, 0::2] = torch.sin(position * inv_freq)
+    table[:, 1::2] = torch.cos(position * inv_freq[: d_model // 2])
+    return table
+
+
+class Embedding(nn.Module):
+    """Token embedding scaled by sqrt(d_model), plus positions, plus dropout."""
+
+    def __init__(self, tokens: nn.Embedding, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.tokens = tokens
+        self.scale = math.sqrt(cfg.d_model)
+        self.max_positions = cfg.max_positions
+        if cfg.positions == "sinusoidal":
+            self.register_buffer("sinusoids", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
+            self.learned = None
+        elif cfg.positions == "learned":
+            self.learned = nn.Embedding(cfg.max_positions, cfg.d_model)
+        else:
+            raise ValueError(f"model.positions={cfg.positions!r} is unknown; use 'sinusoidal' or 'learned'")
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, tokens: Tensor, offset: int = 0) -> Tensor:
+        """tokens: (B, T) ids at positions offset .. offset+T-1. Returns (B, T, D)."""
+        t = tokens.size(1)
+        if offset + t > self.max_positions:
+            raise ValueError(
+                f"a sequence of {offset + t} tokens exceeds model.max_positions={self.max_positions}; "
+                "shorten the input or train a model with a larger max_positions"
+            )
+        if self.learned is None:
+            pos = self.sinusoids[offset : offset + t]
+        else:
+            pos = self.learned.weight[offset : offset + t]
+        return self.dropout(self.tokens(tokens) * self.scale + pos)  # (B, T, D)
+
+
+class Transformer(nn.Module):
+    """Encoder-decoder Transformer for translation. Build it with :func:`build_model`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.src_vocab_size <= 0 or cfg.tgt_vocab_size <= 0:
+            raise ValueError(
+                "model.src_vocab_size and model.tgt_vocab_size must be set (> 0); "
+                "training fills them in from the tokenizer"
+            )
+        if cfg.share_embeddings and cfg.src_vocab_size != cfg.tgt_vocab_size:
+            raise ValueError(
+                f"model.share_embeddings=true needs one joint vocabulary, but src_vocab_size={cfg.src_vocab_size} "
+                f"and tgt_vocab_size={cfg.tgt_vocab_size}; use a joint tokenizer or set model.share_embeddings=false"
+            )
+        self.cfg = cfg
+        tgt_tokens = nn.Embedding(cfg.tgt_vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        src_tokens = tgt_tokens if cfg.share_embeddings else nn.Embedding(cfg.src_vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
+        self.src_embed = Embedding(src_tokens, cfg)
+        self.tgt_embed = Embedding(tgt_tokens, cfg)
+        layer_args = (cfg.d_model, cfg.n_heads, cfg.ffn_dim, cfg.dropout, cfg.attention_dropout, cfg.activation, cfg.norm_first)
+        self.encoder_layers = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(cfg.encoder_layers))
+        self.decoder_layers = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(cfg.decoder_layers))
+        # Pre-norm leaves the residual stream un-normalised: each stack ends with a LayerNorm.
+        self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+        self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
+        self.output_proj = None if cfg.tie_output else nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=self.cfg.d_model**-0.5)
+                if module.padding_idx is not None:
+                    nn.init.zeros_(module.weight[module.padding_idx])
+
+    def encode(self, src_tokens: Tensor, src_mask: Tensor) -> Tensor:
+        """Source ids (B, S) and padding mask (B, S) (True at real tokens) -> memory (B, S, D)."""
+        x = self.src_embed(src_tokens)
+        for layer in self.encoder_layers:
+            x = layer(x, src_mask)
+        return self.encoder_norm(x)
+
+    def decode(self, tgt_tokens: Tensor, memory: Tensor, src_mask: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Next-token logits (B, T, V) for target ids (B, T) that start with BOS.
+
+        With a ``cache`` (from :meth:`new_cache`), ``tgt_tokens`` holds only the positions not yet
+        decoded; their positions continue after the cached ones.
+        """
+        offset = 0 if cache is None else cache.seq_len
+        x = self.tgt_embed(tgt_tokens, offset)  # (B, T, D)
+        for i, layer in enumerate(self.decoder_layers):
+            x = layer(x, memory, src_mask, cache, i)
+        x = self.decoder_norm(x)
+        weight = self.tgt_embed.tokens.weight if self.output_proj is None else self.output_proj.weight
+        return x @ weight.t()  # (B, T, V)
+
+    def forward(self, src_tokens: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
+        """Teacher-forced training path: logits (B, T, V) for ``tgt_in`` (BOS + target)."""
+        return self.decode(tgt_in, self.encode(src_tokens, src_mask), src_mask)
+
+    def new_cache(self) -> KVCache:
+        """An empty key/value cache for incremental decoding with :meth:`decode`."""
+        return KVCache(len(self.decoder_layers))
+
+    @torch.no_grad()
+    def cross_attention_weights(self, tgt_tokens: Tensor, memory: Tensor, src_mask: Tensor) -> Tensor:
+        """Cross-attention probabilities (L, B, H, T, S) of every decoder layer for target ids (B, T)
+        (teacher-forced, no dropout): the input of attention maps."""
+        weights: list[Tensor] = []
+
+        def capture(module, args, kwargs, _output):
+            weights.append(module.attention_weights(args[0], args[1], kwargs.get("key_mask")))
+
+        hooks = [layer.cross_attn.register_forward_hook(capture, with_kwargs=True) for layer in self.decoder_layers]
+        try:
+            self.decode(tgt_tokens, memory, src_mask)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return torch.stack(weights)
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, each shared tensor counted once."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def training_flops(self, src_len: int, tgt_len: int) -> float:
+        """FLOPs of one training step (forward + backward = 3x forward) on one sentence pair.
+
+        Counts the matmuls: attention projections, feed-forward, the attention scores and weighted
+        sums themselves (QK^T and PV over the full, unmasked length), and the output projection.
+        Divide by ``tgt_len`` for FLOPs per target token; sum over a batch's sentence pairs and
+        divide by the step time for achieved FLOP/s (MFU).
+        """
+        c = self.cfg
+        d, f, s, t = c.d_model, c.ffn_dim, src_len, tgt_len
+        encoder = c.encoder_layers * s * (8 * d * d + 4 * d * f + 4 * s * d)
+        decoder = c.decoder_layers * (
+            t * (8 * d * d + 4 * d * d + 4 * d * f + 4 * t * d + 4 * s * d)  # self proj, cross q/o, ffn, attention
+            + s * 4 * d * d  # cross-attention keys/values of the memory
+        )
+        output = t * 2 * d * c.tgt_vocab_size
+        return 3.0 * (encoder + decoder + output)
+
+
+def build_model(cfg: ModelConfig) -> Transformer:
+    """A freshly initialised :class:`Transformer` for ``cfg``."""
+    return Transformer(cfg)
