@@ -110,7 +110,9 @@ class Transformer(nn.Module):
         """Next-token logits (B, T, V) for target ids (B, T) that start with BOS.
 
         With a ``cache`` (from :meth:`new_cache`), ``tgt_tokens`` holds only the positions not yet
-        decoded; their positions continue after the cached ones.
+        decoded; their positions continue after the cached ones. The first call projects ``memory``
+        into each layer's cross-attention keys/values and stores them in the cache; later calls read
+        them from there, so ``memory`` need not follow the cache's reordering.
         """
         offset = 0 if cache is None else cache.seq_len
         x = self.tgt_embed(tgt_tokens, offset)  # (B, T, D)

@@ -1,0 +1,122 @@
+"""Properties of greedy and beam search: beam 1 = greedy, beam = exhaustive search when it cannot
+prune, batch independence, length rules, and scores that match the model's own probabilities."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from attnmt.decoding import beam_search, greedy_search, length_penalty
+from attnmt.model import build_model
+from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from conftest import tiny_config
+from test_model import padded_batch
+
+
+def sequence_log_prob(model, src: torch.Tensor, src_mask: torch.Tensor, tokens: list[int]) -> float:
+    """log P(tokens + EOS | src) by teacher forcing: a scorer independent of the search code."""
+    tgt_in = torch.tensor([[BOS_ID] + tokens])
+    logp = model(src, src_mask, tgt_in)[0].double().log_softmax(-1)
+    targets = tokens + [EOS_ID]
+    return sum(logp[t, y].item() for t, y in enumerate(targets))
+
+
+@pytest.fixture
+def model():
+    return build_model(tiny_config()).eval()
+
+
+def test_beam_size_one_equals_greedy(model) -> None:
+    src, src_mask = padded_batch([5, 8, 3, 7])
+    greedy = greedy_search(model, src, src_mask)
+    # With alpha = 0, a finished hypothesis is final for beam 1 (every live extension scores lower),
+    # which is exactly greedy's stopping rule.
+    beam = beam_search(model, src, src_mask, beam_size=1, len_penalty=0.0)
+    assert [hyps[0].tokens for hyps in beam] == greedy
+
+
+def test_beam_search_finds_the_exhaustive_best() -> None:
+    # Vocabulary: pad, unk, bos, eos, 4, 5, 6; generable tokens are unk, 4, 5, 6 and EOS. An untied,
+    # sharpened output layer gives distributions whose best sequence varies with the source.
+    model = build_model(tiny_config(src_vocab_size=7, tgt_vocab_size=7, share_embeddings=False, tie_output=False)).eval()
+    model.output_proj.weight.data.mul_(2.0)
+    max_tokens, greedy_misses = 3, 0
+    for alpha in [0.0, 1.0, 2.0]:
+        for trial in range(4):
+            src, src_mask = padded_batch([4], vocab=7)
+            best_tokens, best_score = None, -math.inf
+            for n in range(max_tokens + 1):
+                for tokens in itertools.product([1, 4, 5, 6], repeat=n):
+                    score = sequence_log_prob(model, src, src_mask, list(tokens)) / length_penalty(n + 1, alpha)
+                    if score > best_score:
+                        best_tokens, best_score = list(tokens), score
+            # 4^3 live prefixes x 5 continuations = 320 candidates at most: a beam of 512 never prunes.
+            hyp = beam_search(model, src, src_mask, beam_size=512, len_penalty=alpha,
+                              max_len_a=0.0, max_len_b=max_tokens)[0][0]
+            assert hyp.tokens == best_tokens, (alpha, trial)
+            assert hyp.score == pytest.approx(best_score, abs=1e-4)
+            greedy = greedy_search(model, src, src_mask, max_len_a=0.0, max_len_b=max_tokens)[0]
+            greedy_misses += greedy != best_tokens
+    assert greedy_misses > 0, "the search problem is too easy to tell exhaustive search from greedy"
+
+
+def test_beam_scores_are_the_models_normalised_log_probs(model) -> None:
+    src, src_mask = padded_batch([6, 4])
+    for i, hyps in enumerate(beam_search(model, src, src_mask, beam_size=4, len_penalty=0.6, nbest=4)):
+        assert len(hyps) == 4
+        assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
+        assert len({tuple(h.tokens) for h in hyps}) == 4
+        s = int(src_mask[i].sum())
+        for h in hyps:
+            expected = sequence_log_prob(model, src[i : i + 1, :s], src_mask[i : i + 1, :s], h.tokens)
+            assert h.score == pytest.approx(expected / length_penalty(len(h.tokens) + 1, 0.6), abs=1e-4)
+
+
+@pytest.mark.parametrize("search", ["greedy", "beam"])
+def test_batched_equals_one_by_one(model, search: str) -> None:
+    lengths = [9, 3, 6, 1, 7]
+    src, src_mask = padded_batch(lengths)
+
+    def run(s, m):
+        if search == "greedy":
+            return greedy_search(model, s, m)
+        return [[(h.tokens, round(h.score, 4)) for h in hyps] for hyps in beam_search(model, s, m, beam_size=3, nbest=2)]
+
+    batched = run(src, src_mask)
+    alone = [run(src[i : i + 1, :n], src_mask[i : i + 1, :n])[0] for i, n in enumerate(lengths)]
+    assert batched == alone
+
+
+def test_outputs_hold_no_special_ids_and_respect_lengths(model) -> None:
+    src, src_mask = padded_batch([5, 2, 8])
+    src_lens = src_mask.sum(1).tolist()
+    for a, b, min_len in [(1.0, 2, 0), (0.0, 4, 3), (0.5, 1, 2)]:
+        outputs = {
+            "greedy": greedy_search(model, src, src_mask, max_len_a=a, max_len_b=b, min_len=min_len),
+            "beam": [hyps[0].tokens for hyps in
+                     beam_search(model, src, src_mask, beam_size=3, max_len_a=a, max_len_b=b, min_len=min_len)],
+        }
+        for name, outs in outputs.items():
+            for out, n in zip(outs, src_lens):
+                limit = int(a * n + b)
+                assert len(out) <= limit, (name, out, limit)
+                assert len(out) >= min(min_len, limit), (name, out, min_len)
+                assert not {PAD_ID, BOS_ID, EOS_ID} & set(out), (name, out)
+
+
+def test_nbest_above_beam_size_is_refused(model) -> None:
+    src, src_mask = padded_batch([4])
+    with pytest.raises(ValueError, match="nbest=3 must be between 1 and beam_size=2"):
+        beam_search(model, src, src_mask, beam_size=2, nbest=3)
+
+
+def test_decoding_never_exceeds_model_positions() -> None:
+    model = build_model(tiny_config(max_positions=12)).eval()
+    src, src_mask = padded_batch([10])
+    out = greedy_search(model, src, src_mask, max_len_a=5.0, max_len_b=50, min_len=100)
+    assert len(out[0]) == 11  # BOS + 11 tokens fill the 12 positions; EOS is implied at the limit
+    hyp = beam_search(model, src, src_mask, beam_size=2, max_len_a=5.0, max_len_b=50, min_len=100)[0][0]
+    assert len(hyp.tokens) == 11
