@@ -7,7 +7,7 @@ misspelt key fails when the config is composed rather than thousands of steps in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -36,9 +36,78 @@ class ModelConfig:
     pad_id: int = 0
 
 
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule.
+
+    The schedule warms up linearly from ``warmup_init_lr`` to ``lr`` over ``warmup_steps`` updates, then
+    decays as ``lr * sqrt(warmup_steps / step)`` (``inverse_sqrt``, Vaswani et al.) or along a cosine to
+    ``min_lr`` at ``train.max_steps`` (``cosine``).
+    """
+
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    weight_decay: float = 0.0001
+    schedule: str = "inverse_sqrt"  # inverse_sqrt | cosine
+    warmup_steps: int = 4000
+    warmup_init_lr: float = 1e-7
+    min_lr: float = 0.0  # the floor of the cosine schedule
+    clip_norm: float = 1.0  # max global gradient norm; 0 disables clipping
+    label_smoothing: float = 0.1
+    fused: bool | None = None  # fused AdamW kernel; None = on CUDA only
+
+
+@dataclass
+class TrainConfig:
+    """The training run: where it writes, how it batches, when it validates, saves and stops.
+
+    Every ``max_*`` limit is off at 0; training stops at the first limit reached.
+    """
+
+    run_dir: str = "runs/default"
+    seed: int = 1
+    device: str = "auto"  # auto (CUDA if present, else CPU) | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 where supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
+    max_tokens: int = 4096  # source or target tokens per batch (the larger side counts), per rank
+    update_freq: int = 1  # micro-batches accumulated into one update
+    max_steps: int = 0
+    max_epochs: int = 0
+    max_hours: float = 0.0  # wall-clock limit of this process
+    valid_every: int = 1000  # updates between validations (and checkpoints)
+    valid_decode: str = "greedy"  # greedy | beam: the search that produces BLEU/chrF output
+    beam_size: int = 5
+    valid_max_sentences: int = 0  # translate only the first N valid sentences for BLEU; 0 = all
+    patience: int = 0  # stop after this many validations without a better BLEU; 0 = never
+    log_every: int = 50  # updates between TensorBoard/log lines
+    keep_last: int = 5  # numbered checkpoints kept besides last and best
+    resume: str = "none"  # none | auto (from run_dir/checkpoints/last.pt if it exists) | a checkpoint path
+    compile: bool = False  # torch.compile the model
+    num_workers: int = 0  # DataLoader worker processes
+    max_bad_steps: int = 10  # stop after this many non-finite losses in a row
+    progress_bar: bool = True
+
+
+@dataclass
+class DecodeConfig:
+    """How evaluation and translation search: the settings of :mod:`attnmt.decoding`, and batching.
+
+    ``beam_size=1`` with ``nbest=1`` runs greedy search.
+    """
+
+    beam_size: int = 5
+    len_penalty: float = 1.0  # GNMT alpha: hypotheses rank by log P / ((5 + len) / 6) ** alpha
+    nbest: int = 1
+    max_len_a: float = 1.5  # at most a * source_len + b target tokens
+    max_len_b: int = 10
+    min_len: int = 0
+    max_tokens: int = 4096  # source tokens per batch, padding included
+
+
 def register_configs() -> None:
     """Register every schema with Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="optim", name="schema", node=OptimConfig)

@@ -1,0 +1,112 @@
+"""Checkpoints: weights_only round trips, clear errors on bad files, RNG states, keep-N, averaging."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from attnmt import checkpoint
+from attnmt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from attnmt.model import build_model
+from conftest import tiny_config
+
+
+def _state(step: int = 3, scale: float = 1.0) -> dict:
+    model = build_model(tiny_config())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(scale)
+    optimizer = torch.optim.AdamW(model.parameters(), betas=(0.9, 0.98))
+    model(torch.tensor([[4, 5, 3]]), torch.ones(1, 3, dtype=torch.bool), torch.tensor([[2, 6]])).sum().backward()
+    optimizer.step()
+    return {
+        "format": checkpoint.FORMAT,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+        "rng": [checkpoint.rng_state()],
+        "step": step,
+        "config": {"train": {"max_tokens": 100, "lr": 0.1, "resume": None}},
+    }
+
+
+def test_round_trip_with_weights_only(tmp_path):
+    state = _state()
+    save_checkpoint(state, tmp_path / "a.pt")
+    # The plain torch.load call a user would write must succeed without any allow-listing.
+    loaded = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert loaded["step"] == 3 and loaded["config"] == state["config"]
+    for name, tensor in state["model"].items():
+        assert torch.equal(loaded["model"][name], tensor)
+    assert loaded["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"], "the temporary file must be gone"
+
+
+def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
+    save_checkpoint(_state(), tmp_path / "a.pt")
+    data = (tmp_path / "a.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.pt cannot be read .*truncated or corrupt"):
+        load_checkpoint(tmp_path / "cut.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="junk.pt cannot be read"):
+        load_checkpoint(tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not an attnmt checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_rng_state_round_trip(tmp_path):
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    save_checkpoint({"format": checkpoint.FORMAT, "rng": checkpoint.rng_state()}, tmp_path / "r.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    checkpoint.set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
+    assert (random.random(), np.random.rand()) == expected[:2]
+    assert torch.equal(torch.rand(3), expected[2])
+
+
+def test_keep_last_best_and_resume_path(tmp_path):
+    for step in (10, 20, 30, 40):
+        checkpoint.save_run_checkpoint(_state(step), tmp_path, keep_last=2, is_best=step == 20)
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "last.pt", "step_30.pt", "step_40.pt"]
+    assert load_checkpoint(folder / "best.pt")["step"] == 20
+    assert load_checkpoint(folder / "last.pt")["step"] == 40
+    assert checkpoint.resume_path("auto", tmp_path) == folder / "last.pt"
+    assert checkpoint.resume_path("auto", tmp_path / "fresh") is None
+    assert checkpoint.resume_path("none", tmp_path) is None
+    with pytest.raises(CheckpointError, match="train.resume"):
+        checkpoint.resume_path(str(tmp_path / "nope.pt"), tmp_path)
+
+
+def test_averaging_is_the_mean_of_the_weights(tmp_path):
+    paths = []
+    for i, scale in enumerate((1.0, 2.0, 6.0)):
+        torch.manual_seed(0)  # same initial weights, scaled differently
+        paths.append(tmp_path / f"step_{i}.pt")
+        save_checkpoint(_state(i, scale), paths[-1])
+    averaged = checkpoint.average_model_states(paths)
+    first = load_checkpoint(paths[0])["model"]
+    for name, tensor in first.items():
+        if tensor.is_floating_point() and "norm" not in name and "bias" not in name:
+            # Adam moved each copy a little after scaling; compare with the mean of the stored weights.
+            stored = torch.stack([load_checkpoint(p)["model"][name] for p in paths])
+            torch.testing.assert_close(averaged[name], stored.mean(0))
+    out = checkpoint.average_checkpoints(paths, tmp_path / "avg.pt")
+    state = load_checkpoint(out)
+    assert "optimizer" not in state and state["step"] == 2
+    assert len(state["averaged_from"]) == 3
+
+
+def test_averaging_refuses_different_models(tmp_path):
+    save_checkpoint(_state(), tmp_path / "a.pt")
+    other = build_model(tiny_config(d_model=16, ffn_dim=32))
+    save_checkpoint({"format": checkpoint.FORMAT, "model": other.state_dict()}, tmp_path / "b.pt")
+    with pytest.raises(CheckpointError, match="different model"):
+        checkpoint.average_model_states([tmp_path / "a.pt", tmp_path / "b.pt"])

@@ -1,0 +1,196 @@
+"""The training loop's parts: schedule, loss, one update (accumulation, DDP, non-finite losses), config errors."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import socket
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attnmt.config import OptimConfig, TrainConfig
+from attnmt.model import build_model
+from attnmt.training import (
+    ConfigError,
+    check_config,
+    label_smoothed_nll,
+    lr_at,
+    resolve_precision,
+    train_step,
+)
+from conftest import tiny_config
+
+PAD, BOS, EOS = 0, 2, 3
+
+
+def make_batch(pairs: list[tuple[list[int], list[int]]]):
+    """A batch with the fields train_step reads, padded like attnmt.batching pads (pad 0, right)."""
+    src_len = max(len(s) for s, _ in pairs) + 1
+    tgt_len = max(len(t) for _, t in pairs) + 1
+    src = torch.zeros(len(pairs), src_len, dtype=torch.long)
+    tgt_in = torch.zeros(len(pairs), tgt_len, dtype=torch.long)
+    tgt_out = torch.zeros(len(pairs), tgt_len, dtype=torch.long)
+    for i, (s, t) in enumerate(pairs):
+        src[i, : len(s) + 1] = torch.tensor(s + [EOS])
+        tgt_in[i, : len(t) + 1] = torch.tensor([BOS] + t)
+        tgt_out[i, : len(t) + 1] = torch.tensor(t + [EOS])
+    return SimpleNamespace(src_tokens=src, src_mask=src != PAD, tgt_in=tgt_in, tgt_out=tgt_out,
+                           n_tgt_tokens=int((tgt_out != PAD).sum()))
+
+
+def random_pairs(n: int, generator: torch.Generator) -> list[tuple[list[int], list[int]]]:
+    pairs = []
+    for _ in range(n):
+        s_len, t_len = torch.randint(2, 9, (2,), generator=generator).tolist()
+        pairs.append((torch.randint(4, 24, (s_len,), generator=generator).tolist(),
+                      torch.randint(4, 24, (t_len,), generator=generator).tolist()))
+    return pairs
+
+
+def run_updates(steps: list[list], model=None, clip_norm: float = 1.0):
+    """Apply one update per element of ``steps`` (a list of micro-batches); return model and results.
+
+    Plain SGD: Adam divides by the gradient's running RMS, which turns the rounding noise of
+    gradients that are zero in exact arithmetic (attention key biases) into full-size steps, so
+    parameters would differ for reasons that have nothing to do with accumulation.
+    """
+    torch.manual_seed(0)
+    model = model or build_model(tiny_config())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    results = []
+    for micro in steps:
+        results.append(train_step(model, micro, optimizer, scaler, contextlib.nullcontext(), 0.1, clip_norm))
+    return model, results
+
+
+def assert_same_parameters(a, b, exact: bool = False) -> None:
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        if exact:
+            assert torch.equal(pa, pb), name
+        else:
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_schedule_warms_up_then_decays():
+    cfg = OptimConfig(lr=1e-3, warmup_steps=100, warmup_init_lr=0.0)
+    assert lr_at(50, cfg) == pytest.approx(5e-4)
+    assert lr_at(100, cfg) == pytest.approx(1e-3)
+    assert lr_at(400, cfg) == pytest.approx(5e-4)  # lr * sqrt(100 / 400)
+    cosine = OptimConfig(lr=1e-3, warmup_steps=10, warmup_init_lr=0.0, schedule="cosine", min_lr=1e-5)
+    assert lr_at(10, cosine, max_steps=110) == pytest.approx(1e-3)
+    assert lr_at(60, cosine, max_steps=110) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert lr_at(110, cosine, max_steps=110) == pytest.approx(1e-5)
+
+
+def test_loss_matches_torch_cross_entropy():
+    logits = torch.randn(3, 5, 11)
+    target = torch.randint(4, 11, (3, 5))
+    target[0, 3:] = PAD
+    for eps in (0.0, 0.1):
+        loss, nll = label_smoothed_nll(logits, target, eps, PAD)
+        expected = F.cross_entropy(logits.view(-1, 11), target.view(-1), ignore_index=PAD, reduction="sum",
+                                   label_smoothing=eps)
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(nll, F.cross_entropy(logits.view(-1, 11), target.view(-1), ignore_index=PAD,
+                                                        reduction="sum"))
+
+
+def test_accumulation_equals_one_merged_batch():
+    g = torch.Generator().manual_seed(1)
+    steps_a, steps_b = [], []
+    for _ in range(3):
+        a, b = random_pairs(3, g), random_pairs(5, g)
+        steps_a.append([make_batch(a), make_batch(b)])  # update_freq=2
+        steps_b.append([make_batch(a + b)])  # one batch holding both
+    accumulated, results_a = run_updates(steps_a)
+    merged, results_b = run_updates(steps_b)
+    assert_same_parameters(accumulated, merged)
+    for ra, rb in zip(results_a, results_b):
+        assert ra.n_tokens == rb.n_tokens
+        assert ra.loss == pytest.approx(rb.loss, rel=1e-5)
+
+
+def _ddp_worker(rank: int, port: int, steps: list[list], out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = DistributedDataParallel(build_model(tiny_config()))
+        run_updates([micro[rank::2] for micro in steps], model=model)
+        if rank == 0:
+            torch.save(model.module.state_dict(), out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_processes_equal_one_process(tmp_path):
+    g = torch.Generator().manual_seed(2)
+    # Each update: 4 micro-batches of different sizes; rank r gets micro-batches r and r + 2
+    # (update_freq=2 per rank), the single process all four.
+    steps = [[make_batch(random_pairs(n, g)) for n in (2, 5, 3, 4)] for _ in range(3)]
+    out = tmp_path / "rank0.pt"
+    torch.multiprocessing.spawn(_ddp_worker, args=(_free_port(), steps, str(out)), nprocs=2, join=True)
+    single, _ = run_updates(steps)
+    ddp_state = torch.load(out, weights_only=True)
+    for name, tensor in single.state_dict().items():
+        torch.testing.assert_close(ddp_state[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_non_finite_loss_skips_the_update():
+    g = torch.Generator().manual_seed(3)
+    model = build_model(tiny_config())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        model.decoder_norm.weight[0] = float("nan")
+    before["decoder_norm.weight"][0] = float("nan")
+    _, results = run_updates([[make_batch(random_pairs(3, g))]], model=model)
+    assert results[0].skipped and math.isnan(results[0].loss)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor.isnan(), before[name].isnan())
+        assert torch.equal(tensor.nan_to_num(), before[name].nan_to_num()), name
+
+
+@pytest.mark.parametrize(
+    "model_kw, train_kw, optim_kw, message",
+    [
+        (dict(d_model=30, n_heads=4), {}, {}, r"model.d_model=30 is not divisible by model.n_heads=4"),
+        ({}, dict(max_tokens=50), {}, r"train.max_tokens=50 is below the longest allowed sentence \(129"),
+        ({}, dict(update_freq=0), {}, r"train.update_freq=0"),
+        ({}, dict(max_steps=0), {}, r"no stopping rule"),
+        ({}, {}, dict(schedule="linear"), r"optim.schedule='linear' is unknown"),
+        ({}, dict(max_steps=0, max_epochs=2), dict(schedule="cosine"), r"optim.schedule=cosine .* train.max_steps"),
+        ({}, dict(valid_decode="sample"), {}, r"train.valid_decode='sample'"),
+    ],
+)
+def test_config_errors_name_the_key(model_kw, train_kw, optim_kw, message):
+    train = TrainConfig(**{"max_steps": 10, **train_kw})
+    with pytest.raises(ConfigError, match=message):
+        check_config(tiny_config(**model_kw), OptimConfig(**optim_kw), train, max_sentence_tokens=129)
+
+
+def test_precision_errors_name_the_key(monkeypatch):
+    with pytest.raises(ConfigError, match=r"train.precision='fp8' is unknown"):
+        resolve_precision("fp8", torch.device("cpu"))
+    assert resolve_precision("auto", torch.device("cpu")) == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    with pytest.raises(ConfigError, match=r"train.precision=bf16 but Tesla V100 does not support bfloat16"):
+        resolve_precision("bf16", torch.device("cuda"))
+    assert resolve_precision("auto", torch.device("cuda")) == torch.float16
