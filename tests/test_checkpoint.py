@@ -110,3 +110,9 @@ def test_averaging_refuses_different_models(tmp_path):
     save_checkpoint({"format": checkpoint.FORMAT, "model": other.state_dict()}, tmp_path / "b.pt")
     with pytest.raises(CheckpointError, match="different model"):
         checkpoint.average_model_states([tmp_path / "a.pt", tmp_path / "b.pt"])
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    torch.save({"format": checkpoint.FORMAT, "model": build_model(tiny_config())}, tmp_path / "pickled.pt")
+    with pytest.raises(CheckpointError, match="objects other than tensors"):
+        load_checkpoint(tmp_path / "pickled.pt")

@@ -78,7 +78,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):
+            raise CheckpointError(f"checkpoint {path} cannot be read (truncated or corrupt?)") from None
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain containers, so it is not an attnmt "
+            "checkpoint (and loading it would run arbitrary code)"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({path.stat().st_size} bytes; truncated or corrupt?): {first_line}"

@@ -383,7 +383,8 @@ def train(cfg: TrainRunConfig) -> dict:
 
     Returns:
         A summary: ``step``, ``epoch``, ``stop_reason``, ``best_bleu``, the last ``valid`` metrics,
-        ``skipped_updates`` and ``checkpoint`` (the path of ``last.pt``).
+        ``skipped_updates``, ``losses`` (the train loss of each update of this call) and ``checkpoint``
+        (the path of ``last.pt``).
     """
     from torch.nn.parallel import DistributedDataParallel
     from torch.utils.tensorboard import SummaryWriter
@@ -415,6 +416,7 @@ def train(cfg: TrainRunConfig) -> dict:
         shuffle=True, seed=t.seed, rank=info.rank, world_size=info.world_size,
     )
     step, epoch, batches_in_epoch, best_bleu, stale, valid_metrics = 0, 1, 0, -1.0, 0, {}
+    rng_to_restore = None
     seed_everything(t.seed + info.rank)  # ranks differ from here on (dropout)
     if state is not None:
         raw_model.load_state_dict(state["model"])
@@ -425,7 +427,7 @@ def train(cfg: TrainRunConfig) -> dict:
         best_bleu = state["best_bleu"]
         stale, valid_metrics = state["validations_without_improvement"], state["metrics"]
         if len(state["rng"]) == info.world_size:
-            checkpoint.set_rng_state(state["rng"][info.rank])
+            rng_to_restore = state["rng"][info.rank]
         else:
             logger.warning("the checkpoint was written by %d ranks, this run has %d: random streams restart",
                            len(state["rng"]), info.world_size)
@@ -462,8 +464,13 @@ def train(cfg: TrainRunConfig) -> dict:
 
     start = time.time()
     batch_iter = iter(loader)
+    if rng_to_restore is not None:
+        # Last: building the model and starting the DataLoader iterator both draw from the torch
+        # generator, and the uninterrupted run made those draws before the step the checkpoint follows.
+        checkpoint.set_rng_state(rng_to_restore)
     stop_reason = None
     skipped_in_a_row = skipped_total = 0
+    losses: list[float] = []  # per update of this call, for the caller (and the resume test)
     window = {"tokens": 0, "padding": 0, "slots": 0, "loss": 0.0, "nll": 0.0, "steps": 0, "time": time.time()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -489,6 +496,7 @@ def train(cfg: TrainRunConfig) -> dict:
                 raise RuntimeError(describe_oom(micro, t.max_tokens, t.update_freq)) from e
             step += 1
             progress.update(1)
+            losses.append(result.loss)
 
             if result.skipped:
                 skipped_in_a_row += 1
@@ -605,6 +613,7 @@ def train(cfg: TrainRunConfig) -> dict:
         "best_bleu": best_bleu,
         "valid": valid_metrics,
         "skipped_updates": skipped_total,
+        "losses": losses,
         "checkpoint": str(checkpoint.checkpoint_dir(run_dir) / "last.pt"),
     }
 
