@@ -59,6 +59,54 @@ class OptimConfig:
 
 
 @dataclass
+class TokenizerConfig:
+    """SentencePiece settings (:mod:`attnmt.tokenizer`).
+
+    The model is trained on a seeded sample of at most ``sample_size`` training pairs and saved with
+    the run; a later run with the same data and settings reuses it. ``model`` skips training: a
+    SentencePiece ``.model`` file (used as a joint vocabulary; its pad/unk/bos/eos ids must be
+    0/1/2/3) or a folder written by ``Tokenizer.save``.
+    """
+
+    joint: bool = True  # one vocabulary for both languages; False = one model per language
+    model_type: str = "unigram"  # unigram | bpe
+    vocab_size: int = 8000  # of the joint model, or of each per-language model
+    character_coverage: float = 1.0
+    byte_fallback: bool = True  # unseen characters become byte pieces instead of <unk>
+    sample_size: int = 1_000_000  # training pairs the model is trained on at most
+    seed: int = 1
+    model: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """Where the parallel corpus comes from and how it is cleaned (:mod:`attnmt.data`).
+
+    ``format`` picks the source: ``folder`` (line-aligned ``{split}.{lang}`` text files in ``root``),
+    ``tsv`` (``{split}.tsv`` in ``root``, ``src<TAB>tgt`` per line), ``jsonl`` (``{split}.jsonl``,
+    objects with the two language keys or a ``translation`` dict), ``hub`` (``hub_id``/``hub_config``
+    on the Hugging Face hub, a ``translation`` column) or ``disk`` (a ``DatasetDict.save_to_disk``
+    folder in ``root``, columns as for the hub). ``splits`` maps the names attnmt uses (train, valid,
+    test) to the names in the source. Length rules count SentencePiece tokens and apply to the train
+    split only; valid and test keep every line, in order.
+    """
+
+    format: str = "folder"  # folder | tsv | jsonl | hub | disk
+    root: str | None = None
+    hub_id: str | None = None
+    hub_config: str | None = None
+    src_lang: str = "de"
+    tgt_lang: str = "en"
+    splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "valid": "valid", "test": "test"})
+    max_len: int = 250  # train pairs with a side longer than this many tokens are dropped; 0 = no limit
+    max_len_ratio: float = 3.0  # train pairs whose longer side has more than r times the tokens of the other; 0 = off
+    dedup: bool = False  # drop exact duplicate train pairs (after normalisation)
+    num_proc: int = 1  # processes for datasets.map (tokenization)
+    cache_dir: str | None = "data/cache"  # tokenized datasets are cached here; None = in memory only
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+
+@dataclass
 class TrainConfig:
     """The training run: where it writes, how it batches, when it validates, saves and stops.
 
@@ -111,3 +159,4 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="model", name="schema", node=ModelConfig)
     cs.store(group="optim", name="schema", node=OptimConfig)
+    cs.store(group="data", name="schema", node=DataConfig)

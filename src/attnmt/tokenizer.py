@@ -2,11 +2,254 @@
 
 Every attnmt tokenizer, joint or per language, uses the same ids for its special pieces, so the
 model, the batches and the decoders can rely on them without looking anything up.
+
+A :class:`Tokenizer` holds one SentencePiece model (joint: source and target share a vocabulary) or
+two (one per language). It never normalises text itself: the data pipeline applies
+:func:`normalize` before encoding, and the SentencePiece models are trained with the ``identity``
+rule, so that decoding an encoded normalised line gives that line back.
 """
 
 from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import tempfile
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import sentencepiece as spm
 
 PAD_ID = 0
 UNK_ID = 1
 BOS_ID = 2
 EOS_ID = 3
+
+SPECIAL_IDS = frozenset({PAD_ID, BOS_ID, EOS_ID})
+STATE_FORMAT = 1
+SETTINGS_FILE = "tokenizer.json"
+
+logger = logging.getLogger(__name__)
+
+
+def normalize(text: str) -> str:
+    """The text normalisation of the whole pipeline: Unicode NFKC, then whitespace trimmed and collapsed.
+
+    Training data, evaluation sources and translation input all go through this one function.
+    """
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+class Tokenizer:
+    """One joint SentencePiece model, or one per language, with pad/unk/bos/eos at ids 0/1/2/3.
+
+    ``encode_*`` return ids only (no BOS/EOS); ``decode_*`` drop pad, bos and eos ids.
+    """
+
+    def __init__(self, src_model: bytes, tgt_model: bytes | None = None, settings: dict | None = None,
+                 fingerprint: str | None = None):
+        """Build from serialized SentencePiece models; ``tgt_model=None`` means joint."""
+        self.joint = tgt_model is None
+        self.settings = dict(settings or {})
+        self._src_bytes = src_model
+        self._tgt_bytes = tgt_model
+        self._src_sp = _processor(src_model, "source" if tgt_model is not None else "joint")
+        self._tgt_sp = self._src_sp if tgt_model is None else _processor(tgt_model, "target")
+        self.fingerprint = fingerprint or hashlib.sha256(src_model + (tgt_model or b"")).hexdigest()
+
+    # ------------------------------------------------------------------------------------------
+    # Training, saving, loading
+
+    @classmethod
+    def train(cls, src_texts: Sequence[str], tgt_texts: Sequence[str], cfg, out_dir: str | Path) -> Tokenizer:
+        """Train SentencePiece on (a sample of) the training pairs and save it in ``out_dir``.
+
+        If ``out_dir`` already holds a tokenizer trained on the same texts with the same settings (the
+        hash in ``tokenizer.json`` matches), that one is loaded instead. With ``cfg.model`` set, that
+        user-supplied model is copied to ``out_dir`` and nothing is trained.
+
+        Args:
+            src_texts: normalised source sentences of the training split.
+            tgt_texts: normalised target sentences, aligned with ``src_texts``.
+            cfg: a :class:`~attnmt.config.TokenizerConfig`.
+            out_dir: the folder the tokenizer is saved in (created).
+        """
+        out_dir = Path(out_dir)
+        if cfg.model:
+            tokenizer = cls.load(cfg.model)
+            tokenizer.save(out_dir)
+            return tokenizer
+        if len(src_texts) != len(tgt_texts):
+            raise ValueError(f"{len(src_texts)} source but {len(tgt_texts)} target sentences; they must be aligned")
+        if cfg.model_type not in ("unigram", "bpe"):
+            raise ValueError(f"data.tokenizer.model_type={cfg.model_type!r}: expected unigram or bpe")
+        settings = {k: v for k, v in asdict(cfg).items() if k != "model"}
+        fingerprint = _data_hash(src_texts, tgt_texts, settings)
+        existing = out_dir / SETTINGS_FILE
+        if existing.is_file() and json.loads(existing.read_text()).get("fingerprint") == fingerprint:
+            logger.info("reusing the tokenizer in %s (same data and settings)", out_dir)
+            return cls.load(out_dir)
+
+        sample = _sample_indices(len(src_texts), cfg.sample_size, cfg.seed)
+        if cfg.joint:
+            texts = [src_texts[i] for i in sample] + [tgt_texts[i] for i in sample]
+            tokenizer = cls(_train_model(texts, cfg), None, settings, fingerprint)
+        else:
+            src_model = _train_model([src_texts[i] for i in sample], cfg)
+            tgt_model = _train_model([tgt_texts[i] for i in sample], cfg)
+            tokenizer = cls(src_model, tgt_model, settings, fingerprint)
+        tokenizer.save(out_dir)
+        logger.info("trained a %s %s tokenizer (vocabulary %d/%d) on %d pairs into %s",
+                    "joint" if cfg.joint else "per-language", cfg.model_type,
+                    tokenizer.src_vocab_size, tokenizer.tgt_vocab_size, len(sample), out_dir)
+        return tokenizer
+
+    def save(self, out_dir: str | Path) -> None:
+        """Write ``joint.model`` (or ``src.model`` and ``tgt.model``) and ``tokenizer.json`` into ``out_dir``."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if self.joint:
+            (out_dir / "joint.model").write_bytes(self._src_bytes)
+        else:
+            (out_dir / "src.model").write_bytes(self._src_bytes)
+            (out_dir / "tgt.model").write_bytes(self._tgt_bytes)
+        meta = {"joint": self.joint, "settings": self.settings, "fingerprint": self.fingerprint}
+        (out_dir / SETTINGS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load a folder written by :meth:`save`, or a SentencePiece ``.model`` file (used as a joint model)."""
+        path = Path(path)
+        if path.is_file():
+            return cls(path.read_bytes(), None, {"model": str(path)})
+        meta_file = path / SETTINGS_FILE
+        if not meta_file.is_file():
+            raise FileNotFoundError(
+                f"no tokenizer at {path}: expected a SentencePiece .model file or a folder with {SETTINGS_FILE} "
+                "(written by Tokenizer.save)"
+            )
+        meta = json.loads(meta_file.read_text())
+        if meta["joint"]:
+            return cls((path / "joint.model").read_bytes(), None, meta["settings"], meta["fingerprint"])
+        return cls((path / "src.model").read_bytes(), (path / "tgt.model").read_bytes(), meta["settings"],
+                   meta["fingerprint"])
+
+    def to_state(self) -> dict[str, Any]:
+        """Everything needed to rebuild this tokenizer, as plain types (``torch.load(weights_only=True)`` safe)."""
+        models = {"joint": self._src_bytes} if self.joint else {"src": self._src_bytes, "tgt": self._tgt_bytes}
+        return {"format": STATE_FORMAT, "joint": self.joint, "models": models,
+                "settings": dict(self.settings), "fingerprint": self.fingerprint}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Tokenizer:
+        """Rebuild a tokenizer from :meth:`to_state`'s dictionary."""
+        models = state["models"]
+        src, tgt = (models["joint"], None) if state["joint"] else (models["src"], models["tgt"])
+        return cls(bytes(src), None if tgt is None else bytes(tgt), state.get("settings"), state.get("fingerprint"))
+
+    def __getstate__(self) -> dict[str, Any]:  # for datasets.map(num_proc=...) and DataLoader workers
+        return self.to_state()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(Tokenizer.from_state(state).__dict__)
+
+    # ------------------------------------------------------------------------------------------
+    # Encoding and decoding
+
+    @property
+    def src_vocab_size(self) -> int:
+        return self._src_sp.get_piece_size()
+
+    @property
+    def tgt_vocab_size(self) -> int:
+        return self._tgt_sp.get_piece_size()
+
+    def encode_src(self, texts: list[str]) -> list[list[int]]:
+        """Source sentences to ids (no BOS/EOS)."""
+        return self._src_sp.encode(list(texts), out_type=int)
+
+    def encode_tgt(self, texts: list[str]) -> list[list[int]]:
+        """Target sentences to ids (no BOS/EOS)."""
+        return self._tgt_sp.encode(list(texts), out_type=int)
+
+    def decode_src(self, ids: list[list[int]]) -> list[str]:
+        """Source ids to text; pad, bos and eos ids are dropped."""
+        return self._src_sp.decode([_strip_special(x) for x in ids])
+
+    def decode_tgt(self, ids: list[list[int]]) -> list[str]:
+        """Target ids to text; pad, bos and eos ids are dropped."""
+        return self._tgt_sp.decode([_strip_special(x) for x in ids])
+
+    def src_pieces(self, text: str) -> list[str]:
+        """The source pieces of one sentence, e.g. ``['▁Ein', '▁Hund']``."""
+        return self._src_sp.encode(text, out_type=str)
+
+    def tgt_pieces(self, ids: list[int]) -> list[str]:
+        """The target pieces of an id sequence (special ids become ``<s>``, ``</s>``, ``<pad>``)."""
+        return [self._tgt_sp.id_to_piece(int(i)) for i in ids]
+
+
+def _strip_special(ids: Iterable[int]) -> list[int]:
+    return [int(i) for i in ids if int(i) not in SPECIAL_IDS]
+
+
+def _processor(model: bytes, name: str) -> spm.SentencePieceProcessor:
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    ids = (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id())
+    if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+        raise ValueError(
+            f"the {name} SentencePiece model has pad/unk/bos/eos ids {ids}; attnmt needs "
+            f"({PAD_ID}, {UNK_ID}, {BOS_ID}, {EOS_ID}). Retrain it with --pad_id=0 --unk_id=1 --bos_id=2 --eos_id=3"
+        )
+    return sp
+
+
+def _data_hash(src_texts: Iterable[str], tgt_texts: Iterable[str], settings: dict) -> str:
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for texts in (src_texts, tgt_texts):
+        h.update(b"\x00side\x00")
+        for text in texts:
+            h.update(text.encode("utf-8"))
+            h.update(b"\n")
+    return h.hexdigest()
+
+
+def _sample_indices(n: int, sample_size: int, seed: int) -> list[int]:
+    if sample_size <= 0 or n <= sample_size:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), sample_size))
+
+
+def _train_model(texts: list[str], cfg) -> bytes:
+    """Train one SentencePiece model on ``texts`` and return its serialized bytes."""
+    texts = [t for t in texts if t]
+    if not texts:
+        raise ValueError("no non-empty sentences to train the tokenizer on")
+    # A temp file rather than sentence_iterator: the trainer then reads the sample in its own threads.
+    with tempfile.TemporaryDirectory(prefix="attnmt-spm-") as tmp:
+        corpus = Path(tmp) / "corpus.txt"
+        corpus.write_text("".join(t.replace("\n", " ") + "\n" for t in texts), encoding="utf-8")
+        prefix = Path(tmp) / "spm"
+        try:
+            _run_trainer(corpus, prefix, cfg)
+        except RuntimeError as err:
+            raise ValueError(f"SentencePiece training failed with data.tokenizer.vocab_size={cfg.vocab_size} "
+                             f"(byte_fallback adds 256 byte pieces): {err}") from err
+        return Path(f"{prefix}.model").read_bytes()
+
+
+def _run_trainer(corpus: Path, prefix: Path, cfg) -> None:
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(prefix), model_type=cfg.model_type, vocab_size=cfg.vocab_size,
+        character_coverage=cfg.character_coverage, byte_fallback=cfg.byte_fallback,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        normalization_rule_name="identity",  # attnmt.tokenizer.normalize already ran
+        hard_vocab_limit=False,  # a small corpus gets a smaller vocabulary instead of an error
+        input_sentence_size=0, shuffle_input_sentence=False, num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
