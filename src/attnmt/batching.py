@@ -1,0 +1,225 @@
+"""Token-bucket batches: a resumable, DDP-sharded batch sampler and the collate function.
+
+Mask convention (the one used across attnmt): boolean, ``True`` at real tokens ("may attend").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from attnmt.tokenizer import BOS_ID, PAD_ID
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Batch:
+    """A padded batch of sentence pairs.
+
+    Attributes:
+        src_tokens: (B, S) long, source ids + EOS, padded with ``PAD_ID``.
+        src_mask: (B, S) bool, True at real source tokens.
+        tgt_in: (B, T) long, BOS + target ids (the decoder input).
+        tgt_out: (B, T) long, target ids + EOS (what the decoder predicts), padded with ``PAD_ID``.
+        n_tgt_tokens: the number of non-pad tokens in ``tgt_out``.
+    """
+
+    src_tokens: torch.Tensor
+    src_mask: torch.Tensor
+    tgt_in: torch.Tensor
+    tgt_out: torch.Tensor
+    n_tgt_tokens: int
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(
+            self.src_tokens.to(device, non_blocking=non_blocking), self.src_mask.to(device, non_blocking=non_blocking),
+            self.tgt_in.to(device, non_blocking=non_blocking), self.tgt_out.to(device, non_blocking=non_blocking),
+            self.n_tgt_tokens,
+        )
+
+    def pin_memory(self) -> Batch:
+        """Page-locked copies, so ``to(cuda, non_blocking=True)`` overlaps with compute (DataLoader calls this)."""
+        return Batch(self.src_tokens.pin_memory(), self.src_mask.pin_memory(), self.tgt_in.pin_memory(),
+                     self.tgt_out.pin_memory(), self.n_tgt_tokens)
+
+    def __len__(self) -> int:
+        return self.src_tokens.shape[0]
+
+
+def collate(examples: list[dict]) -> Batch:
+    """Pad examples with ``src_ids`` and ``tgt_ids`` (each ending in EOS) into a :class:`Batch`.
+
+    ``tgt_out`` is ``tgt_ids``; ``tgt_in`` is ``[BOS] + tgt_ids[:-1]``.
+    """
+    src = [torch.as_tensor(ex["src_ids"], dtype=torch.long) for ex in examples]
+    tgt = [torch.as_tensor(ex["tgt_ids"], dtype=torch.long) for ex in examples]
+    batch_size, src_len, tgt_len = len(examples), max(len(s) for s in src), max(len(t) for t in tgt)
+    src_tokens = torch.full((batch_size, src_len), PAD_ID, dtype=torch.long)
+    tgt_out = torch.full((batch_size, tgt_len), PAD_ID, dtype=torch.long)
+    tgt_in = torch.full((batch_size, tgt_len), PAD_ID, dtype=torch.long)
+    for i, (s, t) in enumerate(zip(src, tgt)):
+        src_tokens[i, : len(s)] = s
+        tgt_out[i, : len(t)] = t
+        tgt_in[i, 0] = BOS_ID
+        tgt_in[i, 1 : len(t)] = t[:-1]
+    n_tgt_tokens = sum(len(t) for t in tgt)
+    return Batch(src_tokens, src_tokens != PAD_ID, tgt_in, tgt_out, n_tgt_tokens)
+
+
+class TokenBucketSampler:
+    """Batches of at most ``max_tokens`` padded tokens, shuffled per epoch, sharded over ranks, resumable.
+
+    A batch's cost is ``batch size x the longest source or target in it`` (padding included). Each
+    epoch, the sentences are shuffled (from ``(seed, epoch)``), cut into windows of ``window``
+    sentences, sorted by length inside each window (so batches hold sentences of similar length) and
+    packed greedily; the batch order is then shuffled. With ``shuffle=False`` the whole set is sorted
+    once and the order is fixed. Batches are split until their number is a multiple of
+    ``world_size``, and rank ``r`` takes every ``world_size``-th one from ``r``: ranks get disjoint
+    batches, the same number of them, and together cover every sentence exactly once per epoch.
+
+    Resuming exactly: the checkpoint must hold :meth:`state_dict` called with the number of batches
+    the training loop has taken from the DataLoader in the current epoch,
+    ``sampler.state_dict(batches_in_epoch)``. (DataLoader workers pull batches ahead of the loop, so the
+    sampler's own count of batches it has yielded, used when the argument is left out, is exact only
+    with ``num_workers=0``.) After :meth:`load_state_dict`, the next iteration yields exactly the
+    remaining batches of that epoch; call :meth:`set_epoch` before each later epoch.
+
+    Args:
+        src_lens: length of each source sentence in tokens (EOS included).
+        tgt_lens: length of each target sentence in tokens (EOS included).
+        max_tokens: the padded-token budget of one batch (per rank).
+        shuffle: reshuffle every epoch; False for validation.
+        seed: with the epoch, fixes the order.
+        rank: this process's rank.
+        world_size: the number of ranks.
+        window: sentences sorted together; larger means less padding and less randomness.
+    """
+
+    def __init__(self, src_lens: Sequence[int], tgt_lens: Sequence[int], max_tokens: int, shuffle: bool = True,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, window: int = 100_000):
+        self.src_lens = np.asarray(src_lens, dtype=np.int64)
+        self.tgt_lens = np.asarray(tgt_lens, dtype=np.int64)
+        if self.src_lens.shape != self.tgt_lens.shape:
+            raise ValueError(f"{len(self.src_lens)} source lengths but {len(self.tgt_lens)} target lengths")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if len(self.src_lens) < world_size:
+            raise ValueError(f"{len(self.src_lens)} sentences cannot be shared among {world_size} ranks")
+        longest = np.maximum(self.src_lens, self.tgt_lens)
+        if len(longest) and longest.max() > max_tokens:
+            i = int(longest.argmax())
+            raise ValueError(
+                f"sentence pair {i} has {int(longest[i])} tokens (source {int(self.src_lens[i])}, target "
+                f"{int(self.tgt_lens[i])}), more than max_tokens={max_tokens}: raise train.max_tokens or lower data.max_len"
+            )
+        self.max_tokens, self.shuffle, self.seed = max_tokens, shuffle, seed
+        self.rank, self.world_size, self.window = rank, world_size, window
+        self.epoch = 0
+        self._resume_at = 0  # batches of self.epoch to skip on the next iteration
+        self._yielded = 0  # batches of self.epoch handed out so far
+        self._cache: tuple[int, list[np.ndarray]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch``: its order comes from ``(seed, epoch)``; iteration starts at its first batch."""
+        self.epoch, self._resume_at, self._yielded = epoch, 0, 0
+
+    def __len__(self) -> int:
+        """The number of batches this rank gets in the current epoch."""
+        return len(self._rank_batches())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._rank_batches()
+        start, self._resume_at = self._resume_at, 0
+        self._yielded = start
+        for batch in batches[start:]:
+            self._yielded += 1
+            yield batch.tolist()
+
+    def state_dict(self, batches_consumed: int | None = None) -> dict[str, int | bool]:
+        """The position to resume from: the epoch and the batches of it the training loop has consumed.
+
+        Args:
+            batches_consumed: batches of the current epoch the loop has taken from the DataLoader;
+                None uses the number this sampler has yielded (exact only without DataLoader workers).
+        """
+        consumed = self._yielded if batches_consumed is None else batches_consumed
+        return {"epoch": self.epoch, "batches_consumed": int(consumed), "seed": self.seed, "shuffle": self.shuffle,
+                "max_tokens": self.max_tokens, "n_sentences": len(self.src_lens), "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict`: the next iteration yields the rest of that epoch."""
+        for key, mine in (("n_sentences", len(self.src_lens)), ("max_tokens", self.max_tokens),
+                          ("seed", self.seed), ("shuffle", self.shuffle)):
+            if state[key] != mine:
+                raise ValueError(f"cannot resume the batch order: the checkpoint's sampler has {key}={state[key]}, "
+                                 f"this run has {mine}; resume with the same data and batching settings")
+        consumed = state["batches_consumed"]
+        if state["world_size"] != self.world_size:
+            consumed = consumed * state["world_size"] // self.world_size
+            logger.warning("resuming with %d ranks from a checkpoint of %d: the position in the epoch is approximate",
+                           self.world_size, state["world_size"])
+        self.epoch = state["epoch"]
+        self._resume_at = self._yielded = consumed
+
+    # ------------------------------------------------------------------------------------------
+
+    def _rank_batches(self) -> list[np.ndarray]:
+        if self._cache is None or self._cache[0] != self.epoch:
+            self._cache = (self.epoch, self._epoch_batches(self.epoch)[self.rank :: self.world_size])
+        return self._cache[1]
+
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """All ranks' batches of ``epoch``, in order: the same on every rank."""
+        n = len(self.src_lens)
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        window = self.window if self.shuffle else max(n, 1)
+        # Sort by the longer side, then by each side, so both source and target padding stay small;
+        # the stable sort keeps the shuffled order among equal lengths.
+        longest = np.maximum(self.src_lens, self.tgt_lens)
+        for start in range(0, n, window):
+            chunk = order[start : start + window]
+            order[start : start + window] = chunk[np.lexsort((self.src_lens[chunk], self.tgt_lens[chunk], longest[chunk]))]
+
+        batches, begin, width = [], 0, 0
+        for i, length in enumerate(longest[order].tolist()):
+            width = max(width, length)
+            if (i - begin + 1) * width > self.max_tokens:
+                batches.append(order[begin:i])
+                begin, width = i, length
+        if begin < n:
+            batches.append(order[begin:])
+
+        # Equal batch counts on every rank without dropping or repeating a sentence: halve the batches
+        # with the most sentences until the count divides evenly.
+        while len(batches) % self.world_size:
+            big = max(range(len(batches)), key=lambda j: len(batches[j]))
+            if len(batches[big]) < 2:
+                raise ValueError(f"{len(batches)} one-sentence batches cannot be shared equally among "
+                                 f"{self.world_size} ranks; raise max_tokens")
+            half = len(batches[big]) // 2
+            batches[big : big + 1] = [batches[big][:half], batches[big][half:]]
+        if self.shuffle:
+            batches = [batches[j] for j in rng.permutation(len(batches))]
+        return batches
+
+
+def make_dataloader(dataset, sampler: TokenBucketSampler, num_workers: int = 0, pin_memory: bool = False,
+                    prefetch_factor: int = 4) -> DataLoader:
+    """A DataLoader of :class:`Batch` objects over ``sampler``'s batches; workers prefetch ahead.
+
+    Only the ``src_ids`` and ``tgt_ids`` columns of a HF dataset are read. See
+    :class:`TokenBucketSampler` for what the training loop must save to resume exactly.
+    """
+    if hasattr(dataset, "select_columns"):
+        dataset = dataset.select_columns(["src_ids", "tgt_ids"])
+    return DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None, persistent_workers=False,
+    )

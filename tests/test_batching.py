@@ -1,0 +1,186 @@
+"""Token-bucket sampler and collate: budgets, coverage, DDP sharding, exact resume, padding."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from attnmt.batching import Batch, TokenBucketSampler, collate, make_dataloader
+from attnmt.config import DataConfig, TokenizerConfig
+from attnmt.data import load_split, token_lengths, tokenize
+from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+TINY = Path(__file__).parent / "fixtures" / "tiny"
+
+
+def random_lengths(n: int = 3000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    src = rng.integers(2, 60, n)
+    return src, np.clip(src + rng.integers(-10, 11, n), 2, 70)
+
+
+def padding_fraction(batches, src_lens, tgt_lens) -> float:
+    real = slots = 0
+    for b in batches:
+        real += src_lens[b].sum() + tgt_lens[b].sum()
+        slots += len(b) * (src_lens[b].max() + tgt_lens[b].max())
+    return 1 - real / slots
+
+
+def test_every_batch_respects_max_tokens_and_each_sentence_appears_once():
+    src, tgt = random_lengths()
+    for max_tokens in (70, 512, 4096):
+        sampler = TokenBucketSampler(src, tgt, max_tokens, seed=3)
+        sampler.set_epoch(1)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        for b in batches:
+            assert len(b) * max(src[b].max(), tgt[b].max()) <= max_tokens
+        assert sorted(i for b in batches for i in b) == list(range(len(src)))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_get_disjoint_equal_shares_covering_the_set(world_size):
+    src, tgt = random_lengths(2001)
+    shares = []
+    for rank in range(world_size):
+        sampler = TokenBucketSampler(src, tgt, 1000, seed=5, rank=rank, world_size=world_size)
+        sampler.set_epoch(2)
+        shares.append(list(sampler))
+        assert len(shares[-1]) == len(sampler)
+    assert len({len(s) for s in shares}) == 1  # same number of batches: no rank waits at a collective
+    every = [i for share in shares for b in share for i in b]
+    assert sorted(every) == list(range(len(src)))  # disjoint and complete
+
+
+def test_epochs_differ_and_each_epoch_is_reproducible():
+    src, tgt = random_lengths()
+    a, b = TokenBucketSampler(src, tgt, 2048, seed=1), TokenBucketSampler(src, tgt, 2048, seed=1)
+    a.set_epoch(1)
+    b.set_epoch(1)
+    first = list(a)
+    assert first == list(b)
+    a.set_epoch(2)
+    assert list(a) != first
+    assert list(TokenBucketSampler(src, tgt, 2048, seed=2)) != list(TokenBucketSampler(src, tgt, 2048, seed=1))
+
+
+def test_without_shuffle_batches_are_sorted_and_fixed():
+    src, tgt = random_lengths(500)
+    sampler = TokenBucketSampler(src, tgt, 1024, shuffle=False)
+    batches = list(sampler)
+    assert batches == list(sampler)
+    longest = [max(src[b].max(), tgt[b].max()) for b in batches]
+    assert longest == sorted(longest)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_resume_mid_epoch_yields_exactly_the_remaining_batches(world_size):
+    src, tgt = random_lengths()
+    for rank in range(world_size):
+        full = TokenBucketSampler(src, tgt, 1024, seed=7, rank=rank, world_size=world_size)
+        full.set_epoch(3)
+        expected = list(full)
+        interrupted = TokenBucketSampler(src, tgt, 1024, seed=7, rank=rank, world_size=world_size)
+        interrupted.set_epoch(3)
+        it = iter(interrupted)
+        taken = [next(it) for _ in range(5)]
+        state = interrupted.state_dict()
+        assert all(isinstance(v, (int, bool)) for v in state.values())  # checkpoint-safe
+        resumed = TokenBucketSampler(src, tgt, 1024, seed=7, rank=rank, world_size=world_size)
+        resumed.load_state_dict(state)
+        assert len(resumed) == len(expected)
+        assert taken + list(resumed) == expected
+        resumed.set_epoch(4)  # the next epoch starts from its beginning
+        assert len(list(resumed)) == len(resumed)
+
+
+def test_resume_with_dataloader_workers_counts_consumed_batches(tmp_path):
+    """Workers prefetch ahead of the loop; the consumed count passed to state_dict keeps resume exact."""
+    rng = np.random.default_rng(0)
+    data = [{"src_ids": [5] * int(n) + [EOS_ID], "tgt_ids": [6] * int(m) + [EOS_ID]}
+            for n, m in zip(rng.integers(1, 30, 600), rng.integers(1, 30, 600))]
+    lens = [len(d["src_ids"]) for d in data], [len(d["tgt_ids"]) for d in data]
+
+    def run(sampler, n=None):  # the first n batches (all if None), as a training loop would take them
+        return [b.src_tokens for b in itertools.islice(make_dataloader(data, sampler, num_workers=2), n)]
+
+    sampler = TokenBucketSampler(*lens, 256, seed=4)
+    sampler.set_epoch(1)
+    expected = run(sampler)
+    sampler.set_epoch(1)
+    consumed = run(sampler, 4)
+    assert sampler.state_dict()["batches_consumed"] > 4  # the workers ran ahead
+    resumed = TokenBucketSampler(*lens, 256, seed=4)
+    resumed.load_state_dict(sampler.state_dict(batches_consumed=4))
+    rest = run(resumed)
+    assert len(consumed) + len(rest) == len(expected)
+    assert all(torch.equal(x, y) for x, y in zip(consumed + rest, expected))
+
+
+def test_resume_refuses_other_data_or_settings():
+    src, tgt = random_lengths(300)
+    state = TokenBucketSampler(src, tgt, 1024, seed=1).state_dict()
+    with pytest.raises(ValueError, match="n_sentences"):
+        TokenBucketSampler(src[:-1], tgt[:-1], 1024, seed=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="max_tokens"):
+        TokenBucketSampler(src, tgt, 2048, seed=1).load_state_dict(state)
+
+
+def test_a_sentence_longer_than_max_tokens_is_an_error():
+    with pytest.raises(ValueError, match=r"has 90 tokens .*max_tokens=64"):
+        TokenBucketSampler([10, 90, 5], [10, 12, 5], 64)
+
+
+def test_collate_builds_teacher_forcing_pairs_and_masks():
+    examples = [{"src_ids": [7, 8, 9, EOS_ID], "tgt_ids": [11, 12, EOS_ID]},
+                {"src_ids": [7, EOS_ID], "tgt_ids": [13, 14, 15, 16, EOS_ID]}]
+    batch = collate(examples)
+    assert isinstance(batch, Batch) and len(batch) == 2
+    assert batch.src_tokens.tolist() == [[7, 8, 9, EOS_ID], [7, EOS_ID, PAD_ID, PAD_ID]]
+    assert batch.src_mask.tolist() == [[True] * 4, [True, True, False, False]]
+    assert batch.tgt_out.tolist() == [[11, 12, EOS_ID, PAD_ID, PAD_ID], [13, 14, 15, 16, EOS_ID]]
+    assert batch.tgt_in.tolist() == [[BOS_ID, 11, 12, PAD_ID, PAD_ID], [BOS_ID, 13, 14, 15, 16]]
+    assert batch.n_tgt_tokens == int((batch.tgt_out != PAD_ID).sum()) == 8
+    assert batch.src_tokens.dtype == batch.tgt_in.dtype == torch.long and batch.src_mask.dtype == torch.bool
+    moved = batch.to("cpu")
+    assert torch.equal(moved.tgt_in, batch.tgt_in) and moved.n_tgt_tokens == 8
+
+
+def test_dataloader_over_a_tokenized_split(tmp_path):
+    cfg = DataConfig(root=str(TINY), cache_dir=None)
+    train = load_split(cfg, "train", train=True)
+    tokenizer = Tokenizer.train(train["src"], train["tgt"], TokenizerConfig(vocab_size=400), tmp_path)
+    ds = tokenize(train, tokenizer, cfg)
+    src_lens, tgt_lens = token_lengths(ds)
+    sampler = TokenBucketSampler(src_lens, tgt_lens, 600, seed=1)
+    sampler.set_epoch(1)
+    batches = list(make_dataloader(ds, sampler))
+    assert len(batches) == len(sampler)
+    assert sum(len(b) for b in batches) == len(ds)
+    assert sum(b.n_tgt_tokens for b in batches) == int(tgt_lens.sum())
+    assert all(b.src_tokens.numel() <= 600 and b.tgt_out.numel() <= 600 for b in batches)
+
+
+@pytest.mark.gpu
+def test_pinned_batches_on_cuda():
+    batch = collate([{"src_ids": [5, EOS_ID], "tgt_ids": [6, EOS_ID]}]).pin_memory()
+    assert batch.src_tokens.is_pinned() and batch.tgt_out.is_pinned()
+    assert batch.to("cuda", non_blocking=True).src_tokens.is_cuda
+
+
+@pytest.mark.data
+def test_multi30k_padding_under_ten_percent(multi30k, tmp_path):
+    cfg = DataConfig(root=str(multi30k), cache_dir=None, tokenizer=TokenizerConfig(vocab_size=1000, sample_size=5000))
+    train = load_split(cfg, "train", train=True)
+    tokenizer = Tokenizer.train(train["src"], train["tgt"], cfg.tokenizer, tmp_path)
+    src_lens, tgt_lens = token_lengths(tokenize(train, tokenizer, cfg))
+    sampler = TokenBucketSampler(src_lens, tgt_lens, 4096, seed=1)
+    sampler.set_epoch(1)
+    fraction = padding_fraction(list(sampler), src_lens, tgt_lens)
+    print(f"\nMulti30k train, max_tokens=4096: {len(sampler)} batches, padding {fraction:.2%}")
+    assert fraction < 0.10
