@@ -11,6 +11,7 @@ import torch
 from attnmt.config import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
+FIXTURE_CORPUS = REPO / "tests" / "fixtures" / "tiny"  # 400/40/40 de-en pairs, written for the tests
 
 
 def data_root() -> Path:
@@ -25,6 +26,12 @@ def multi30k() -> Path:
     if not (root / "train.de").is_file():
         pytest.skip(f"Multi30k not found at {root}; set ATTNMT_DATA to the folder that holds multi30k/")
     return root
+
+
+@pytest.fixture
+def fixture_corpus() -> Path:
+    """The self-contained de-en corpus in ``tests/fixtures/tiny`` (splits train, valid, test)."""
+    return FIXTURE_CORPUS
 
 
 @pytest.fixture(autouse=True)

@@ -194,3 +194,40 @@ def test_precision_errors_name_the_key(monkeypatch):
     with pytest.raises(ConfigError, match=r"train.precision=bf16 but Tesla V100 does not support bfloat16"):
         resolve_precision("bf16", torch.device("cuda"))
     assert resolve_precision("auto", torch.device("cuda")) == torch.float16
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole loop on the fixture corpus
+
+
+def run_config(run_dir, fixture_corpus, **train):
+    """A TrainRunConfig for a tiny model on ``fixture_corpus``: fp32, CPU, no dropout."""
+    from attnmt.config import DataConfig, TokenizerConfig, TrainRunConfig
+
+    fields = dict(run_dir=str(run_dir), device="cpu", precision="fp32", max_tokens=256, max_steps=8,
+                  valid_every=4, log_every=2, progress_bar=False, seed=3)
+    fields.update(train)
+    return TrainRunConfig(
+        model=tiny_config(src_vocab_size=0, tgt_vocab_size=0),
+        data=DataConfig(root=str(fixture_corpus), cache_dir=None, tokenizer=TokenizerConfig(vocab_size=400)),
+        optim=OptimConfig(lr=2e-3, warmup_steps=4, label_smoothing=0.1),
+        train=TrainConfig(**fields),
+    )
+
+
+def test_resume_continues_exactly(tmp_path, fixture_corpus):
+    from attnmt.checkpoint import load_checkpoint
+    from attnmt.training import train
+
+    straight = train(run_config(tmp_path / "straight", fixture_corpus, max_steps=8))
+    first = train(run_config(tmp_path / "resumed", fixture_corpus, max_steps=4))
+    resumed = train(run_config(tmp_path / "resumed", fixture_corpus, max_steps=8, resume="auto"))
+    assert straight["step"] == resumed["step"] == 8
+    assert straight["losses"] == first["losses"] + resumed["losses"]
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["scheduler"] == b["scheduler"]
+    assert a["metrics"] == b["metrics"]
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])

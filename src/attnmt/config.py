@@ -8,6 +8,9 @@ misspelt key fails when the config is composed rather than thousands of steps in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
 
 
 @dataclass
@@ -137,6 +140,16 @@ class TrainConfig:
 
 
 @dataclass
+class TrainRunConfig:
+    """Everything ``attnmt-train`` composes: ``configs/train.yaml`` and its groups."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
 class DecodeConfig:
     """How evaluation and translation search: the settings of :mod:`attnmt.decoding`, and batching.
 
@@ -152,11 +165,45 @@ class DecodeConfig:
     max_tokens: int = 4096  # source tokens per batch, padding included
 
 
+@dataclass
+class TranslateConfig(DecodeConfig):
+    """``attnmt-translate``: the search settings plus where sentences come from and go."""
+
+    ckpt: Any = MISSING  # a checkpoint path, or a list of paths whose weights are averaged
+    input: str | None = None  # a file; None = stdin (or ``text``)
+    output: str | None = None  # a file; None = stdout
+    text: Any = None  # a sentence, or a list of sentences, given on the command line
+    device: str = "auto"
+    buffer_lines: int = 512  # lines read ahead and batched together
+    attention_plot: str | None = None  # a folder: one cross-attention heatmap PNG per input line
+    attention_layer: int | None = None  # the decoder layer to plot; None = mean over layers (and heads)
+
+
+@dataclass
+class EvaluateConfig(DecodeConfig):
+    """``attnmt-evaluate``: a checkpoint's BLEU and chrF on ``src``/``ref`` files or a data split."""
+
+    ckpt: Any = MISSING
+    src: str | None = None
+    ref: str | None = None
+    split: str | None = None  # a split of the checkpoint's data config, e.g. test (or test2016)
+    # With split=: ``data.KEY=VALUE`` on the command line overrides that key of the checkpoint's data
+    # config (e.g. data.root=...); the defaults here only give the keys and their types.
+    data: DataConfig = field(default_factory=DataConfig)
+    hyp: str | None = None  # write the hypotheses here, one line per source line
+    device: str = "auto"
+    tgt_lang: str | None = None  # picks sacreBLEU's tokenizer (zh, ja, ko); default: the checkpoint's
+    bleu_tokenize: str | None = None  # overrides sacreBLEU's tokenizer, e.g. 13a, intl, zh, char
+
+
 def register_configs() -> None:
     """Register every schema with Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(name="train_schema", node=TrainRunConfig)
+    cs.store(name="translate_schema", node=TranslateConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(group="optim", name="schema", node=OptimConfig)
     cs.store(group="data", name="schema", node=DataConfig)

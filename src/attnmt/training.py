@@ -391,6 +391,7 @@ def train(cfg: TrainRunConfig) -> dict:
     from tqdm.auto import tqdm
 
     from attnmt.batching import TokenBucketSampler, collate, make_dataloader
+    from attnmt.data import load_references
     from attnmt.model import build_model
     from attnmt.tokenizer import PAD_ID
 
@@ -449,7 +450,7 @@ def train(cfg: TrainRunConfig) -> dict:
         for rows in valid_sampler:
             valid_batches.append(collate([valid_ds[i] for i in rows]).to(device))
             valid_rows.append(list(rows))
-    references = list(valid_ds["tgt"])
+    references = load_references(cfg.data, "valid")  # raw text: BLEU compares detokenized output with it
 
     writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1) if info.is_main else None
     logger.info("model: %s parameters; device %s, %s; %d ranks; %d train batches per epoch per rank",
@@ -581,7 +582,7 @@ def train(cfg: TrainRunConfig) -> dict:
                         "step": step,
                         "epoch": epoch,
                         "batches_in_epoch": batches_in_epoch,
-                        "sampler": sampler.state_dict(),
+                        "sampler": sampler.state_dict(batches_in_epoch),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": {"step": step, "lr": lr},
                         "scaler": scaler.state_dict(),

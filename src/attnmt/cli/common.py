@@ -1,0 +1,116 @@
+"""What the command-line entry points share: logging to stderr, one-line errors, line input.
+
+Errors that a user can fix (a missing file, a bad checkpoint, mismatched inputs) end the command
+with one line on stderr naming the problem and a non-zero exit status, not a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class UserError(Exception):
+    """A problem with the command's input that the user can fix; printed as one line."""
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log lines to stderr, so stdout carries nothing but the command's output."""
+    logging.basicConfig(stream=sys.stderr, level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+
+
+def run_command(name: str, body: Callable[[], None], user_errors: tuple[type[BaseException], ...] = ()) -> None:
+    """Run ``body``; turn a user-fixable error into ``NAME: error: MESSAGE`` and exit status 2."""
+    try:
+        body()
+    except (UserError, FileNotFoundError, UnicodeDecodeError, *user_errors) as err:
+        print(f"{name}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except BrokenPipeError:  # e.g. `attnmt-translate ... | head`: the reader has gone, nothing to report
+        sys.stderr.close()
+        sys.exit(0)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` is CUDA where present, else the CPU; anything else is taken as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={device} was asked for but CUDA is not available here; use device=cpu or device=auto")
+    return torch.device(device)
+
+
+def iter_lines(stream: BinaryIO, name: str) -> Iterator[str]:
+    """Lines of a byte stream decoded as UTF-8, without their line ends, read lazily.
+
+    Raises:
+        UserError: naming ``name`` and the line number, on bytes that are not UTF-8.
+    """
+    for number, raw in enumerate(stream, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(
+                f"{name} line {number}: invalid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                "convert the file to UTF-8, e.g. with iconv -f latin1 -t utf-8"
+            ) from None
+        yield line.rstrip("\n").rstrip("\r")
+
+
+def open_input(path: str) -> BinaryIO:
+    """A readable binary file, with a one-line error where it is missing or unreadable."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"input file {path} does not exist (or is not a file)")
+    try:
+        return p.open("rb")
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {err.strerror}") from None
+
+
+_END = object()
+
+
+def available_chunks(lines: Iterator[str], max_lines: int, wait: float = 0.05) -> Iterator[list[str]]:
+    """Chunks of the lines that have arrived, up to ``max_lines`` each.
+
+    A reader thread pulls ``lines`` ahead; a chunk waits only for its first line and then takes
+    what follows within ``wait`` seconds. A file or a fast pipe gives full chunks (large batches); a
+    slow pipe or a person typing gets each line translated as soon as it arrives.
+    """
+    q: queue.Queue = queue.Queue(maxsize=4 * max_lines)
+
+    def read() -> None:
+        try:
+            for line in lines:
+                q.put(line)
+        except BaseException as err:  # re-raised in the consuming thread
+            q.put(err)
+        q.put(_END)
+
+    threading.Thread(target=read, daemon=True).start()
+    pending = q.get()
+    while pending is not _END:
+        chunk: list[str] = []
+        while isinstance(pending, str) and len(chunk) < max_lines:
+            chunk.append(pending)
+            try:
+                pending = q.get(timeout=wait)
+            except queue.Empty:
+                pending = None
+        if chunk:  # what arrived before an error is still translated
+            yield chunk
+        if isinstance(pending, BaseException):
+            raise pending
+        if pending is None:
+            pending = q.get()
+

@@ -1,0 +1,102 @@
+"""``attnmt-evaluate``: a checkpoint's sacreBLEU BLEU and chrF on a test set.
+
+Either ``src=FILE ref=FILE`` or ``split=NAME`` (a split of the checkpoint's own data config, whose
+keys ``data.KEY=...`` override, e.g. ``data.root=``). Prints a readable summary and, as the last line
+on stdout, one JSON object with ``bleu``, ``chrf``, their signatures, ``n_sentences`` and
+``sentences_per_second``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from attnmt.checkpoint import CheckpointError, load_for_inference
+from attnmt.cli import config_dir
+from attnmt.cli.common import UserError, iter_lines, open_input, resolve_device, run_command, setup_logging
+from attnmt.config import DataConfig, EvaluateConfig, register_configs
+from attnmt.data import DataError, load_references, load_split
+from attnmt.evaluation import corpus_scores, translate
+
+log = logging.getLogger("attnmt.evaluate")
+
+
+def read_file(path: str) -> list[str]:
+    with open_input(path) as f:
+        return list(iter_lines(f, path))
+
+
+def test_set(cfg: EvaluateConfig, run_config: dict, data_overrides: list[str]) -> tuple[list[str], list[str], str]:
+    """Sources, raw references, and a name for the summary.
+
+    ``data_overrides`` are the command line's ``data.KEY=VALUE`` items, applied to the checkpoint's
+    own data config when a ``split`` is evaluated.
+    """
+    if cfg.split is None:
+        if cfg.src is None or cfg.ref is None:
+            raise UserError("give src=FILE and ref=FILE, or split=NAME (a split of the checkpoint's data config)")
+        sources, references = read_file(cfg.src), read_file(cfg.ref)
+        if len(sources) != len(references):
+            raise UserError(f"src={cfg.src} has {len(sources)} lines but ref={cfg.ref} has {len(references)}; "
+                            "they must be line-aligned")
+        return sources, references, cfg.src
+    if cfg.src is not None or cfg.ref is not None:
+        raise UserError("give either split=NAME or src=/ref= files, not both")
+    overrides = OmegaConf.from_dotlist([item.removeprefix("data.") for item in data_overrides])
+    data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), run_config["data"], overrides))
+    split = load_split(data_cfg, cfg.split, train=False)
+    return split["src"], load_references(data_cfg, cfg.split), f"split {cfg.split}"
+
+
+def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
+    device = resolve_device(cfg.device)
+    paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
+    model, tokenizer, run_config = load_for_inference(paths, device)
+    sources, references, name = test_set(cfg, run_config, data_overrides)
+    tgt_lang = cfg.tgt_lang or run_config["data"].get("tgt_lang")
+
+    start = time.perf_counter()
+    with tqdm(total=len(sources), unit="sent", desc="translating", file=sys.stderr, disable=None) as bar:
+        translations = translate(model, tokenizer, sources, cfg, on_batch=bar.update)
+    seconds = time.perf_counter() - start
+    hypotheses = [t.texts[0] for t in translations]
+    if cfg.hyp is not None:
+        with open(cfg.hyp, "w", encoding="utf-8") as f:
+            f.writelines(h + "\n" for h in hypotheses)
+
+    scores = corpus_scores(hypotheses, references, tgt_lang, cfg.bleu_tokenize)
+    result = {
+        **scores,
+        "n_sentences": len(sources),
+        "sentences_per_second": round(len(sources) / seconds, 2),
+        "ckpt": paths,
+        "test_set": name,
+        "beam_size": cfg.beam_size,
+        "len_penalty": cfg.len_penalty,
+    }
+    print(f"{name}: {len(sources)} sentences in {seconds:.1f} s ({result['sentences_per_second']} sent/s)")
+    print(f"BLEU = {scores['bleu']:.2f}  ({scores['bleu_signature']})")
+    print(f"chrF = {scores['chrf']:.2f}  ({scores['chrf_signature']})")
+    if cfg.hyp is not None:
+        print(f"hypotheses written to {cfg.hyp}")
+    print(json.dumps(result, ensure_ascii=False))
+
+
+@hydra.main(config_path=str(config_dir()), config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    setup_logging()
+    data_overrides = [item for item in HydraConfig.get().overrides.task if item.startswith("data.")]
+    run_command("attnmt-evaluate", lambda: run(OmegaConf.to_object(cfg), data_overrides), (CheckpointError, DataError))
+
+
+register_configs()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""``attnmt-translate``: translate sentences from stdin, a file, or the command line.
+
+Exactly one output line per input line, in input order (an empty line gives an empty line). With
+``nbest=N`` each input line gives N lines ``INDEX ||| TRANSLATION ||| SCORE``, INDEX counting input
+lines from 0 and SCORE being the length-normalised log-probability, best first.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from attnmt.checkpoint import CheckpointError, load_for_inference
+from attnmt.cli import config_dir
+from attnmt.cli.common import (
+    UserError, available_chunks, iter_lines, open_input, resolve_device, run_command, setup_logging,
+)
+from attnmt.config import TranslateConfig, register_configs
+from attnmt.evaluation import Translation, attention_figure, cross_attention, encode_sources, translate
+
+log = logging.getLogger("attnmt.translate")
+
+
+def format_translation(index: int, translation: Translation, nbest: int) -> str:
+    """The output line(s) of one input line, without the final newline."""
+    if nbest == 1:
+        return translation.texts[0]
+    return "\n".join(f"{index} ||| {text} ||| {score:.4f}" for text, score in zip(translation.texts, translation.scores))
+
+
+def input_lines(cfg: TranslateConfig) -> tuple[Iterator[str], bool]:
+    """The input's lines, and whether a person is typing them."""
+    if cfg.text is not None:
+        texts = [cfg.text] if isinstance(cfg.text, str) else [str(t) for t in cfg.text]
+        return iter(texts), False
+    if cfg.input is not None:
+        return iter_lines(open_input(cfg.input), cfg.input), False
+    if sys.stdin.isatty():
+        return prompt_lines(), True
+    return iter_lines(sys.stdin.buffer, "<stdin>"), False
+
+
+def prompt_lines() -> Iterator[str]:
+    """Lines typed at a ``> `` prompt (on stderr, so stdout stays clean) until end of input."""
+    print("attnmt-translate: type a sentence and press Enter; Ctrl-D ends.", file=sys.stderr)
+    while True:
+        sys.stderr.write("> ")
+        sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            return
+        yield line.rstrip("\n")
+
+
+def plot_attention(cfg: TranslateConfig, model, tokenizer, line_number: int, line: str, translation: Translation) -> None:
+    src_ids = encode_sources(tokenizer, [line], model.cfg.max_positions, line_number)[0]
+    tgt_ids = translation.tokens[0]
+    if not src_ids:
+        return
+    weights = cross_attention(model, src_ids, tgt_ids, cfg.attention_layer)
+    src_pieces = tokenizer.src_pieces(line)[: len(src_ids) - 1] + ["</s>"]
+    tgt_pieces = tokenizer.tgt_pieces(tgt_ids) + ["</s>"]
+    layer = "mean over layers and heads" if cfg.attention_layer is None else f"layer {cfg.attention_layer}, mean over heads"
+    fig = attention_figure(weights, src_pieces, tgt_pieces, title=f"line {line_number}: {layer}")
+    fig.savefig(Path(cfg.attention_plot) / f"line{line_number:06d}.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def run(cfg: TranslateConfig) -> None:
+    if cfg.nbest > cfg.beam_size:
+        raise UserError(f"nbest={cfg.nbest} needs beam_size >= {cfg.nbest} (beam_size={cfg.beam_size})")
+    if cfg.attention_plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("attention_plot needs matplotlib: pip install 'attnmt[plot]'") from None
+        Path(cfg.attention_plot).mkdir(parents=True, exist_ok=True)
+    lines, interactive = input_lines(cfg)
+    device = resolve_device(cfg.device)
+    paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
+    model, tokenizer, _ = load_for_inference(paths, device)
+    if cfg.attention_plot is not None and cfg.attention_layer is not None and not 0 <= cfg.attention_layer < len(model.decoder_layers):
+        raise UserError(f"attention_layer={cfg.attention_layer} is not a layer of this {len(model.decoder_layers)}-layer decoder")
+
+    out = sys.stdout if cfg.output is None else open(cfg.output, "w", encoding="utf-8")
+    n_lines = 0
+    try:
+        for chunk in available_chunks(lines, 1 if interactive else cfg.buffer_lines):
+            translations = translate(model, tokenizer, chunk, cfg, first_line=n_lines + 1)
+            for offset, (line, translation) in enumerate(zip(chunk, translations)):
+                out.write(format_translation(n_lines + offset, translation, cfg.nbest) + "\n")
+                if cfg.attention_plot is not None:
+                    plot_attention(cfg, model, tokenizer, n_lines + offset + 1, line, translation)
+            out.flush()  # each chunk is out as soon as it is translated
+            n_lines += len(chunk)
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    log.info("translated %d lines", n_lines)
+
+
+def quote_text_overrides(argv: list[str]) -> list[str]:
+    """Quote ``text=A sentence.`` for Hydra's override grammar, which would reject its spaces and
+    punctuation; values already quoted, or lists (``text=[...]``), pass unchanged."""
+    quoted = []
+    for arg in argv:
+        if arg.startswith("text=") and arg[5:6] not in ("'", '"', "["):
+            arg = "text='" + arg[5:].replace("'", "\\'") + "'"
+        quoted.append(arg)
+    return quoted
+
+
+@hydra.main(config_path=str(config_dir()), config_name="translate", version_base="1.3")
+def _main(cfg: DictConfig) -> None:
+    setup_logging()
+    run_command("attnmt-translate", lambda: run(OmegaConf.to_object(cfg)), (CheckpointError,))
+
+
+def main() -> None:
+    sys.argv = quote_text_overrides(sys.argv)
+    _main()
+
+
+register_configs()
+
+if __name__ == "__main__":
+    main()
