@@ -1,0 +1,200 @@
+"""Translate sentences with a trained model and score them with sacreBLEU.
+
+Input lines are normalised as the training data was, encoded, length-sorted into batches of at
+most ``max_tokens`` source tokens (padding included), decoded, and put back in input order:
+exactly one result per input line, an empty line giving an empty translation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from attnmt.config import DecodeConfig
+from attnmt.data import normalize
+from attnmt.decoding import Hypothesis, beam_search, greedy_search
+from attnmt.model import Transformer
+from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Translation:
+    """The candidates for one input line, best first: detokenized text, score and target ids."""
+
+    texts: list[str]
+    scores: list[float]
+    tokens: list[list[int]]
+
+
+def encode_sources(tokenizer: Tokenizer, lines: list[str], max_len: int, first_line: int = 1) -> list[list[int]]:
+    """Source ids (EOS-terminated) of each line; an empty line gives ``[]``.
+
+    A line with more than ``max_len`` ids (EOS included) is truncated to fit, with a warning that
+    names its line number (``first_line`` is the number of ``lines[0]``): never dropped.
+    """
+    texts = [normalize(line) for line in lines]
+    ids = tokenizer.encode_src(texts)
+    sources = []
+    for i, (text, piece_ids) in enumerate(zip(texts, ids)):
+        if not text:
+            sources.append([])
+            continue
+        if len(piece_ids) + 1 > max_len:
+            log.warning("line %d: %d source tokens exceed the model's limit of %d; truncated",
+                        first_line + i, len(piece_ids) + 1, max_len)
+            piece_ids = piece_ids[: max_len - 1]
+        sources.append(list(piece_ids) + [EOS_ID])
+    return sources
+
+
+def length_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, each at most ``max_tokens`` counting padding
+    (batch size x longest); a single longer sentence gets a batch of its own. Zero lengths are
+    left out."""
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: lengths[i])
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    for i in order:
+        # Sorted ascending, so this sentence is the batch's longest.
+        if batch and (len(batch) + 1) * lengths[i] > max_tokens:
+            batches.append(batch)
+            batch = []
+        batch.append(i)
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def pad(sequences: list[list[int]], device: torch.device | str) -> tuple[Tensor, Tensor]:
+    """Right-padded ids (B, S) and their mask (B, S), True at real tokens."""
+    tokens = torch.full((len(sequences), max(map(len, sequences))), PAD_ID, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    tokens = tokens.to(device)
+    return tokens, tokens != PAD_ID
+
+
+def search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: DecodeConfig) -> list[list[Hypothesis]]:
+    """Greedy search for ``beam_size=1, nbest=1`` (its hypotheses have no score: NaN); beam search
+    otherwise."""
+    lengths = dict(max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, min_len=cfg.min_len)
+    if cfg.beam_size == 1 and cfg.nbest == 1:
+        return [[Hypothesis(tokens, math.nan)] for tokens in greedy_search(model, src_tokens, src_mask, **lengths)]
+    return beam_search(model, src_tokens, src_mask, beam_size=cfg.beam_size, len_penalty=cfg.len_penalty,
+                       nbest=cfg.nbest, **lengths)
+
+
+@torch.inference_mode()
+def translate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    lines: list[str],
+    cfg: DecodeConfig,
+    first_line: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Translation]:
+    """Translate ``lines``; one :class:`Translation` per line, in input order.
+
+    Args:
+        model: the model, in eval mode, on its device.
+        tokenizer: the checkpoint's tokenizer.
+        lines: raw source sentences.
+        cfg: search and batching settings.
+        first_line: the line number of ``lines[0]`` in its file, for warnings.
+        on_batch: called with the number of sentences of each decoded batch (progress bars).
+    """
+    device = next(model.parameters()).device
+    sources = encode_sources(tokenizer, lines, model.cfg.max_positions, first_line)
+    hypotheses: list[list[Hypothesis]] = [[] for _ in lines]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and torch.cuda.is_bf16_supported())
+    for batch in length_batches([len(s) for s in sources], cfg.max_tokens):
+        src_tokens, src_mask = pad([sources[i] for i in batch], device)
+        with autocast:
+            results = search(model, src_tokens, src_mask, cfg)
+        for i, hyps in zip(batch, results):
+            hypotheses[i] = hyps
+        if on_batch is not None:
+            on_batch(len(batch))
+    translations = []
+    for hyps in hypotheses:
+        if not hyps:  # an empty line: as many empty candidates as asked for
+            translations.append(Translation([""] * cfg.nbest, [0.0] * cfg.nbest, [[] for _ in range(cfg.nbest)]))
+            continue
+        texts = tokenizer.decode_tgt([h.tokens for h in hyps])
+        translations.append(Translation(texts, [h.score for h in hyps], [h.tokens for h in hyps]))
+    return translations
+
+
+def chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+    """Consecutive lists of up to ``size`` lines."""
+    chunk: list[str] = []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def corpus_scores(hypotheses: list[str], references: list[str], tgt_lang: str | None = None,
+                  bleu_tokenize: str | None = None) -> dict:
+    """sacreBLEU corpus BLEU and chrF of detokenized ``hypotheses`` against raw ``references``.
+
+    BLEU uses the 13a tokenizer and keeps case, except that ``tgt_lang`` zh, ja or ko selects the
+    tokenizer sacreBLEU recommends for that language; ``bleu_tokenize`` overrides either.
+    """
+    from sacrebleu.metrics import BLEU, CHRF
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    bleu = BLEU(trg_lang=tgt_lang or "", tokenize=bleu_tokenize)
+    chrf = CHRF()
+    bleu_score = bleu.corpus_score(hypotheses, [references])
+    chrf_score = chrf.corpus_score(hypotheses, [references])
+    return {
+        "bleu": round(bleu_score.score, 2),
+        "chrf": round(chrf_score.score, 2),
+        "bleu_signature": str(bleu.get_signature()),
+        "chrf_signature": str(chrf.get_signature()),
+    }
+
+
+@torch.inference_mode()
+def cross_attention(model: Transformer, src_ids: list[int], tgt_ids: list[int], layer: int | None = None) -> Tensor:
+    """Cross-attention map (T, S) of one sentence pair, averaged over heads and over all layers
+    (``layer=None``) or taken from one layer. Rows are the predicted target tokens (EOS last),
+    columns the source tokens (EOS last)."""
+    device = next(model.parameters()).device
+    src_tokens, src_mask = pad([src_ids], device)
+    tgt_in, _ = pad([[BOS_ID] + tgt_ids], device)
+    weights = model.cross_attention_weights(tgt_in, model.encode(src_tokens, src_mask), src_mask)  # (L, 1, H, T, S)
+    weights = weights[:, 0].float().mean(dim=1)  # (L, T, S)
+    return (weights.mean(dim=0) if layer is None else weights[layer]).cpu()
+
+
+def attention_figure(weights: Tensor, src_pieces: list[str], tgt_pieces: list[str], title: str = ""):
+    """A matplotlib heatmap of ``weights`` (T, S): target pieces down, source pieces across."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t, s = weights.shape
+    fig, ax = plt.subplots(figsize=(min(2 + 0.35 * s, 40), min(1.5 + 0.3 * t, 40)), dpi=100)
+    ax.imshow(weights.numpy(), cmap="viridis", aspect="auto", vmin=0.0)
+    ax.set_xticks(range(s), src_pieces, rotation=90, fontsize=8)
+    ax.set_yticks(range(t), tgt_pieces, fontsize=8)
+    ax.set_xlabel("source")
+    ax.set_ylabel("target")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
