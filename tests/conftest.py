@@ -47,3 +47,22 @@ def tiny_config(**overrides) -> ModelConfig:
     )
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """``best.pt`` of a tiny de-en model trained for a few seconds on the fixture corpus (CPU, fp32):
+    enough to translate the fixture sentences well, for tests of the commands that load checkpoints."""
+    from attnmt.config import DataConfig, OptimConfig, TokenizerConfig, TrainConfig, TrainRunConfig
+    from attnmt.training import train
+
+    run_dir = tmp_path_factory.mktemp("trained")
+    cfg = TrainRunConfig(
+        model=tiny_config(d_model=64, ffn_dim=128, src_vocab_size=0, tgt_vocab_size=0, max_positions=256),
+        data=DataConfig(root=str(FIXTURE_CORPUS), cache_dir=None, tokenizer=TokenizerConfig(vocab_size=400)),
+        optim=OptimConfig(lr=2e-3, warmup_steps=50),
+        train=TrainConfig(run_dir=str(run_dir), device="cpu", precision="fp32", max_tokens=1024, max_steps=200,
+                          valid_every=100, progress_bar=False, seed=1),
+    )
+    train(cfg)
+    return run_dir / "checkpoints" / "best.pt"

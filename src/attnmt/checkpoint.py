@@ -160,8 +160,18 @@ def numbered_checkpoints(folder: str | Path) -> list[Path]:
 
 def resume_path(resume: str, run_dir: str | Path) -> Path | None:
     """The checkpoint that ``train.resume`` names: ``none`` -> None; ``auto`` -> ``last.pt`` of the run if
-    it exists, else None (a fresh start); anything else is a path that must exist."""
+    it exists, else None (a fresh start); anything else is a path that must exist.
+
+    A fresh start (``none``) refuses a run directory that already holds checkpoints rather than
+    overwrite them.
+    """
     if resume == "none":
+        last = checkpoint_dir(run_dir) / "last.pt"
+        if last.is_file():
+            raise CheckpointError(
+                f"train.run_dir={run_dir} already holds checkpoints ({last}); continue that run with "
+                "train.resume=auto, or start a new one in another train.run_dir"
+            )
         return None
     if resume == "auto":
         last = checkpoint_dir(run_dir) / "last.pt"

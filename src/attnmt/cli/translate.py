@@ -107,12 +107,13 @@ def run(cfg: TranslateConfig) -> None:
 
 
 def quote_text_overrides(argv: list[str]) -> list[str]:
-    """Quote ``text=A sentence.`` for Hydra's override grammar, which would reject its spaces and
-    punctuation; values already quoted, or lists (``text=[...]``), pass unchanged."""
+    """Quote ``text=A sentence.`` for Hydra's override grammar, which would reject its spaces,
+    punctuation and non-ASCII letters, and escape ``${`` so that it is not read as an interpolation;
+    values already quoted, or lists (``text=[...]``), pass unchanged."""
     quoted = []
     for arg in argv:
         if arg.startswith("text=") and arg[5:6] not in ("'", '"', "["):
-            arg = "text='" + arg[5:].replace("'", "\\'") + "'"
+            arg = "text='" + arg[5:].replace("'", "\\'").replace("${", "\\${") + "'"
         quoted.append(arg)
     return quoted
 

@@ -1,0 +1,185 @@
+"""The command-line contract of attnmt-evaluate and attnmt-translate, run as real subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FIXTURE_CORPUS
+
+
+def run(command: str, *args: str, stdin: str | bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``python -m attnmt.cli.COMMAND ARGS`` with text stdout/stderr."""
+    data = stdin.encode() if isinstance(stdin, str) else stdin
+    proc = subprocess.run([sys.executable, "-m", f"attnmt.cli.{command}", *args], input=data,
+                          capture_output=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.CompletedProcess(proc.args, proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+
+
+def translate_alone(ckpt: Path, lines: list[str], **decode) -> list[str]:
+    """Each line translated on its own, in this process: the reference for order and batching."""
+    from attnmt.checkpoint import load_for_inference
+    from attnmt.config import DecodeConfig
+    from attnmt.evaluation import translate
+
+    model, tokenizer, _ = load_for_inference(ckpt)
+    cfg = DecodeConfig(**decode)
+    return [translate(model, tokenizer, [line], cfg)[0].texts[0] for line in lines]
+
+
+def test_evaluate_json_bleu_is_sacrebleu_on_the_hyp_file(trained_checkpoint, tmp_path) -> None:
+    import sacrebleu
+
+    hyp = tmp_path / "hyp.en"
+    src, ref = FIXTURE_CORPUS / "test.de", FIXTURE_CORPUS / "test.en"
+    result = run("evaluate", f"ckpt={trained_checkpoint}", f"src={src}", f"ref={ref}", f"hyp={hyp}", "beam_size=3")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    hypotheses = hyp.read_text(encoding="utf-8").splitlines()
+    references = ref.read_text(encoding="utf-8").splitlines()
+    assert len(hypotheses) == report["n_sentences"] == len(references)
+    assert report["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [references]).score, abs=0.01)
+    assert report["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hypotheses, [references]).score, abs=0.01)
+    assert report["bleu_signature"].startswith("nrefs:1|case:mixed") and "tok:13a" in report["bleu_signature"]
+    assert report["sentences_per_second"] > 0
+    assert report["bleu"] > 30, "the trained fixture model should translate its own test set well"
+
+
+def test_evaluate_a_split_of_the_checkpoints_data_config(trained_checkpoint) -> None:
+    result = run("evaluate", f"ckpt={trained_checkpoint}", "split=test", "beam_size=1")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["n_sentences"] == 40
+    assert report["test_set"] == "split test"
+
+
+def test_translate_keeps_every_line_in_order(trained_checkpoint, tmp_path) -> None:
+    fixture = (FIXTURE_CORPUS / "test.de").read_text(encoding="utf-8").splitlines()
+    long_line = " ".join(fixture) * 8  # far beyond the model's 256 positions
+    lines = [fixture[0], "", "   ", fixture[5], "Привет, как дела?", "東京は大きな都市です。", long_line,
+             fixture[10], "", fixture[3]]
+    src = tmp_path / "in.de"
+    src.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    out = tmp_path / "out.en"
+
+    from_file = run("translate", f"ckpt={trained_checkpoint}", f"input={src}", f"output={out}", "beam_size=2")
+    assert from_file.returncode == 0, from_file.stderr
+    file_lines = out.read_text(encoding="utf-8").split("\n")
+    assert file_lines[-1] == "" and len(file_lines) - 1 == len(lines)
+    file_lines = file_lines[:-1]
+    assert "line 7:" in from_file.stderr and "truncated" in from_file.stderr
+
+    from_stdin = run("translate", f"ckpt={trained_checkpoint}", "beam_size=2", stdin="".join(line + "\n" for line in lines))
+    assert from_stdin.returncode == 0, from_stdin.stderr
+    assert from_stdin.stdout.split("\n")[:-1] == file_lines
+
+    assert file_lines[1] == file_lines[2] == file_lines[8] == ""
+    # Each line's translation is what it gets alone: batching and sorting restored the order.
+    alone = translate_alone(trained_checkpoint, [lines[i] for i in (0, 3, 7, 9)], beam_size=2)
+    assert [file_lines[i] for i in (0, 3, 7, 9)] == alone
+    assert all(file_lines[i] for i in (0, 3, 4, 5, 6, 7, 9))
+
+
+def test_translate_text_argument_and_nbest_format(trained_checkpoint) -> None:
+    sentence = (FIXTURE_CORPUS / "test.de").read_text(encoding="utf-8").splitlines()[2]
+    single = run("translate", f"ckpt={trained_checkpoint}", f"text={sentence}", "beam_size=4")
+    assert single.returncode == 0, single.stderr
+    assert single.stdout.splitlines() == translate_alone(trained_checkpoint, [sentence], beam_size=4)
+
+    nbest = run("translate", f"ckpt={trained_checkpoint}", "beam_size=4", "nbest=3",
+                stdin=f"{sentence}\n\n{sentence}\n")
+    assert nbest.returncode == 0, nbest.stderr
+    rows = [line.split(" ||| ") for line in nbest.stdout.splitlines()]
+    assert [int(r[0]) for r in rows] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(len(r) == 3 for r in rows)
+    scores = [float(r[2]) for r in rows[:3]]
+    assert scores == sorted(scores, reverse=True)
+    assert rows[0][1] == single.stdout.splitlines()[0]
+    assert [r[1] for r in rows[3:6]] == ["", "", ""]
+    assert [r[1:] for r in rows[6:]] == [r[1:] for r in rows[:3]]
+
+
+def test_averaged_checkpoints_translate(trained_checkpoint) -> None:
+    last = trained_checkpoint.with_name("last.pt")
+    result = run("translate", f"ckpt=[{trained_checkpoint},{last}]", stdin="Der Hund läuft.\nDie Katze schläft.\n")
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2
+
+
+def test_attention_plot_is_written(trained_checkpoint, tmp_path) -> None:
+    from PIL import Image
+
+    sentence = (FIXTURE_CORPUS / "test.de").read_text(encoding="utf-8").splitlines()[1]
+    plots = tmp_path / "att"
+    result = run("translate", f"ckpt={trained_checkpoint}", f"attention_plot={plots}",
+                 stdin=f"{sentence}\n\n{sentence}\n")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in plots.iterdir()) == ["line000001.png", "line000003.png"]  # none for the empty line
+    width, height = Image.open(plots / "line000001.png").size
+    assert 200 <= width <= 1500 and 150 <= height <= 1500, (width, height)
+
+
+def test_translate_streams_before_input_ends(trained_checkpoint) -> None:
+    proc = subprocess.Popen([sys.executable, "-m", "attnmt.cli.translate", f"ckpt={trained_checkpoint}", "beam_size=1"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        lines = (FIXTURE_CORPUS / "train.de").read_text(encoding="utf-8").splitlines()[:300]
+        proc.stdin.write("".join(line + "\n" for line in lines).encode())
+        proc.stdin.flush()  # ... and the pipe stays open
+        ready, _, _ = select.select([proc.stdout], [], [], 90)
+        assert ready, "no output within 90 s although 300 lines were waiting"
+        first = proc.stdout.readline()
+        assert first.strip() and proc.poll() is None
+        proc.stdin.close()
+        rest = proc.stdout.read().decode().splitlines()
+        assert proc.wait(timeout=60) == 0
+        assert 1 + len(rest) == 300
+    finally:
+        proc.kill()
+
+
+@pytest.mark.parametrize("case", ["missing_ckpt", "corrupt_ckpt", "line_mismatch", "missing_input", "bad_utf8"])
+def test_bad_input_is_one_line_and_nonzero_exit(case: str, trained_checkpoint, tmp_path) -> None:
+    good_src = FIXTURE_CORPUS / "test.de"
+    if case == "missing_ckpt":
+        result, expected = run("translate", f"ckpt={tmp_path}/nope.pt", "text=Hallo"), "nope.pt"
+    elif case == "corrupt_ckpt":
+        junk = tmp_path / "junk.pt"
+        junk.write_bytes(trained_checkpoint.read_bytes()[:5000])
+        result, expected = run("translate", f"ckpt={junk}", "text=Hallo"), "junk.pt"
+    elif case == "line_mismatch":
+        short_ref = tmp_path / "ref.en"
+        short_ref.write_text("only one line\n", encoding="utf-8")
+        result = run("evaluate", f"ckpt={trained_checkpoint}", f"src={good_src}", f"ref={short_ref}")
+        expected = "has 40 lines but ref="
+    elif case == "missing_input":
+        result, expected = run("translate", f"ckpt={trained_checkpoint}", f"input={tmp_path}/missing.de"), "missing.de"
+    else:
+        bad = tmp_path / "bad.de"
+        bad.write_bytes("Der Hund läuft.\n".encode() + b"Die Katze \xfc\n")
+        result, expected = run("translate", f"ckpt={trained_checkpoint}", f"input={bad}"), "bad.de line 2: invalid UTF-8"
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and expected in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    if case == "bad_utf8":
+        assert result.stdout.splitlines() == translate_alone(trained_checkpoint, ["Der Hund läuft."], beam_size=5)
+
+
+@pytest.mark.parametrize("text", ["Der Hund läuft.", "Sie sagt \"Hallo\" und 'tschüss'", "Preis: ${x} = 5 €", "a=b, [c]"])
+def test_text_argument_reaches_the_command_verbatim(text: str) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    from attnmt.cli.translate import quote_text_overrides
+
+    (arg,) = quote_text_overrides([f"text={text}"])
+    (override,) = OverridesParser.create().parse_overrides([arg])
+    assert OmegaConf.create({"text": override.value()}).text == text
