@@ -1,0 +1,149 @@
+"""Every config in configs/ composes with Hydra, converts to its dataclasses, and passes the start checks
+(the idea of lightning-hydra-template's tests/test_configs.py); a misspelt key fails at compose time."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+import attnmt.cli
+from attnmt.config import EvaluateConfig, TrainRunConfig, TranslateConfig, register_configs
+from attnmt.training import check_config, max_sentence_tokens
+
+CONFIG_DIR = attnmt.cli.config_dir()
+
+
+def group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+@pytest.fixture
+def hydra_config_dir():
+    """Initialise Hydra on the repository's config tree; leave it clean afterwards."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        yield CONFIG_DIR
+    GlobalHydra.instance().clear()
+
+
+def compose_train(overrides: list[str]) -> TrainRunConfig:
+    cfg = compose(config_name="train", overrides=overrides)
+    run_cfg = OmegaConf.to_object(cfg)
+    assert isinstance(run_cfg, TrainRunConfig)
+    return run_cfg
+
+
+def test_every_group_has_options():
+    # A glob that silently matched nothing would make the parametrised tests below vacuous.
+    for group in ("experiment", "model", "data", "optim"):
+        assert group_options(group), f"no configs in {CONFIG_DIR / group}"
+
+
+@pytest.mark.parametrize("experiment", group_options("experiment"))
+def test_train_with_each_experiment(hydra_config_dir, experiment):
+    run_cfg = compose_train([f"experiment={experiment}"])
+    check_config(run_cfg.model, run_cfg.optim, run_cfg.train, max_sentence_tokens(run_cfg.data))
+    # Recipes fix their run directory, so train.resume=auto finds the run again.
+    assert "${" not in run_cfg.train.run_dir and "now" not in run_cfg.train.run_dir
+    assert run_cfg.train.max_steps > 0
+    assert run_cfg.data.src_lang != run_cfg.data.tgt_lang
+
+
+def test_language_direction_of_the_multi30k_recipes(hydra_config_dir):
+    de_en = compose_train(["experiment=multi30k_de_en"])
+    en_de = compose_train(["experiment=multi30k_en_de"])
+    assert (de_en.data.src_lang, de_en.data.tgt_lang) == ("de", "en")
+    assert (en_de.data.src_lang, en_de.data.tgt_lang) == ("en", "de")
+    assert de_en.train.run_dir != en_de.train.run_dir
+
+
+@pytest.mark.parametrize("model", group_options("model"))
+def test_train_with_each_model(hydra_config_dir, model):
+    run_cfg = compose_train([f"model={model}"])
+    check_config(run_cfg.model, run_cfg.optim, run_cfg.train, max_sentence_tokens(run_cfg.data))
+    assert run_cfg.model.src_vocab_size == run_cfg.model.tgt_vocab_size == 0  # filled in from the tokenizer
+
+
+@pytest.mark.parametrize("data", group_options("data"))
+def test_train_with_each_data_config(hydra_config_dir, data):
+    run_cfg = compose_train([f"data={data}"])
+    check_config(run_cfg.model, run_cfg.optim, run_cfg.train, max_sentence_tokens(run_cfg.data))
+    assert {"train", "valid", "test"} <= set(run_cfg.data.splits)
+    assert run_cfg.data.tokenizer.vocab_size > 0
+
+
+@pytest.mark.parametrize("optim", group_options("optim"))
+def test_train_with_each_optim(hydra_config_dir, optim):
+    run_cfg = compose_train([f"optim={optim}"])
+    check_config(run_cfg.model, run_cfg.optim, run_cfg.train, max_sentence_tokens(run_cfg.data))
+
+
+def test_hydra_writes_into_the_run_dir(hydra_config_dir):
+    cfg = compose(config_name="train", overrides=["train.run_dir=/tmp/somewhere"], return_hydra_config=True)
+    assert cfg.hydra.run.dir == "/tmp/somewhere"
+    assert cfg.hydra.output_subdir is None  # attnmt writes config.yaml itself
+    assert cfg.hydra.job.chdir is False  # relative data paths stay relative to where the command started
+
+
+def test_command_line_overrides_reach_the_dataclasses(hydra_config_dir):
+    run_cfg = compose_train(["model=tiny", "model.n_heads=4", "optim.lr=7e-4", "train.max_tokens=2048",
+                             "data.root=/data/x", "data.tokenizer.vocab_size=3000"])
+    assert run_cfg.model.n_heads == 4 and run_cfg.model.d_model == 64
+    assert run_cfg.optim.lr == pytest.approx(7e-4)
+    assert run_cfg.train.max_tokens == 2048
+    assert run_cfg.data.root == "/data/x" and run_cfg.data.tokenizer.vocab_size == 3000
+
+
+@pytest.mark.parametrize("name, schema", [("evaluate", EvaluateConfig), ("translate", TranslateConfig)])
+def test_evaluate_and_translate_compose(hydra_config_dir, name, schema):
+    cfg = compose(config_name=name, overrides=["ckpt=runs/x/checkpoints/best.pt"])
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, schema)
+    assert obj.ckpt == "runs/x/checkpoints/best.pt"
+    assert obj.beam_size >= 1
+
+
+@pytest.mark.parametrize("override", ["train.max_step=10", "model.d_modle=64", "optim.learning_rate=1e-3",
+                                      "data.tokenizer.vocab=100", "beam=4"])
+def test_misspelt_key_on_the_command_line_fails_at_compose(hydra_config_dir, override):
+    key = override.split("=")[0].rsplit(".", 1)[-1]
+    with pytest.raises(ConfigCompositionException, match=key):
+        compose(config_name="train", overrides=[override])
+
+
+def test_wrong_type_fails_at_compose(hydra_config_dir):
+    with pytest.raises(ConfigCompositionException, match="max_steps"):
+        compose(config_name="train", overrides=["train.max_steps=many"])
+
+
+@pytest.fixture
+def config_tree_with_a_typo(tmp_path) -> Path:
+    tree = tmp_path / "configs"
+    shutil.copytree(CONFIG_DIR, tree)
+    (tree / "experiment" / "typo.yaml").write_text("# @package _global_\ntrain:\n  max_step: 500\n")
+    return tree
+
+
+def test_misspelt_key_in_a_yaml_file_fails_at_compose(config_tree_with_a_typo):
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(config_tree_with_a_typo), version_base=None):
+            with pytest.raises(ConfigCompositionException, match=r"experiment/typo(.|\n)*train\.max_step"):
+                compose(config_name="train", overrides=["experiment=typo"])
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def test_missing_checkpoint_fails_at_conversion(hydra_config_dir):
+    cfg = compose(config_name="translate")
+    with pytest.raises(MissingMandatoryValue, match="ckpt"):
+        OmegaConf.to_object(cfg)
