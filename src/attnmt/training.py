@@ -12,6 +12,7 @@ make the same update.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import math
 import random
@@ -51,13 +52,11 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``auto`` -> this rank's GPU if CUDA is available, else the CPU; anything else as given."""
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
     try:
-        device = torch.device(name)
+        device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
     except RuntimeError as e:
         raise ConfigError(f"train.device={name!r} is not a device: {e}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available():  # name as given, not the rank's cuda:N
         raise ConfigError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto")
     return device
 
@@ -307,6 +306,28 @@ def validate(
     }
 
 
+def log_attention_map(writer, model: nn.Module, tokenizer, src_text: str, src_ids: list[int], tgt_ids: list[int],
+                      step: int) -> None:
+    """Add one cross-attention heatmap (mean over layers and heads) of a valid pair to TensorBoard.
+
+    The reference is teacher-forced, so the map shows where the model looks while it predicts each
+    reference token. Needs matplotlib, an optional extra (``attnmt[plot]``).
+
+    Args:
+        src_ids: source ids, EOS included; tgt_ids: reference ids, EOS included.
+    """
+    from attnmt.evaluation import attention_figure, cross_attention
+
+    was_training = model.training
+    model.eval()  # dropout would blur the map
+    weights = cross_attention(model, src_ids, tgt_ids[:-1])  # (T, S): rows predict tgt_ids, EOS last
+    model.train(was_training)
+    src_pieces = tokenizer.src_pieces(src_text)[: len(src_ids) - 1] + ["</s>"]
+    tgt_pieces = tokenizer.tgt_pieces(tgt_ids[:-1]) + ["</s>"]
+    fig = attention_figure(weights, src_pieces, tgt_pieces, title=f"valid sentence 1, step {step}: mean over layers and heads")
+    writer.add_figure("valid/attention", fig, step)  # closes the figure
+
+
 # ----------------------------------------------------------------------------------------------------
 # Data, signals
 
@@ -453,6 +474,9 @@ def train(cfg: TrainRunConfig) -> dict:
     references = load_references(cfg.data, "valid")  # raw text: BLEU compares detokenized output with it
 
     writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1) if info.is_main else None
+    plot_attention = writer is not None and importlib.util.find_spec("matplotlib") is not None
+    if writer is not None and not plot_attention:
+        logger.info("matplotlib is not installed: no attention heatmaps in TensorBoard (pip install attnmt[plot])")
     logger.info("model: %s parameters; device %s, %s; %d ranks; %d train batches per epoch per rank",
                 f"{raw_model.num_parameters():,}", device, str(amp_dtype).removeprefix("torch."), info.world_size, len(sampler))
     total_steps = t.max_steps or (math.ceil(len(sampler) / t.update_freq) * t.max_epochs if t.max_epochs else None)
@@ -569,6 +593,9 @@ def train(cfg: TrainRunConfig) -> dict:
                         logger.info("  hyp: %s\n  ref: %s", hyp, ref)
                     for name in ("loss", "nll", "ppl", "bleu", "chrf"):
                         writer.add_scalar(f"valid/{name}", valid_metrics[name], step)
+                    if plot_attention and len(valid_ds):
+                        log_attention_map(writer, raw_model, tokenizer, valid_ds[0]["src"], valid_ds[0]["src_ids"],
+                                          valid_ds[0]["tgt_ids"], step)
                     writer.flush()
                     progress.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", bleu=f"{valid_metrics['bleu']:.2f}")
                 rng = distributed.all_gather_objects(checkpoint.rng_state())

@@ -25,6 +25,7 @@ from attnmt import distributed
 from attnmt.checkpoint import CheckpointError
 from attnmt.cli import config_dir
 from attnmt.config import register_configs
+from attnmt.data import DataError
 from attnmt.training import ConfigError, train
 
 logger = logging.getLogger("attnmt.cli.train")
@@ -55,10 +56,14 @@ def main(cfg: DictConfig) -> None:
     try:
         with logging_redirect_tqdm():
             result = train(run_cfg)
-    except (ConfigError, CheckpointError) as e:
-        # A config or checkpoint the user can fix: one line naming the key or file, no stack trace.
+    except (ConfigError, DataError, CheckpointError) as e:
+        # A config, corpus or checkpoint the user can fix: one line naming the key or file, no stack trace.
         logger.error("%s", e)
         sys.exit(2)
+    except FloatingPointError as e:
+        # train.max_bad_steps non-finite losses in a row: the message says what to change.
+        logger.error("%s", e)
+        sys.exit(1)
     finally:
         distributed.cleanup()
     if result["interrupted"]:
