@@ -80,7 +80,9 @@ def test_keep_last_best_and_resume_path(tmp_path):
     assert load_checkpoint(folder / "last.pt")["step"] == 40
     assert checkpoint.resume_path("auto", tmp_path) == folder / "last.pt"
     assert checkpoint.resume_path("auto", tmp_path / "fresh") is None
-    assert checkpoint.resume_path("none", tmp_path) is None
+    assert checkpoint.resume_path("none", tmp_path / "fresh") is None
+    with pytest.raises(CheckpointError, match="train.resume=auto"):  # a fresh start would overwrite the run
+        checkpoint.resume_path("none", tmp_path)
     with pytest.raises(CheckpointError, match="train.resume"):
         checkpoint.resume_path(str(tmp_path / "nope.pt"), tmp_path)
 
