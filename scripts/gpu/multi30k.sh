@@ -26,9 +26,10 @@ EXTRA_OVERRIDES=${EXTRA_OVERRIDES:-}
 QUICK=${QUICK:-0}
 
 # hydra-core, omegaconf and datasets are not on the GPU image: they travel as wheels in .whl/
-# (made by ../shared/tools/device-wheels) and are unpacked into a private target folder.
-if [ -d .whl ]; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl
+# (made by ../shared/tools/device-wheels) and are unpacked into a private target folder. An
+# interpreter that has them already (a dev venv) skips this.
+if [ -d .whl ] && ! "$PYTHON" -c "import hydra, omegaconf, datasets" 2>/dev/null; then
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" .whl/*.whl
   export PYTHONPATH="$WORK/site:$PWD/src"
 else
   export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
@@ -39,7 +40,8 @@ for split in train valid test2016; do
   for lang in en de; do
     if [ ! -f "$MULTI30K/$split.$lang" ]; then
       echo "multi30k.sh: $MULTI30K/$split.$lang is missing; set MULTI30K to the Multi30k folder" \
-           "(on the device: mkdir -p .gpudata && cp -r ../shared/data/multi30k .gpudata/, carry .gpudata)" >&2
+           "(for a device call, first, here: mkdir -p .gpudata && cp -r ../shared/data/multi30k .gpudata/;" \
+           "then carry .gpudata)" >&2
       exit 2
     fi
   done
