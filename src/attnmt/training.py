@@ -48,16 +48,19 @@ class ConfigError(ValueError):
 # Devices, precision, config checks
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this rank's GPU if CUDA is available, else the CPU; anything else as given."""
+def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """``auto`` -> this rank's GPU if CUDA is available, else the CPU; anything else as given.
+
+    ``key`` is the config key that errors name (evaluate and translate call theirs ``device``).
+    """
     if name == "auto":
         return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
     except RuntimeError as e:
-        raise ConfigError(f"train.device={name!r} is not a device: {e}; use auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"{key}={name!r} is not a device: {e}; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():  # name as given, not the rank's cuda:N
-        raise ConfigError(f"train.device={name!r} but CUDA is not available here; use train.device=cpu or auto")
+        raise ConfigError(f"{key}={name!r} but CUDA is not available here; use {key}=cpu or auto")
     return device
 
 

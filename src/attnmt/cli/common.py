@@ -14,8 +14,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-import torch
-
 log = logging.getLogger(__name__)
 
 
@@ -38,15 +36,6 @@ def run_command(name: str, body: Callable[[], None], user_errors: tuple[type[Bas
     except BrokenPipeError:  # e.g. `attnmt-translate ... | head`: the reader has gone, nothing to report
         sys.stderr.close()
         sys.exit(0)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` is CUDA where present, else the CPU; anything else is taken as given."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device={device} was asked for but CUDA is not available here; use device=cpu or device=auto")
-    return torch.device(device)
 
 
 def iter_lines(stream: BinaryIO, name: str) -> Iterator[str]:

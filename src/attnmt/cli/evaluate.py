@@ -20,10 +20,11 @@ from tqdm import tqdm
 
 from attnmt.checkpoint import CheckpointError, load_for_inference
 from attnmt.cli import config_dir
-from attnmt.cli.common import UserError, iter_lines, open_input, resolve_device, run_command, setup_logging
+from attnmt.cli.common import UserError, iter_lines, open_input, run_command, setup_logging
 from attnmt.config import DataConfig, EvaluateConfig, register_configs
 from attnmt.data import DataError, load_references, load_split
 from attnmt.evaluation import corpus_scores, translate
+from attnmt.training import ConfigError, resolve_device
 
 log = logging.getLogger("attnmt.evaluate")
 
@@ -56,7 +57,7 @@ def test_set(cfg: EvaluateConfig, run_config: dict, data_overrides: list[str]) -
 
 
 def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, key="device")
     paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
     model, tokenizer, run_config = load_for_inference(paths, device)
     sources, references, name = test_set(cfg, run_config, data_overrides)
@@ -93,7 +94,8 @@ def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
 def main(cfg: DictConfig) -> None:
     setup_logging()
     data_overrides = [item for item in HydraConfig.get().overrides.task if item.startswith("data.")]
-    run_command("attnmt-evaluate", lambda: run(OmegaConf.to_object(cfg), data_overrides), (CheckpointError, DataError))
+    run_command("attnmt-evaluate", lambda: run(OmegaConf.to_object(cfg), data_overrides),
+                (CheckpointError, ConfigError, DataError))
 
 
 register_configs()

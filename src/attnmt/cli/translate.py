@@ -18,10 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from attnmt.checkpoint import CheckpointError, load_for_inference
 from attnmt.cli import config_dir
 from attnmt.cli.common import (
-    UserError, available_chunks, iter_lines, open_input, resolve_device, run_command, setup_logging,
+    UserError, available_chunks, iter_lines, open_input, run_command, setup_logging,
 )
 from attnmt.config import TranslateConfig, register_configs
 from attnmt.evaluation import Translation, attention_figure, cross_attention, encode_sources, translate
+from attnmt.training import ConfigError, resolve_device
 
 log = logging.getLogger("attnmt.translate")
 
@@ -83,7 +84,7 @@ def run(cfg: TranslateConfig) -> None:
             raise UserError("attention_plot needs matplotlib: pip install 'attnmt[plot]'") from None
         Path(cfg.attention_plot).mkdir(parents=True, exist_ok=True)
     lines, interactive = input_lines(cfg)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, key="device")
     paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
     model, tokenizer, _ = load_for_inference(paths, device)
     if cfg.attention_plot is not None and cfg.attention_layer is not None and not 0 <= cfg.attention_layer < len(model.decoder_layers):
@@ -121,7 +122,7 @@ def quote_text_overrides(argv: list[str]) -> list[str]:
 @hydra.main(config_path=str(config_dir()), config_name="translate", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     setup_logging()
-    run_command("attnmt-translate", lambda: run(OmegaConf.to_object(cfg)), (CheckpointError,))
+    run_command("attnmt-translate", lambda: run(OmegaConf.to_object(cfg)), (CheckpointError, ConfigError))
 
 
 def main() -> None:
