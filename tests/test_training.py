@@ -233,6 +233,32 @@ def test_resume_continues_exactly(tmp_path, fixture_corpus, one_thread):
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
 
 
+def test_a_run_of_non_finite_losses_stops_training(tmp_path, fixture_corpus, monkeypatch):
+    from attnmt import training
+
+    def diverged(model, micro, *args):
+        return training.StepResult(math.nan, math.nan, 10, math.nan, True)
+
+    monkeypatch.setattr(training, "train_step", diverged)
+    cfg = run_config(tmp_path, fixture_corpus, max_bad_steps=3)
+    with pytest.raises(training.TrainingError, match=r"at step 3: 3 non-finite losses in a row \(train.max_bad_steps=3\)"):
+        training.train(cfg)
+
+
+def test_out_of_memory_names_the_batch_and_the_fix(tmp_path, fixture_corpus, monkeypatch):
+    from attnmt import training
+
+    def out_of_memory(model, micro, *args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(training, "train_step", out_of_memory)
+    cfg = run_config(tmp_path, fixture_corpus, update_freq=2)
+    message = (r"out of memory on a batch of src \(\d+, \d+\) tgt \(\d+, \d+\), src \(\d+, \d+\) tgt \(\d+, \d+\); "
+               r"lower train.max_tokens \(now 256\) and raise train.update_freq \(now 2\)")
+    with pytest.raises(training.TrainingError, match=message):
+        training.train(cfg)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for the tiny models: they gain nothing from more, and on a busy 2-core

@@ -44,6 +44,10 @@ class ConfigError(ValueError):
     """A config that cannot work; raised before any training, naming the key and what to do."""
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (out of memory, a run of non-finite losses); the message says what to change."""
+
+
 # ----------------------------------------------------------------------------------------------------
 # Devices, precision, config checks
 
@@ -521,7 +525,10 @@ def train(cfg: TrainRunConfig) -> dict:
                 result = train_step(model, micro, optimizer, scaler, autocast, cfg.optim.label_smoothing,
                                     cfg.optim.clip_norm, PAD_ID)
             except torch.cuda.OutOfMemoryError as e:
-                raise RuntimeError(describe_oom(micro, t.max_tokens, t.update_freq)) from e
+                raise TrainingError(
+                    f"{describe_oom(micro, t.max_tokens, t.update_freq)}; checkpoints so far are in "
+                    f"{checkpoint.checkpoint_dir(run_dir)}"
+                ) from e
             step += 1
             progress.update(1)
             losses.append(result.loss)
@@ -532,9 +539,9 @@ def train(cfg: TrainRunConfig) -> dict:
                 logger.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); update skipped (%d in a row)",
                                step, result.loss, result.grad_norm, skipped_in_a_row)
                 if skipped_in_a_row >= t.max_bad_steps:
-                    raise FloatingPointError(
+                    raise TrainingError(
                         f"training stopped at step {step}: {skipped_in_a_row} non-finite losses in a row "
-                        f"(train.max_bad_steps={t.max_bad_steps}); the last good checkpoint is in "
+                        f"(train.max_bad_steps={t.max_bad_steps}); checkpoints so far are in "
                         f"{checkpoint.checkpoint_dir(run_dir)}. Lower optim.lr, raise optim.warmup_steps, "
                         "set optim.clip_norm, or use train.precision=bf16/fp32"
                     )
@@ -634,8 +641,9 @@ def train(cfg: TrainRunConfig) -> dict:
         if writer is not None:
             writer.close()
 
-    logger.info("stopped at step %d (epoch %d): %s; best valid BLEU %.2f; checkpoints in %s",
-                step, epoch, stop_reason, best_bleu, checkpoint.checkpoint_dir(run_dir))
+    best = f"best valid BLEU {best_bleu:.2f}" if best_bleu >= 0 else "no validation yet"
+    logger.info("stopped at step %d (epoch %d): %s; %s; checkpoints in %s",
+                step, epoch, stop_reason, best, checkpoint.checkpoint_dir(run_dir))
     return {
         "step": step,
         "epoch": epoch,

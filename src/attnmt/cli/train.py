@@ -26,7 +26,7 @@ from attnmt.checkpoint import CheckpointError
 from attnmt.cli import config_dir
 from attnmt.config import register_configs
 from attnmt.data import DataError
-from attnmt.training import ConfigError, train
+from attnmt.training import ConfigError, TrainingError, train
 
 logger = logging.getLogger("attnmt.cli.train")
 
@@ -60,8 +60,8 @@ def main(cfg: DictConfig) -> None:
         # A config, corpus or checkpoint the user can fix: one line naming the key or file, no stack trace.
         logger.error("%s", e)
         sys.exit(2)
-    except FloatingPointError as e:
-        # train.max_bad_steps non-finite losses in a row: the message says what to change.
+    except TrainingError as e:
+        # Out of memory, or train.max_bad_steps non-finite losses in a row: the message says what to change.
         logger.error("%s", e)
         sys.exit(1)
     finally:
