@@ -233,6 +233,81 @@ def test_resume_continues_exactly(tmp_path, fixture_corpus, one_thread):
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
 
 
+@pytest.mark.parametrize("limit", [dict(max_steps=4), dict(max_steps=0, max_epochs=1)])
+def test_resuming_a_finished_run_trains_no_further(tmp_path, fixture_corpus, one_thread, limit):
+    from attnmt.checkpoint import load_checkpoint
+    from attnmt.training import train
+
+    first = train(run_config(tmp_path, fixture_corpus, valid_every=1000, **limit))
+    again = train(run_config(tmp_path, fixture_corpus, valid_every=1000, resume="auto", **limit))
+    assert again["losses"] == [] and again["step"] == first["step"] > 0
+    assert "already reached" in again["stop_reason"]
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["step"] == first["step"]
+
+
+def test_resume_with_another_number_of_ranks_finishes_the_epoch(tmp_path, fixture_corpus, one_thread):
+    from attnmt.checkpoint import load_checkpoint, save_checkpoint
+    from attnmt.training import train
+
+    whole = train(run_config(tmp_path / "whole", fixture_corpus, max_steps=0, max_epochs=1, valid_every=1000))
+    train(run_config(tmp_path / "run", fixture_corpus, max_steps=4, valid_every=4))
+    # Make the step-4 checkpoint look like rank 0's of a two-rank run: 4 batches each, 8 in all.
+    path = tmp_path / "run" / "checkpoints" / "last.pt"
+    state = load_checkpoint(path)
+    state["sampler"]["world_size"], state["rng"] = 2, state["rng"] * 2
+    save_checkpoint(state, path)
+    resumed = train(run_config(tmp_path / "run", fixture_corpus, max_steps=0, max_epochs=1, valid_every=1000,
+                               resume="auto"))
+    assert resumed["stop_reason"] == "train.max_epochs=1 reached"
+    assert resumed["step"] == whole["step"] - 4  # 8 of the epoch's batches were done, one per update
+
+
+def test_a_signal_at_a_validation_step_defers_that_validation_to_the_resume(tmp_path, fixture_corpus, one_thread,
+                                                                          monkeypatch):
+    import signal
+
+    from attnmt import training
+    from attnmt.checkpoint import load_checkpoint
+
+    straight = training.train(run_config(tmp_path / "straight", fixture_corpus, max_steps=8))
+    real_step, calls = training.train_step, []
+
+    def interrupted_after_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)  # as Ctrl-C: train()'s handler asks to stop after this update
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "train_step", interrupted_after_4)
+    first = training.train(run_config(tmp_path / "resumed", fixture_corpus, max_steps=8))
+    assert first["step"] == 4 and first["interrupted"] == "SIGINT" and first["valid"] == {}
+    monkeypatch.setattr(training, "train_step", real_step)
+    resumed = training.train(run_config(tmp_path / "resumed", fixture_corpus, max_steps=8, resume="auto"))
+    assert straight["losses"] == first["losses"] + resumed["losses"]
+    for name in ("best.pt", "last.pt"):
+        a = load_checkpoint(tmp_path / "straight" / "checkpoints" / name)
+        b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / name)
+        assert (a["step"], a["best_bleu"], a["validations_without_improvement"], a["metrics"]) == (
+            b["step"], b["best_bleu"], b["validations_without_improvement"], b["metrics"]), name
+
+
+def test_a_refused_start_leaves_the_run_untouched(tmp_path, fixture_corpus, one_thread):
+    from attnmt.checkpoint import CheckpointError, average_checkpoints
+    from attnmt.training import train
+
+    train(run_config(tmp_path, fixture_corpus, max_steps=4))
+    config = (tmp_path / "config.yaml").read_text()
+    assert "max_steps: 4" in config
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        train(run_config(tmp_path, fixture_corpus, max_steps=999))
+    with pytest.raises(ConfigError, match=r"train.log_every=0 must be at least 1"):
+        train(run_config(tmp_path, fixture_corpus, max_steps=999, log_every=0, resume="auto"))
+    averaged = average_checkpoints([tmp_path / "checkpoints" / "step_4.pt"], tmp_path / "avg.pt")
+    with pytest.raises(CheckpointError, match=r"avg.pt holds model weights only .* cannot be resumed"):
+        train(run_config(tmp_path, fixture_corpus, max_steps=999, resume=str(averaged)))
+    assert (tmp_path / "config.yaml").read_text() == config
+
+
 def test_a_run_of_non_finite_losses_stops_training(tmp_path, fixture_corpus, monkeypatch):
     from attnmt import training
 

@@ -165,7 +165,12 @@ class TokenBucketSampler:
             logger.warning("resuming with %d ranks from a checkpoint of %d: the position in the epoch is approximate",
                            self.world_size, state["world_size"])
         self.epoch = state["epoch"]
-        self._resume_at = self._yielded = consumed
+        self._resume_at = self._yielded = min(consumed, len(self))
+
+    @property
+    def batches_consumed(self) -> int:
+        """Batches of the current epoch handed out, or skipped by a resume: where the epoch stands."""
+        return self._yielded
 
     # ------------------------------------------------------------------------------------------
 

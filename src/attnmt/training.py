@@ -27,6 +27,7 @@ import numpy as np
 import sacrebleu
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from attnmt import checkpoint, distributed
@@ -114,8 +115,9 @@ def check_config(model: ModelConfig, optim: OptimConfig, train: TrainConfig, max
         raise ConfigError("no stopping rule: set train.max_steps, train.max_epochs or train.max_hours")
     if train.valid_decode not in ("greedy", "beam"):
         raise ConfigError(f"train.valid_decode={train.valid_decode!r} is unknown; use greedy or beam")
-    if train.valid_every < 1:
-        raise ConfigError(f"train.valid_every={train.valid_every} must be at least 1")
+    for key in ("valid_every", "log_every", "max_bad_steps"):
+        if getattr(train, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(train, key)} must be at least 1")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -431,6 +433,14 @@ def train(cfg: TrainRunConfig) -> dict:
     run_dir = Path(t.run_dir)
     resume_from = checkpoint.resume_path(t.resume, run_dir)
     state = checkpoint.load_checkpoint(resume_from) if resume_from else None
+    if state is not None and "optimizer" not in state:
+        raise checkpoint.CheckpointError(
+            f"{resume_from} holds model weights only (an averaged checkpoint?) and cannot be resumed; "
+            "resume from the run's last.pt or a step_<N>.pt"
+        )
+    if info.is_main:  # the config this run trains with, written only once the checks above have passed
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
 
     # Data and model. Every rank builds the same initial weights from the same seed.
     seed_everything(t.seed)
@@ -445,16 +455,20 @@ def train(cfg: TrainRunConfig) -> dict:
         shuffle=True, seed=t.seed, rank=info.rank, world_size=info.world_size,
     )
     step, epoch, batches_in_epoch, best_bleu, stale, valid_metrics = 0, 1, 0, -1.0, 0, {}
+    validation_due = False
     rng_to_restore = None
     seed_everything(t.seed + info.rank)  # ranks differ from here on (dropout)
     if state is not None:
         raw_model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
+        if scaler.is_enabled() and state["scaler"]:  # empty when the checkpoint's run had no fp16 scaling
+            scaler.load_state_dict(state["scaler"])
         sampler.load_state_dict(state["sampler"])
-        step, epoch, batches_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
+        # The sampler's position, not the checkpoint's count: it is rescaled when the number of ranks changed.
+        step, epoch, batches_in_epoch = state["step"], state["epoch"], sampler.batches_consumed
         best_bleu = state["best_bleu"]
         stale, valid_metrics = state["validations_without_improvement"], state["metrics"]
+        validation_due = state.get("validation_pending", False)
         if len(state["rng"]) == info.world_size:
             rng_to_restore = state["rng"][info.rank]
         else:
@@ -472,9 +486,10 @@ def train(cfg: TrainRunConfig) -> dict:
     # Validation batches (rank 0 only): sorted by length, collated once.
     valid_batches, valid_rows = [], []
     if info.is_main:
-        valid_sampler = TokenBucketSampler(
-            [len(x) for x in valid_ds["src_ids"]], [len(x) for x in valid_ds["tgt_ids"]], t.max_tokens, shuffle=False,
-        )
+        valid_src, valid_tgt = [len(x) for x in valid_ds["src_ids"]], [len(x) for x in valid_ds["tgt_ids"]]
+        # Valid sentences are never length-filtered: a longer one than max_tokens gets a batch of its own.
+        longest = max(valid_src + valid_tgt, default=0)
+        valid_sampler = TokenBucketSampler(valid_src, valid_tgt, max(t.max_tokens, longest), shuffle=False)
         for rows in valid_sampler:
             valid_batches.append(collate([valid_ds[i] for i in rows]).to(device))
             valid_rows.append(list(rows))
@@ -501,13 +516,70 @@ def train(cfg: TrainRunConfig) -> dict:
         # generator, and the uninterrupted run made those draws before the step the checkpoint follows.
         checkpoint.set_rng_state(rng_to_restore)
     stop_reason = None
+    if t.max_steps and step >= t.max_steps:  # a finished run resumed: nothing left to do
+        stop_reason = f"train.max_steps={t.max_steps} was already reached"
+    elif last_epoch_done(epoch, batches_in_epoch):
+        stop_reason = f"train.max_epochs={t.max_epochs} was already reached"
     skipped_in_a_row = skipped_total = 0
     losses: list[float] = []  # per update of this call, for the caller (and the resume test)
     window = {"tokens": 0, "padding": 0, "slots": 0, "loss": 0.0, "nll": 0.0, "steps": 0, "time": time.time()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:
-        while stop_reason is None:
+        while True:
+            if validation_due:  # set by the previous update, or by a resume that owes one
+                validation_due = False
+                interrupted = stop_reason is not None and stop_reason.endswith("received")
+                is_best = False
+                if info.is_main and not interrupted:
+                    valid_metrics = validate(raw_model, valid_batches, valid_rows, references, tokenizer, t, autocast,
+                                             cfg.optim.label_smoothing, PAD_ID)
+                    is_best = valid_metrics["bleu"] > best_bleu
+                    best_bleu, stale = (valid_metrics["bleu"], 0) if is_best else (best_bleu, stale + 1)
+                    logger.info("valid at step %d: loss %.4f | ppl %.2f | BLEU %.2f | chrF %.2f%s",
+                                step, valid_metrics["loss"], valid_metrics["ppl"], valid_metrics["bleu"],
+                                valid_metrics["chrf"], " (best)" if is_best else f" (best {best_bleu:.2f})")
+                    for hyp, ref in valid_metrics.pop("examples"):
+                        logger.info("  hyp: %s\n  ref: %s", hyp, ref)
+                    for name in ("loss", "nll", "ppl", "bleu", "chrf"):
+                        writer.add_scalar(f"valid/{name}", valid_metrics[name], step)
+                    if plot_attention and len(valid_ds):
+                        log_attention_map(writer, raw_model, tokenizer, valid_ds[0]["src"], valid_ds[0]["src_ids"],
+                                          valid_ds[0]["tgt_ids"], step)
+                    writer.flush()
+                    progress.set_postfix(bleu=f"{valid_metrics['bleu']:.2f}")
+                rng = distributed.all_gather_objects(checkpoint.rng_state())
+                if info.is_main:
+                    state = {
+                        "format": checkpoint.FORMAT,
+                        "model": raw_model.state_dict(),
+                        "model_config": asdict(model_cfg),
+                        "tokenizer": tokenizer.to_state(),
+                        "config": asdict(cfg),
+                        "step": step,
+                        "epoch": epoch,
+                        "batches_in_epoch": batches_in_epoch,
+                        "sampler": sampler.state_dict(batches_in_epoch),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": {"step": step, "lr": lr_at(step, cfg.optim, t.max_steps)},
+                        "scaler": scaler.state_dict(),
+                        "rng": rng,
+                        "best_bleu": best_bleu,
+                        "validations_without_improvement": stale,
+                        "metrics": {k: v for k, v in valid_metrics.items() if isinstance(v, (int, float))},
+                        # Stopped by a signal at a validation step: the resumed run validates first.
+                        "validation_pending": interrupted and step % t.valid_every == 0,
+                    }
+                    checkpoint.save_run_checkpoint(state, run_dir, t.keep_last, is_best)
+                    state = None
+                if t.patience and stop_reason is None:
+                    stale = distributed.broadcast_object(stale)
+                    if stale >= t.patience:
+                        stop_reason = f"no better valid BLEU in {stale} validations (train.patience={t.patience})"
+                distributed.barrier()
+            if stop_reason is not None:
+                break
+
             # Collect update_freq micro-batches, moving into the next epoch when this one runs out.
             micro = []
             while len(micro) < t.update_freq and not last_epoch_done(epoch, batches_in_epoch):
@@ -581,60 +653,14 @@ def train(cfg: TrainRunConfig) -> dict:
             limits = [
                 (t.max_steps and step >= t.max_steps, f"train.max_steps={t.max_steps} reached"),
                 (t.max_hours and time.time() - start >= t.max_hours * 3600, f"train.max_hours={t.max_hours} reached"),
-                (stop_flag["signal"] is not None, f"{stop_flag['signal']} received"),
+                (stop_flag["signal"] is not None, f"{stop_flag['signal'] or 'a stop signal'} received"),
             ]
             votes = distributed.all_reduce_sum(torch.tensor([float(bool(hit)) for hit, _ in limits], device=device))
             stop_reason = next((reason for (_, reason), vote in zip(limits, votes.tolist()) if vote > 0), None)
             if stop_reason is None and last_epoch_done(epoch, batches_in_epoch):
                 stop_reason = f"train.max_epochs={t.max_epochs} reached"
 
-            if step % t.valid_every == 0 or stop_reason is not None:
-                interrupted = stop_reason is not None and stop_reason.endswith("received")
-                is_best = False
-                if info.is_main and not interrupted:
-                    valid_metrics = validate(raw_model, valid_batches, valid_rows, references, tokenizer, t, autocast,
-                                             cfg.optim.label_smoothing, PAD_ID)
-                    is_best = valid_metrics["bleu"] > best_bleu
-                    best_bleu, stale = (valid_metrics["bleu"], 0) if is_best else (best_bleu, stale + 1)
-                    logger.info("valid at step %d: loss %.4f | ppl %.2f | BLEU %.2f | chrF %.2f%s",
-                                step, valid_metrics["loss"], valid_metrics["ppl"], valid_metrics["bleu"],
-                                valid_metrics["chrf"], " (best)" if is_best else f" (best {best_bleu:.2f})")
-                    for hyp, ref in valid_metrics.pop("examples"):
-                        logger.info("  hyp: %s\n  ref: %s", hyp, ref)
-                    for name in ("loss", "nll", "ppl", "bleu", "chrf"):
-                        writer.add_scalar(f"valid/{name}", valid_metrics[name], step)
-                    if plot_attention and len(valid_ds):
-                        log_attention_map(writer, raw_model, tokenizer, valid_ds[0]["src"], valid_ds[0]["src_ids"],
-                                          valid_ds[0]["tgt_ids"], step)
-                    writer.flush()
-                    progress.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.2e}", bleu=f"{valid_metrics['bleu']:.2f}")
-                rng = distributed.all_gather_objects(checkpoint.rng_state())
-                if info.is_main:
-                    state = {
-                        "format": checkpoint.FORMAT,
-                        "model": raw_model.state_dict(),
-                        "model_config": asdict(model_cfg),
-                        "tokenizer": tokenizer.to_state(),
-                        "config": asdict(cfg),
-                        "step": step,
-                        "epoch": epoch,
-                        "batches_in_epoch": batches_in_epoch,
-                        "sampler": sampler.state_dict(batches_in_epoch),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": {"step": step, "lr": lr},
-                        "scaler": scaler.state_dict(),
-                        "rng": rng,
-                        "best_bleu": best_bleu,
-                        "validations_without_improvement": stale,
-                        "metrics": {k: v for k, v in valid_metrics.items() if isinstance(v, (int, float))},
-                    }
-                    checkpoint.save_run_checkpoint(state, run_dir, t.keep_last, is_best)
-                    state = None
-                if t.patience and stop_reason is None:
-                    stale = distributed.broadcast_object(stale)
-                    if stale >= t.patience:
-                        stop_reason = f"no better valid BLEU in {stale} validations (train.patience={t.patience})"
-                distributed.barrier()
+            validation_due = step % t.valid_every == 0 or stop_reason is not None
     finally:
         restore_handlers(previous_handlers)
         progress.close()

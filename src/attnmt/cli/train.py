@@ -49,9 +49,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     is_main = int(os.environ.get("RANK", "0")) == 0
     run_dir = Path(cfg.train.run_dir)
-    setup_logging(run_dir, is_main)
-    if is_main:
-        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    setup_logging(run_dir, is_main)  # train() writes config.yaml once the config has passed its checks
     run_cfg = OmegaConf.to_object(cfg)
     try:
         with logging_redirect_tqdm():
