@@ -118,10 +118,12 @@ def test_attention_plot_is_written(trained_checkpoint, tmp_path) -> None:
 
     sentence = (FIXTURE_CORPUS / "test.de").read_text(encoding="utf-8").splitlines()[1]
     plots = tmp_path / "att"
+    # Line 4: NFKC turns U+FDFA into 18 characters and the tab into a space; the labels must follow.
+    odd = f"  Der\tHund \ufdfa  {sentence}"
     result = run("translate", f"ckpt={trained_checkpoint}", f"attention_plot={plots}",
-                 stdin=f"{sentence}\n\n{sentence}\n")
+                 stdin=f"{sentence}\n\n{sentence}\n{odd}\n")
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in plots.iterdir()) == ["line000001.png", "line000003.png"]  # none for the empty line
+    assert sorted(p.name for p in plots.iterdir()) == ["line000001.png", "line000003.png", "line000004.png"]
     width, height = Image.open(plots / "line000001.png").size
     assert 200 <= width <= 1500 and 150 <= height <= 1500, (width, height)
 
@@ -145,7 +147,8 @@ def test_translate_streams_before_input_ends(trained_checkpoint) -> None:
         proc.kill()
 
 
-@pytest.mark.parametrize("case", ["missing_ckpt", "corrupt_ckpt", "line_mismatch", "missing_input", "bad_utf8"])
+@pytest.mark.parametrize("case", ["missing_ckpt", "corrupt_ckpt", "line_mismatch", "missing_input", "bad_utf8",
+                                  "no_ckpt", "nbest_zero", "buffer_zero", "output_is_a_folder", "empty_test_set"])
 def test_bad_input_is_one_line_and_nonzero_exit(case: str, trained_checkpoint, tmp_path) -> None:
     good_src = FIXTURE_CORPUS / "test.de"
     if case == "missing_ckpt":
@@ -161,6 +164,19 @@ def test_bad_input_is_one_line_and_nonzero_exit(case: str, trained_checkpoint, t
         expected = "has 40 lines but ref="
     elif case == "missing_input":
         result, expected = run("translate", f"ckpt={trained_checkpoint}", f"input={tmp_path}/missing.de"), "missing.de"
+    elif case == "no_ckpt":
+        result, expected = run("translate", "text=Hallo"), "ckpt= is required"
+    elif case == "nbest_zero":
+        result, expected = run("translate", f"ckpt={trained_checkpoint}", "text=Hallo", "nbest=0"), "nbest=0 must be at least 1"
+    elif case == "buffer_zero":  # read ahead nothing: used to spin forever
+        result = run("translate", f"ckpt={trained_checkpoint}", "text=Hallo", "buffer_lines=0")
+        expected = "buffer_lines=0 must be at least 1"
+    elif case == "output_is_a_folder":
+        result, expected = run("translate", f"ckpt={trained_checkpoint}", "text=Hallo", f"output={tmp_path}"), str(tmp_path)
+    elif case == "empty_test_set":
+        empty = tmp_path / "empty.de"
+        empty.write_text("", encoding="utf-8")
+        result, expected = run("evaluate", f"ckpt={trained_checkpoint}", f"src={empty}", f"ref={empty}"), "no lines"
     else:
         bad = tmp_path / "bad.de"
         bad.write_bytes("Der Hund läuft.\n".encode() + b"Die Katze \xfc\n")

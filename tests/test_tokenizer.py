@@ -55,6 +55,18 @@ def test_decode_ignores_pad_bos_eos(joint):
     assert joint.decode_tgt([[BOS_ID] + ids + [EOS_ID, PAD_ID, PAD_ID]]) == joint.decode_tgt([ids])
 
 
+def test_decoded_targets_never_hold_a_line_break(joint):
+    # Byte fallback puts <0x0A> and friends in the vocabulary; a model can emit them.
+    sp = joint._tgt_sp
+    breaks = [sp.piece_to_id(f"<0x{b:02X}>") for b in (0x0A, 0x0D, 0x0B, 0x0C)]
+    assert all(sp.id_to_piece(i) != "<unk>" for i in breaks)
+    dog = joint.encode_tgt(["The dog"])[0]
+    runs = joint.encode_tgt(["runs."])[0]
+    (text,) = joint.decode_tgt([dog + breaks + runs])
+    assert text.splitlines() == [text] and text.startswith("The dog") and text.endswith("runs."), repr(text)
+    assert joint._tgt_sp.decode(dog + breaks + runs).count("\n") == 1  # what the fix is for
+
+
 def test_pieces_spell_the_sentence(joint):
     text = "Die Kinder spielen im Garten."
     pieces = joint.src_pieces(text)

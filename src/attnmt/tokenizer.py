@@ -37,6 +37,10 @@ SETTINGS_FILE = "tokenizer.json"
 logger = logging.getLogger(__name__)
 
 
+# Every character str.splitlines() breaks at, mapped to a space.
+_LINE_BREAKS = str.maketrans({c: " " for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
 def normalize(text: str) -> str:
     """The text normalisation of the whole pipeline: Unicode NFKC, then whitespace trimmed and collapsed.
 
@@ -182,8 +186,12 @@ class Tokenizer:
         return self._src_sp.decode([_strip_special(x) for x in ids])
 
     def decode_tgt(self, ids: list[list[int]]) -> list[str]:
-        """Target ids to text; pad, bos and eos ids are dropped."""
-        return self._tgt_sp.decode([_strip_special(x) for x in ids])
+        """Target ids to text on one line each; pad, bos and eos ids are dropped.
+
+        Byte fallback can spell a line break (``<0x0A>``); it becomes a space, so one translation
+        stays one output line.
+        """
+        return [text.translate(_LINE_BREAKS) for text in self._tgt_sp.decode([_strip_special(x) for x in ids])]
 
     def src_pieces(self, text: str) -> list[str]:
         """The source pieces of one sentence, e.g. ``['▁Ein', '▁Hund']``."""

@@ -20,7 +20,9 @@ from tqdm import tqdm
 
 from attnmt.checkpoint import CheckpointError, load_for_inference
 from attnmt.cli import config_dir
-from attnmt.cli.common import UserError, iter_lines, open_input, run_command, setup_logging
+from attnmt.cli.common import (
+    UserError, check_decode_config, iter_lines, open_input, run_command, setup_logging, to_config,
+)
 from attnmt.config import DataConfig, EvaluateConfig, register_configs
 from attnmt.data import DataError, load_references, load_split
 from attnmt.evaluation import corpus_scores, translate
@@ -57,10 +59,13 @@ def test_set(cfg: EvaluateConfig, run_config: dict, data_overrides: list[str]) -
 
 
 def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
+    check_decode_config(cfg)
     device = resolve_device(cfg.device, key="device")
     paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
     model, tokenizer, run_config = load_for_inference(paths, device)
     sources, references, name = test_set(cfg, run_config, data_overrides)
+    if not sources:
+        raise UserError(f"{name} has no lines to evaluate")
     tgt_lang = cfg.tgt_lang or run_config["data"].get("tgt_lang")
 
     start = time.perf_counter()
@@ -94,7 +99,7 @@ def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
 def main(cfg: DictConfig) -> None:
     setup_logging()
     data_overrides = [item for item in HydraConfig.get().overrides.task if item.startswith("data.")]
-    run_command("attnmt-evaluate", lambda: run(OmegaConf.to_object(cfg), data_overrides),
+    run_command("attnmt-evaluate", lambda: run(to_config(cfg), data_overrides),
                 (CheckpointError, ConfigError, DataError))
 
 

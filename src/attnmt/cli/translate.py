@@ -13,14 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from attnmt.checkpoint import CheckpointError, load_for_inference
 from attnmt.cli import config_dir
 from attnmt.cli.common import (
-    UserError, available_chunks, iter_lines, open_input, run_command, setup_logging,
+    UserError, available_chunks, check_decode_config, iter_lines, open_input, run_command, setup_logging, to_config,
 )
 from attnmt.config import TranslateConfig, register_configs
+from attnmt.data import normalize
 from attnmt.evaluation import Translation, attention_figure, cross_attention, encode_sources, translate
 from attnmt.training import ConfigError, resolve_device
 
@@ -64,7 +65,7 @@ def plot_attention(cfg: TranslateConfig, model, tokenizer, line_number: int, lin
     if not src_ids:
         return
     weights = cross_attention(model, src_ids, tgt_ids, cfg.attention_layer)
-    src_pieces = tokenizer.src_pieces(line)[: len(src_ids) - 1] + ["</s>"]
+    src_pieces = tokenizer.src_pieces(normalize(line))[: len(src_ids) - 1] + ["</s>"]  # as encode_sources saw it
     tgt_pieces = tokenizer.tgt_pieces(tgt_ids) + ["</s>"]
     layer = "mean over layers and heads" if cfg.attention_layer is None else f"layer {cfg.attention_layer}, mean over heads"
     fig = attention_figure(weights, src_pieces, tgt_pieces, title=f"line {line_number}: {layer}")
@@ -75,8 +76,9 @@ def plot_attention(cfg: TranslateConfig, model, tokenizer, line_number: int, lin
 
 
 def run(cfg: TranslateConfig) -> None:
-    if cfg.nbest > cfg.beam_size:
-        raise UserError(f"nbest={cfg.nbest} needs beam_size >= {cfg.nbest} (beam_size={cfg.beam_size})")
+    check_decode_config(cfg)
+    if cfg.buffer_lines < 1:
+        raise UserError(f"buffer_lines={cfg.buffer_lines} must be at least 1")
     if cfg.attention_plot is not None:
         try:
             import matplotlib  # noqa: F401
@@ -122,7 +124,7 @@ def quote_text_overrides(argv: list[str]) -> list[str]:
 @hydra.main(config_path=str(config_dir()), config_name="translate", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     setup_logging()
-    run_command("attnmt-translate", lambda: run(OmegaConf.to_object(cfg)), (CheckpointError, ConfigError))
+    run_command("attnmt-translate", lambda: run(to_config(cfg)), (CheckpointError, ConfigError))
 
 
 def main() -> None:
