@@ -29,13 +29,29 @@ def model():
     return build_model(tiny_config()).eval()
 
 
-def test_beam_size_one_equals_greedy(model) -> None:
-    src, src_mask = padded_batch([5, 8, 3, 7])
+@pytest.fixture
+def eager_model():
+    """A model that wants to stop early in some sentences and not in others (its EOS output row scaled
+    up), so that the stopping rules and min_len decide outputs. The tests that use it check that it does."""
+    torch.manual_seed(0)
+    model = build_model(tiny_config(share_embeddings=False, tie_output=False)).eval()
+    with torch.no_grad():
+        model.output_proj.weight[EOS_ID] *= 5.0
+    return model
+
+
+@pytest.mark.parametrize("which", ["model", "eager_model"])
+def test_beam_size_one_equals_greedy(which, request) -> None:
+    model = request.getfixturevalue(which)
+    src, src_mask = padded_batch([5, 2, 8, 6, 3, 7])
     greedy = greedy_search(model, src, src_mask)
     # With alpha = 0, a finished hypothesis is final for beam 1 (every live extension scores lower),
     # which is exactly greedy's stopping rule.
     beam = beam_search(model, src, src_mask, beam_size=1, len_penalty=0.0)
     assert [hyps[0].tokens for hyps in beam] == greedy
+    if which == "eager_model":  # EOS, not the length limit, ended some sentences
+        limits = [int(1.5 * n + 10) for n in src_mask.sum(1).tolist()]
+        assert any(len(out) < limit for out, limit in zip(greedy, limits)), greedy
 
 
 def test_beam_search_finds_the_exhaustive_best() -> None:
@@ -90,10 +106,13 @@ def test_batched_equals_one_by_one(model, search: str) -> None:
     assert batched == alone
 
 
-def test_outputs_hold_no_special_ids_and_respect_lengths(model) -> None:
-    src, src_mask = padded_batch([5, 2, 8])
+def test_outputs_hold_no_special_ids_and_respect_lengths(eager_model) -> None:
+    model = eager_model
+    src, src_mask = padded_batch([5, 2, 8, 6, 3, 7])
     src_lens = src_mask.sum(1).tolist()
-    for a, b, min_len in [(1.0, 2, 0), (0.0, 4, 3), (0.5, 1, 2)]:
+    unconstrained = greedy_search(model, src, src_mask, max_len_a=1.0, max_len_b=20)
+    assert any(len(out) < 3 for out in unconstrained), "min_len would change nothing for this model"
+    for a, b, min_len in [(1.0, 2, 0), (0.0, 4, 3), (0.5, 1, 2), (1.0, 20, 3)]:
         outputs = {
             "greedy": greedy_search(model, src, src_mask, max_len_a=a, max_len_b=b, min_len=min_len),
             "beam": [hyps[0].tokens for hyps in
