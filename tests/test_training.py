@@ -130,6 +130,8 @@ def _ddp_worker(rank: int, port: int, steps: list[list], out: str) -> None:
         run_updates([micro[rank::2] for micro in steps], model=model)
         if rank == 0:
             torch.save(model.module.state_dict(), out)
+        # Leave together: a rank tearing gloo down while the other still uses it can abort (SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
