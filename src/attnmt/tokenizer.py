@@ -193,9 +193,10 @@ class Tokenizer:
         """
         return [text.translate(_LINE_BREAKS) for text in self._tgt_sp.decode([_strip_special(x) for x in ids])]
 
-    def src_pieces(self, text: str) -> list[str]:
-        """The source pieces of one sentence, e.g. ``['▁Ein', '▁Hund']``."""
-        return self._src_sp.encode(text, out_type=str)
+    def src_pieces(self, ids: list[int]) -> list[str]:
+        """The source pieces of an id sequence, e.g. ``['▁Ein', '▁Hund', '</s>']`` (special ids as in
+        :meth:`tgt_pieces`)."""
+        return [self._src_sp.id_to_piece(int(i)) for i in ids]
 
     def tgt_pieces(self, ids: list[int]) -> list[str]:
         """The target pieces of an id sequence (special ids become ``<s>``, ``</s>``, ``<pad>``)."""

@@ -315,8 +315,7 @@ def validate(
     }
 
 
-def log_attention_map(writer, model: nn.Module, tokenizer, src_text: str, src_ids: list[int], tgt_ids: list[int],
-                      step: int) -> None:
+def log_attention_map(writer, model: nn.Module, tokenizer, src_ids: list[int], tgt_ids: list[int], step: int) -> None:
     """Add one cross-attention heatmap (mean over layers and heads) of a valid pair to TensorBoard.
 
     The reference is teacher-forced, so the map shows where the model looks while it predicts each
@@ -331,9 +330,8 @@ def log_attention_map(writer, model: nn.Module, tokenizer, src_text: str, src_id
     model.eval()  # dropout would blur the map
     weights = cross_attention(model, src_ids, tgt_ids[:-1])  # (T, S): rows predict tgt_ids, EOS last
     model.train(was_training)
-    src_pieces = tokenizer.src_pieces(src_text)[: len(src_ids) - 1] + ["</s>"]
-    tgt_pieces = tokenizer.tgt_pieces(tgt_ids[:-1]) + ["</s>"]
-    fig = attention_figure(weights, src_pieces, tgt_pieces, title=f"valid sentence 1, step {step}: mean over layers and heads")
+    fig = attention_figure(weights, tokenizer.src_pieces(src_ids), tokenizer.tgt_pieces(tgt_ids),
+                           title=f"valid sentence 1, step {step}: mean over layers and heads")
     writer.add_figure("valid/attention", fig, step)  # closes the figure
 
 
@@ -544,8 +542,7 @@ def train(cfg: TrainRunConfig) -> dict:
                     for name in ("loss", "nll", "ppl", "bleu", "chrf"):
                         writer.add_scalar(f"valid/{name}", valid_metrics[name], step)
                     if plot_attention and len(valid_ds):
-                        log_attention_map(writer, raw_model, tokenizer, valid_ds[0]["src"], valid_ds[0]["src_ids"],
-                                          valid_ds[0]["tgt_ids"], step)
+                        log_attention_map(writer, raw_model, tokenizer, valid_ds[0]["src_ids"], valid_ds[0]["tgt_ids"], step)
                     writer.flush()
                     progress.set_postfix(bleu=f"{valid_metrics['bleu']:.2f}")
                 rng = distributed.all_gather_objects(checkpoint.rng_state())

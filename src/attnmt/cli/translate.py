@@ -21,8 +21,8 @@ from attnmt.cli.common import (
     UserError, available_chunks, check_decode_config, iter_lines, open_input, run_command, setup_logging, to_config,
 )
 from attnmt.config import TranslateConfig, register_configs
-from attnmt.data import normalize
 from attnmt.evaluation import Translation, attention_figure, cross_attention, encode_sources, translate
+from attnmt.tokenizer import EOS_ID
 from attnmt.training import ConfigError, resolve_device
 
 log = logging.getLogger("attnmt.translate")
@@ -65,10 +65,10 @@ def plot_attention(cfg: TranslateConfig, model, tokenizer, line_number: int, lin
     if not src_ids:
         return
     weights = cross_attention(model, src_ids, tgt_ids, cfg.attention_layer)
-    src_pieces = tokenizer.src_pieces(normalize(line))[: len(src_ids) - 1] + ["</s>"]  # as encode_sources saw it
-    tgt_pieces = tokenizer.tgt_pieces(tgt_ids) + ["</s>"]
     layer = "mean over layers and heads" if cfg.attention_layer is None else f"layer {cfg.attention_layer}, mean over heads"
-    fig = attention_figure(weights, src_pieces, tgt_pieces, title=f"line {line_number}: {layer}")
+    # Labels from the ids the model saw (normalised, truncated), EOS last on both axes.
+    fig = attention_figure(weights, tokenizer.src_pieces(src_ids), tokenizer.tgt_pieces(tgt_ids + [EOS_ID]),
+                           title=f"line {line_number}: {layer}")
     fig.savefig(Path(cfg.attention_plot) / f"line{line_number:06d}.png")
     import matplotlib.pyplot as plt
 
