@@ -20,20 +20,13 @@ from tqdm import tqdm
 
 from attnmt.checkpoint import CheckpointError, load_for_inference
 from attnmt.cli import config_dir
-from attnmt.cli.common import (
-    UserError, check_decode_config, iter_lines, open_input, run_command, setup_logging, to_config,
-)
+from attnmt.cli.common import UserError, check_decode_config, run_command, setup_logging, to_config
 from attnmt.config import DataConfig, EvaluateConfig, register_configs
-from attnmt.data import DataError, load_references, load_split
+from attnmt.data import DataError, load_references, load_split, read_lines
 from attnmt.evaluation import corpus_scores, translate
 from attnmt.training import ConfigError, resolve_device
 
 log = logging.getLogger("attnmt.evaluate")
-
-
-def read_file(path: str) -> list[str]:
-    with open_input(path) as f:
-        return list(iter_lines(f, path))
 
 
 def test_set(cfg: EvaluateConfig, run_config: dict, data_overrides: list[str]) -> tuple[list[str], list[str], str]:
@@ -45,7 +38,7 @@ def test_set(cfg: EvaluateConfig, run_config: dict, data_overrides: list[str]) -
     if cfg.split is None:
         if cfg.src is None or cfg.ref is None:
             raise UserError("give src=FILE and ref=FILE, or split=NAME (a split of the checkpoint's data config)")
-        sources, references = read_file(cfg.src), read_file(cfg.ref)
+        sources, references = read_lines(cfg.src), read_lines(cfg.ref)
         if len(sources) != len(references):
             raise UserError(f"src={cfg.src} has {len(sources)} lines but ref={cfg.ref} has {len(references)}; "
                             "they must be line-aligned")
