@@ -9,13 +9,14 @@ and None, so ``torch.load(path, weights_only=True)`` reads it without unpickling
     tokenizer       ``Tokenizer.to_state()``: the SentencePiece model(s) and their settings
     config          the resolved run config (model, data, optim, train) as a dict
     step, epoch     updates done; the epoch in progress
-    batches_in_epoch  batches of that epoch already trained on (this rank's shard)
-    sampler         the batch sampler's position (``TokenBucketSampler.state_dict()``)
+    sampler         the batch sampler's position: the batches of that epoch already trained on
+                    (``TokenBucketSampler.state_dict()``)
     optimizer       ``optimizer.state_dict()``
     scheduler       ``{"step": int, "lr": float}``: the schedule is a pure function of the step
     scaler          ``GradScaler.state_dict()`` (empty without fp16)
     rng             one dict per rank: python, numpy, torch and CUDA generator states
     best_bleu, validations_without_improvement, metrics   early-stopping state, latest valid metrics
+    validation_pending  True when a signal stopped the run at a validation step: resuming validates first
 
 A run's ``checkpoints/`` folder holds ``last.pt``, ``best.pt`` (highest valid BLEU) and the newest
 ``keep_last`` numbered ``step_<N>.pt``.

@@ -555,7 +555,6 @@ def train(cfg: TrainRunConfig) -> dict:
                         "config": asdict(cfg),
                         "step": step,
                         "epoch": epoch,
-                        "batches_in_epoch": batches_in_epoch,
                         "sampler": sampler.state_dict(batches_in_epoch),
                         "optimizer": optimizer.state_dict(),
                         "scheduler": {"step": step, "lr": lr_at(step, cfg.optim, t.max_steps)},
