@@ -39,9 +39,11 @@ from torch import Tensor, nn
 
 from attnmt.batching import Batch, TokenBucketSampler, collate
 from attnmt.config import ModelConfig, OptimConfig
+from attnmt.device import autocast as autocast_context
+from attnmt.device import resolve_precision
 from attnmt.model import Transformer, build_model
 from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from attnmt.training import build_optimizer, resolve_precision, train_step
+from attnmt.training import build_optimizer, train_step
 
 N_SPECIAL = 4  # pad, unk, bos, eos: random ids are drawn above them
 
@@ -228,7 +230,7 @@ def time_training(model: nn.Module, batches: list[Batch], warmup: int, device: t
     model.train()
     optimizer = build_optimizer(model, OptimConfig(), device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+    autocast = autocast_context(device, amp_dtype)
     step_model = torch.compile(model) if compile_model else model
     cfg = OptimConfig()
 

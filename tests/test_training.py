@@ -14,14 +14,9 @@ import torch.nn.functional as F
 
 from attnmt.config import OptimConfig, TrainConfig
 from attnmt.model import build_model
-from attnmt.training import (
-    ConfigError,
-    check_config,
-    label_smoothed_nll,
-    lr_at,
-    resolve_precision,
-    train_step,
-)
+from attnmt.config import ConfigError
+from attnmt.device import resolve_precision
+from attnmt.training import check_config, label_smoothed_nll, lr_at, train_step
 from conftest import tiny_config
 
 PAD, BOS, EOS = 0, 2, 3

@@ -13,6 +13,10 @@ from typing import Any
 from omegaconf import MISSING
 
 
+class ConfigError(ValueError):
+    """A config that cannot work; raised before any work starts, naming the key and what to do."""
+
+
 @dataclass
 class ModelConfig:
     """Shape of the encoder-decoder Transformer.

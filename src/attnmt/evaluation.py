@@ -16,10 +16,10 @@ import torch
 from torch import Tensor
 
 from attnmt.config import DecodeConfig
-from attnmt.data import normalize
 from attnmt.decoding import Hypothesis, beam_search, greedy_search
+from attnmt.device import autocast, inference_dtype
 from attnmt.model import Transformer
-from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, normalize
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +113,9 @@ def translate(
     device = next(model.parameters()).device
     sources = encode_sources(tokenizer, lines, model.cfg.max_positions, first_line)
     hypotheses: list[list[Hypothesis]] = [[] for _ in lines]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and torch.cuda.is_bf16_supported())
     for batch in length_batches([len(s) for s in sources], cfg.max_tokens):
         src_tokens, src_mask = pad([sources[i] for i in batch], device)
-        with autocast:
+        with autocast(device, inference_dtype(device)):
             results = search(model, src_tokens, src_mask, cfg)
         for i, hyps in zip(batch, results):
             hypotheses[i] = hyps

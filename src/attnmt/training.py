@@ -31,60 +31,21 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 
 from attnmt import checkpoint, distributed
-from attnmt.config import ModelConfig, OptimConfig, TrainConfig
+from attnmt.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
+from attnmt.device import autocast as autocast_context
+from attnmt.device import resolve_device, resolve_precision
 
 if TYPE_CHECKING:
     from attnmt.config import TrainRunConfig
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class ConfigError(ValueError):
-    """A config that cannot work; raised before any training, naming the key and what to do."""
-
-
 class TrainingError(RuntimeError):
     """Training cannot go on (out of memory, a run of non-finite losses); the message says what to change."""
 
 
 # ----------------------------------------------------------------------------------------------------
-# Devices, precision, config checks
-
-
-def resolve_device(name: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
-    """``auto`` -> this rank's GPU if CUDA is available, else the CPU; anything else as given.
-
-    ``key`` is the config key that errors name (evaluate and translate call theirs ``device``).
-    """
-    if name == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        device = torch.device(f"cuda:{local_rank}" if name == "cuda" else name)
-    except RuntimeError as e:
-        raise ConfigError(f"{key}={name!r} is not a device: {e}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():  # name as given, not the rank's cuda:N
-        raise ConfigError(f"{key}={name!r} but CUDA is not available here; use {key}=cpu or auto")
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    """The autocast dtype: ``auto`` is bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if precision not in PRECISIONS:
-        raise ConfigError(f"train.precision={precision!r} is unknown; use one of auto, {', '.join(PRECISIONS)}")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(
-            f"train.precision=bf16 but {torch.cuda.get_device_name(device)} does not support bfloat16; "
-            "use train.precision=fp16 (with loss scaling) or auto"
-        )
-    if precision == "fp16" and device.type == "cpu":
-        raise ConfigError("train.precision=fp16 needs a CUDA device; on the CPU use fp32 or bf16")
-    return PRECISIONS[precision]
+# Config checks
 
 
 def check_config(model: ModelConfig, optim: OptimConfig, train: TrainConfig, max_sentence_tokens: int | None) -> None:
@@ -447,7 +408,7 @@ def train(cfg: TrainRunConfig) -> dict:
     raw_model = build_model(model_cfg).to(device)
     optimizer = build_optimizer(raw_model, cfg.optim, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+    autocast = autocast_context(device, amp_dtype)
     sampler = TokenBucketSampler(
         [len(x) for x in train_ds["src_ids"]], [len(x) for x in train_ds["tgt_ids"]], t.max_tokens,
         shuffle=True, seed=t.seed, rank=info.rank, world_size=info.world_size,

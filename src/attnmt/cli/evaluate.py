@@ -21,10 +21,10 @@ from tqdm import tqdm
 from attnmt.checkpoint import CheckpointError, load_for_inference
 from attnmt.cli import config_dir
 from attnmt.cli.common import UserError, check_decode_config, run_command, setup_logging, to_config
-from attnmt.config import DataConfig, EvaluateConfig, register_configs
+from attnmt.config import ConfigError, DataConfig, EvaluateConfig, register_configs
 from attnmt.data import DataError, load_references, load_split, read_lines
 from attnmt.evaluation import corpus_scores, translate
-from attnmt.training import ConfigError, resolve_device
+from attnmt.device import resolve_device
 
 log = logging.getLogger("attnmt.evaluate")
 

@@ -24,9 +24,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from attnmt import distributed
 from attnmt.checkpoint import CheckpointError
 from attnmt.cli import config_dir
-from attnmt.config import register_configs
+from attnmt.config import ConfigError, register_configs
 from attnmt.data import DataError
-from attnmt.training import ConfigError, TrainingError, train
+from attnmt.training import TrainingError, train
 
 logger = logging.getLogger("attnmt.cli.train")
 

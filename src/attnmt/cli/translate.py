@@ -20,10 +20,10 @@ from attnmt.cli import config_dir
 from attnmt.cli.common import (
     UserError, available_chunks, check_decode_config, iter_lines, open_input, run_command, setup_logging, to_config,
 )
-from attnmt.config import TranslateConfig, register_configs
+from attnmt.config import ConfigError, TranslateConfig, register_configs
+from attnmt.device import resolve_device
 from attnmt.evaluation import Translation, attention_figure, cross_attention, encode_sources, translate
 from attnmt.tokenizer import EOS_ID
-from attnmt.training import ConfigError, resolve_device
 
 log = logging.getLogger("attnmt.translate")
 
