@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from attnmt.batching import TokenBucketSampler, make_dataloader
-from attnmt.config import DataConfig, TokenizerConfig
+from attnmt.config import compose
 from attnmt.data import load_split, token_lengths, tokenize
 from attnmt.tokenizer import Tokenizer
 
@@ -35,14 +35,14 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    cfg = DataConfig(root=args.root, cache_dir=f"{args.out}/cache",
-                     tokenizer=TokenizerConfig(vocab_size=args.vocab_size))
+    cfg = compose("train", [f"data.root={args.root}", f"data.cache_dir={args.out}/cache",
+                            f"data.tokenizer.vocab_size={args.vocab_size}"]).data
     start = time.perf_counter()
     train = load_split(cfg, "train", train=True)
     loaded = time.perf_counter()
     tokenizer = Tokenizer.train(train["src"], train["tgt"], cfg.tokenizer, f"{args.out}/tokenizer")
     trained = time.perf_counter()
-    ds = tokenize(train, tokenizer, cfg)
+    ds = tokenize(train, tokenizer, cfg, train=True)
     tokenized = time.perf_counter()
     src_lens, tgt_lens = token_lengths(ds)
     print(f"\nMulti30k train: {len(ds)} pairs, vocabulary {tokenizer.src_vocab_size}; load+clean "

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from attnmt.batching import Batch, TokenBucketSampler, collate
-from attnmt.config import ModelConfig, OptimConfig
+from attnmt.config import ModelConfig, compose
 from attnmt.device import autocast as autocast_context
 from attnmt.device import resolve_precision
 from attnmt.model import Transformer, build_model
@@ -54,16 +54,7 @@ N_SPECIAL = 4  # pad, unk, bos, eos: random ids are drawn above them
 
 def load_model_config(name: str, vocab: int) -> ModelConfig:
     """``configs/model/<name>.yaml`` composed by Hydra (its schema and defaults), with a joint vocabulary."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from attnmt.cli import config_dir
-    from attnmt.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(str(config_dir()), version_base=None):
-        cfg = compose("train", overrides=[f"model={name}"])
-    model_cfg = OmegaConf.to_object(cfg.model)
+    model_cfg = compose("train", [f"model={name}"]).model
     return replace(model_cfg, src_vocab_size=vocab, tgt_vocab_size=vocab, pad_id=PAD_ID)
 
 
@@ -228,11 +219,11 @@ def time_training(model: nn.Module, batches: list[Batch], warmup: int, device: t
     """Seconds for ``len(batches) - warmup`` timed optimizer steps after ``warmup`` untimed ones, and
     the peak GPU memory in GiB (None on the CPU)."""
     model.train()
-    optimizer = build_optimizer(model, OptimConfig(), device)
+    cfg = compose("train").optim  # the shipped AdamW settings
+    optimizer = build_optimizer(model, cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     autocast = autocast_context(device, amp_dtype)
     step_model = torch.compile(model) if compile_model else model
-    cfg = OptimConfig()
 
     def step(batch: Batch) -> None:
         result = train_step(step_model, [batch], optimizer, scaler, autocast, cfg.label_smoothing, cfg.clip_norm, PAD_ID)

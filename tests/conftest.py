@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from attnmt.config import ModelConfig
+from attnmt.config import DataConfig, ModelConfig, TokenizerConfig, TrainRunConfig, compose
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE_CORPUS = REPO / "tests" / "fixtures" / "tiny"  # 400/40/40 de-en pairs, written for the tests
@@ -39,30 +43,65 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def restore_logging():
+    """For tests that run a command's ``main()`` in-process: its logging setup replaces the root
+    logger's handlers with one on the (captured, soon closed) stderr; put the old ones back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@functools.cache
+def _shipped(*overrides: str) -> TrainRunConfig:
+    return compose("train", list(overrides))
+
+
+def _shipped_tiny_model() -> ModelConfig:
+    return _shipped("model=tiny").model
+
+
+def data_config(**fields) -> DataConfig:
+    """The shipped data config (``data=multi30k``) with ``fields`` replaced; by default without a root,
+    with the splits train/valid/test and the default tokenizer settings."""
+    fields = {"root": None, "splits": {"train": "train", "valid": "valid", "test": "test"}, **fields}
+    return replace(copy.deepcopy(_shipped().data), **fields)
+
+
+def tokenizer_config(**fields) -> TokenizerConfig:
+    """The shipped tokenizer settings with ``fields`` replaced."""
+    return replace(_shipped().data.tokenizer, **fields)
+
+
 def tiny_config(**overrides) -> ModelConfig:
-    """A tiny model: d_model 32, 2 heads, 2+2 layers, no dropout, vocabulary 24."""
-    fields = dict(
-        d_model=32, n_heads=2, ffn_dim=64, encoder_layers=2, decoder_layers=2,
-        dropout=0.0, attention_dropout=0.0, src_vocab_size=24, tgt_vocab_size=24,
-    )
+    """The shipped ``model=tiny`` at d_model 32, 2 heads, 2+2 layers, no dropout, vocabulary 24."""
+    fields = dict(d_model=32, n_heads=2, ffn_dim=64, encoder_layers=2, decoder_layers=2, dropout=0.0,
+                  attention_dropout=0.0, src_vocab_size=24, tgt_vocab_size=24)
     fields.update(overrides)
-    return ModelConfig(**fields)
+    return replace(_shipped_tiny_model(), **fields)
+
+
+def fixture_train_config(run_dir: Path, *overrides: str, corpus: Path = FIXTURE_CORPUS) -> TrainRunConfig:
+    """The shipped train config for a tiny model on the fixture corpus (CPU, fp32, no disk cache, no
+    progress bar), with ``overrides`` in Hydra's command-line syntax."""
+    return compose("train", [
+        "model=tiny", f"data.root={corpus}", "data.splits.test=test", "data.cache_dir=null",
+        "data.tokenizer.vocab_size=400", f"train.run_dir={run_dir}", "train.device=cpu", "train.precision=fp32",
+        "train.progress_bar=false", *overrides,
+    ])
 
 
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory) -> Path:
     """``best.pt`` of a tiny de-en model trained for a few seconds on the fixture corpus (CPU, fp32):
     enough to translate the fixture sentences well, for tests of the commands that load checkpoints."""
-    from attnmt.config import DataConfig, OptimConfig, TokenizerConfig, TrainConfig, TrainRunConfig
     from attnmt.training import train
 
     run_dir = tmp_path_factory.mktemp("trained")
-    cfg = TrainRunConfig(
-        model=tiny_config(d_model=64, ffn_dim=128, src_vocab_size=0, tgt_vocab_size=0, max_positions=256),
-        data=DataConfig(root=str(FIXTURE_CORPUS), cache_dir=None, tokenizer=TokenizerConfig(vocab_size=400)),
-        optim=OptimConfig(lr=2e-3, warmup_steps=50),
-        train=TrainConfig(run_dir=str(run_dir), device="cpu", precision="fp32", max_tokens=1024, max_steps=200,
-                          valid_every=100, progress_bar=False, seed=1),
-    )
+    cfg = fixture_train_config(run_dir, "model.max_positions=256", "model.dropout=0.0", "optim.lr=2e-3",
+                               "optim.warmup_steps=50", "train.max_tokens=1024", "train.max_steps=200",
+                               "train.valid_every=100", "train.seed=1")
     train(cfg)
     return run_dir / "checkpoints" / "best.pt"

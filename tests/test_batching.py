@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from attnmt.batching import Batch, TokenBucketSampler, collate, make_dataloader
-from attnmt.config import DataConfig, TokenizerConfig
 from attnmt.data import load_split, token_lengths, tokenize
 from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from conftest import data_config, tokenizer_config
 
 TINY = Path(__file__).parent / "fixtures" / "tiny"
 
@@ -152,10 +152,10 @@ def test_collate_builds_teacher_forcing_pairs_and_masks():
 
 
 def test_dataloader_over_a_tokenized_split(tmp_path):
-    cfg = DataConfig(root=str(TINY), cache_dir=None)
+    cfg = data_config(root=str(TINY), cache_dir=None)
     train = load_split(cfg, "train", train=True)
-    tokenizer = Tokenizer.train(train["src"], train["tgt"], TokenizerConfig(vocab_size=400), tmp_path)
-    ds = tokenize(train, tokenizer, cfg)
+    tokenizer = Tokenizer.train(train["src"], train["tgt"], tokenizer_config(vocab_size=400), tmp_path)
+    ds = tokenize(train, tokenizer, cfg, train=True)
     src_lens, tgt_lens = token_lengths(ds)
     sampler = TokenBucketSampler(src_lens, tgt_lens, 600, seed=1)
     sampler.set_epoch(1)
@@ -175,10 +175,10 @@ def test_pinned_batches_on_cuda():
 
 @pytest.mark.data
 def test_multi30k_padding_under_ten_percent(multi30k, tmp_path):
-    cfg = DataConfig(root=str(multi30k), cache_dir=None, tokenizer=TokenizerConfig(vocab_size=1000, sample_size=5000))
+    cfg = data_config(root=str(multi30k), cache_dir=None, tokenizer=tokenizer_config(vocab_size=1000, sample_size=5000))
     train = load_split(cfg, "train", train=True)
     tokenizer = Tokenizer.train(train["src"], train["tgt"], cfg.tokenizer, tmp_path)
-    src_lens, tgt_lens = token_lengths(tokenize(train, tokenizer, cfg))
+    src_lens, tgt_lens = token_lengths(tokenize(train, tokenizer, cfg, train=True))
     sampler = TokenBucketSampler(src_lens, tgt_lens, 4096, seed=1)
     sampler.set_epoch(1)
     fraction = padding_fraction(list(sampler), src_lens, tgt_lens)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import select
 import subprocess
 import sys
@@ -25,11 +26,11 @@ def run(command: str, *args: str, stdin: str | bytes | None = None, timeout: flo
 def translate_alone(ckpt: Path, lines: list[str], **decode) -> list[str]:
     """Each line translated on its own, in this process: the reference for order and batching."""
     from attnmt.checkpoint import load_for_inference
-    from attnmt.config import DecodeConfig
+    from attnmt.config import compose
     from attnmt.evaluation import translate
 
     model, tokenizer, _ = load_for_inference(ckpt)
-    cfg = DecodeConfig(**decode)
+    cfg = compose("translate", ["ckpt=unused", *(f"{key}={value}" for key, value in decode.items())])
     return [translate(model, tokenizer, [line], cfg)[0].texts[0] for line in lines]
 
 
@@ -188,13 +189,47 @@ def test_bad_input_is_one_line_and_nonzero_exit(case: str, trained_checkpoint, t
         assert result.stdout.splitlines() == translate_alone(trained_checkpoint, ["Der Hund läuft."], beam_size=5)
 
 
-@pytest.mark.parametrize("text", ["Der Hund läuft.", "Sie sagt \"Hallo\" und 'tschüss'", "Preis: ${x} = 5 €", "a=b, [c]"])
-def test_text_argument_reaches_the_command_verbatim(text: str) -> None:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from omegaconf import OmegaConf
+def hostile_sentences(n: int, seed: int = 0) -> list[str]:
+    """Strings a user can type that Hydra's override grammar has a meaning for: quotes, brackets,
+    braces, ``${``, ``=``, commas, backslashes (trailing too), spaces and tabs, and non-ASCII letters."""
+    rng = random.Random(seed)
+    alphabet = list("aZ09 .,;:!?'\"[](){}$=\\/@#%^&*+-_~`|<>\t") + ["${x}", "ä", "ß", "€", "日本", "Привет", "😀", "\u200b"]
+    made = ["Ein Hund\\", "[Foto] Ein Hund, eine Katze.", "'Hallo' sagt er.", '"Hallo", sagt er.', "a=b", "${oc.env:HOME}",
+            "[a,b]", "", "   ", "text=doppelt", "--help", "-m", "key=value=x", "x]", "{a: 1}", "\\n"]
+    while len(made) < n:
+        made.append("".join(rng.choice(alphabet) for _ in range(rng.randint(1, 24))))
+    return made
 
-    from attnmt.cli.translate import quote_text_overrides
 
-    (arg,) = quote_text_overrides([f"text={text}"])
-    (override,) = OverridesParser.create().parse_overrides([arg])
-    assert OmegaConf.create({"text": override.value()}).text == text
+def test_any_text_argument_reaches_the_model_verbatim(monkeypatch, capsys, restore_logging) -> None:
+    """Each text= argument is one input line exactly as typed, and gives exactly one output line."""
+    import attnmt.cli.translate as command
+    from attnmt.evaluation import Translation
+
+    received: list[list[str]] = []
+
+    def fake_translate(model, tokenizer, lines, cfg, first_line=1, on_batch=None):
+        received.append(list(lines))
+        return [Translation([f"out{first_line + i}"], [0.0], [[]]) for i in range(len(lines))]
+
+    monkeypatch.setattr(command, "load_for_inference", lambda paths, device: (None, None, {}))
+    monkeypatch.setattr(command, "translate", fake_translate)
+    for text in hostile_sentences(120):
+        monkeypatch.setattr(sys, "argv", ["attnmt-translate", "ckpt=model.pt", f"text={text}", "beam_size=2"])
+        command.main()
+        assert sum(received[-1:], []) == [text], repr(text)
+        assert capsys.readouterr().out == "out1\n", repr(text)
+    # Several text= arguments: several lines, in order.
+    many = ["[a,b]", "'Hallo'", "", "Hund\\", "${y}", "ein=zwei"]
+    monkeypatch.setattr(sys, "argv", ["attnmt-translate", "ckpt=model.pt", *(f"text={t}" for t in many)])
+    command.main()
+    assert received[-1] == many
+    assert capsys.readouterr().out.splitlines() == [f"out{i}" for i in range(1, len(many) + 1)]
+
+
+def test_text_with_quotes_and_brackets_translates_as_one_line(trained_checkpoint) -> None:
+    for text in ("[Foto] Ein Hund, eine Katze.", "'Hallo' sagt er.", "Ein Hund\\"):
+        result = run("translate", f"ckpt={trained_checkpoint}", f"text={text}", "beam_size=2")
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.count("\n") == 1 and result.stdout.strip(), (text, result.stdout)
+        assert result.stdout.splitlines() == translate_alone(trained_checkpoint, [text], beam_size=2)

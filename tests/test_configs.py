@@ -13,11 +13,10 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-import attnmt.cli
-from attnmt.config import EvaluateConfig, TrainRunConfig, TranslateConfig, register_configs
+from attnmt.config import EvaluateConfig, TrainRunConfig, TranslateConfig, config_dir, register_configs
 from attnmt.training import check_config, max_sentence_tokens
 
-CONFIG_DIR = attnmt.cli.config_dir()
+CONFIG_DIR = config_dir()
 
 
 def group_options(group: str) -> list[str]:
@@ -147,3 +146,41 @@ def test_missing_checkpoint_fails_at_conversion(hydra_config_dir):
     cfg = compose(config_name="translate")
     with pytest.raises(MissingMandatoryValue, match="ckpt"):
         OmegaConf.to_object(cfg)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.activation=swish", "model.activation"), ("model.positions=rotary", "model.positions"),
+    ("optim.schedule=linear", "optim.schedule"), ("data.tokenizer.model_type=wordpiece", "data.tokenizer.model_type"),
+    ("data.format=csv", "data.format"), ("train.precision=fp8", "train.precision"),
+])
+def test_a_value_outside_an_options_set_fails_when_the_config_is_converted(hydra_config_dir, override, key):
+    from attnmt.config import ConfigError
+
+    cfg = compose(config_name="train", overrides=[override])
+    with pytest.raises(ConfigError, match=rf"{key}='\w+' is unknown; use one of "):
+        OmegaConf.to_object(cfg)
+
+
+def test_defaults_live_in_the_yaml_files_only():
+    """No schema carries a default of its own, so what Python code and tests build is what users get."""
+    import dataclasses
+
+    from attnmt import config
+
+    schemas = [config.ModelConfig, config.OptimConfig, config.TokenizerConfig, config.DataConfig, config.DecodeConfig,
+               config.TrainConfig, config.TrainRunConfig, config.TranslateConfig, config.EvaluateConfig]
+    for schema in schemas:
+        with_default = [f.name for f in dataclasses.fields(schema)
+                        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+        assert not with_default, (schema.__name__, with_default)
+
+
+def test_python_code_composes_what_the_command_gets(hydra_config_dir):
+    from attnmt.config import compose as compose_config
+
+    GlobalHydra.instance().clear()  # compose() initialises Hydra itself
+    ours = compose_config("train", ["model=tiny", "train.max_steps=7"])
+    assert isinstance(ours, TrainRunConfig) and ours.train.max_steps == 7 and ours.model.d_model == 64
+    assert ours.train.valid_decode.beam_size == 1  # validation searches greedily by default
+    translate = compose_config("translate", ["ckpt=x.pt"])
+    assert translate.beam_size == 5 and translate.ckpt == "x.pt"

@@ -10,9 +10,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from attnmt.config import DataConfig, TokenizerConfig, register_configs
+from attnmt.config import DataConfig, register_configs
 from attnmt.data import DataError, load_references, load_split, read_lines, token_lengths, tokenize
 from attnmt.tokenizer import EOS_ID, Tokenizer, normalize
+from conftest import data_config, tokenizer_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = Path(__file__).parent / "fixtures" / "tiny"
@@ -20,7 +21,7 @@ TINY = Path(__file__).parent / "fixtures" / "tiny"
 
 def folder_cfg(root: Path, **kw) -> DataConfig:
     kw.setdefault("cache_dir", None)
-    return DataConfig(format="folder", root=str(root), **kw)
+    return data_config(format="folder", root=str(root), **kw)
 
 
 def write_folder(root: Path, split: str, de: list[str], en: list[str]) -> None:
@@ -32,7 +33,7 @@ def write_folder(root: Path, split: str, de: list[str], en: list[str]) -> None:
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> Tokenizer:
     src, tgt = read_lines(TINY / "train.de"), read_lines(TINY / "train.en")
-    return Tokenizer.train(src, tgt, TokenizerConfig(vocab_size=400), tmp_path_factory.mktemp("tok"))
+    return Tokenizer.train(src, tgt, tokenizer_config(vocab_size=400), tmp_path_factory.mktemp("tok"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -59,16 +60,16 @@ def test_tsv_jsonl_and_disk_read_the_same_pairs(tmp_path, monkeypatch):
 
     wmt_style = {"train": "train", "valid": "validation", "test": "test"}
     cfgs = [
-        DataConfig(format="tsv", root=str(tmp_path), cache_dir=None),
-        DataConfig(format="jsonl", root=str(tmp_path), cache_dir=None),
-        DataConfig(format="jsonl", root=str(tmp_path), splits={"valid": "nested"}, cache_dir=None),
-        DataConfig(format="disk", root=str(tmp_path / "saved"), splits=wmt_style, cache_dir=None),
+        data_config(format="tsv", root=str(tmp_path), cache_dir=None),
+        data_config(format="jsonl", root=str(tmp_path), cache_dir=None),
+        data_config(format="jsonl", root=str(tmp_path), splits={"valid": "nested"}, cache_dir=None),
+        data_config(format="disk", root=str(tmp_path / "saved"), splits=wmt_style, cache_dir=None),
     ]
     for cfg in cfgs:
         ds = load_split(cfg, "valid", train=False)
         assert (ds["src"], ds["tgt"]) == (src, tgt), cfg.format
     # Reversed direction: the languages come from the config, not from the column order.
-    reverse = DataConfig(format="disk", root=str(tmp_path / "saved"), splits=wmt_style, src_lang="en", tgt_lang="de")
+    reverse = data_config(format="disk", root=str(tmp_path / "saved"), splits=wmt_style, src_lang="en", tgt_lang="de")
     assert load_split(reverse, "valid", train=False)["src"] == tgt
 
 
@@ -81,7 +82,7 @@ def test_hub_dataset_reads_the_translation_column(monkeypatch):
         return datasets.Dataset.from_dict({"translation": [{"de": s, "en": t} for s, t in zip(src, tgt)]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    cfg = DataConfig(format="hub", hub_id="wmt14", hub_config="de-en", src_lang="en", tgt_lang="de")
+    cfg = data_config(format="hub", hub_id="wmt14", hub_config="de-en", src_lang="en", tgt_lang="de")
     ds = load_split(cfg, "test", train=False)
     assert calls == [("wmt14", "de-en", "test")]
     assert (ds["src"], ds["tgt"]) == (tgt, src)
@@ -92,7 +93,7 @@ def test_hub_without_network_says_how_to_use_local_files(monkeypatch):
         raise ConnectionError("Couldn't reach the Hugging Face Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    cfg = DataConfig(format="hub", hub_id="wmt14", hub_config="de-en")
+    cfg = data_config(format="hub", hub_id="wmt14", hub_config="de-en")
     with pytest.raises(DataError, match=r"wmt14.*network.*data\.format=disk"):
         load_split(cfg, "train", train=True)
 
@@ -124,18 +125,18 @@ def test_length_rules_apply_to_training_splits_only(tmp_path, tokenizer, caplog)
         write_folder(tmp_path, split, de, en)
     cfg = folder_cfg(tmp_path, max_len=40, max_len_ratio=3.0)
     caplog.set_level("INFO", logger="attnmt.data")
-    train = tokenize(load_split(cfg, "train", train=True), tokenizer, cfg)
+    train = tokenize(load_split(cfg, "train", train=True), tokenizer, cfg, train=True)
     assert train["src"] == ["Der Hund läuft."]
     assert "1 pairs over data.max_len=40 tokens dropped, 1 with a length ratio above" in caplog.text
     src_len, tgt_len = token_lengths(train)
     assert max(src_len.max(), tgt_len.max()) <= 40 + 1
-    valid = tokenize(load_split(cfg, "valid", train=False), tokenizer, cfg)
+    valid = tokenize(load_split(cfg, "valid", train=False), tokenizer, cfg, train=False)
     assert valid["src"] == de
 
 
 def test_tokenized_ids_end_with_eos_and_decode_back(tokenizer):
     cfg = folder_cfg(TINY)
-    ds = tokenize(load_split(cfg, "valid", train=False), tokenizer, cfg)
+    ds = tokenize(load_split(cfg, "valid", train=False), tokenizer, cfg, train=False)
     assert ds.features["src_ids"].feature.dtype == "int16"  # compact: the vocabulary fits
     assert all(ids[-1] == EOS_ID for ids in list(ds["src_ids"]) + list(ds["tgt_ids"]))
     assert tokenizer.decode_src(ds["src_ids"]) == ds["src"]
@@ -144,14 +145,14 @@ def test_tokenized_ids_end_with_eos_and_decode_back(tokenizer):
 
 def test_second_tokenize_reads_the_disk_cache(tmp_path, tokenizer, monkeypatch):
     cfg = folder_cfg(TINY, cache_dir=str(tmp_path / "cache"))
-    first = tokenize(load_split(cfg, "train", train=True), tokenizer, cfg)
+    first = tokenize(load_split(cfg, "train", train=True), tokenizer, cfg, train=True)
     assert list((tmp_path / "cache").glob("tokenized-*.arrow"))
 
     def no_encoding(texts):
         raise AssertionError("tokenized again although the cache holds this split")
 
     monkeypatch.setattr(tokenizer, "encode_src", no_encoding)
-    second = tokenize(load_split(cfg, "train", train=True), tokenizer, cfg)
+    second = tokenize(load_split(cfg, "train", train=True), tokenizer, cfg, train=True)
     assert list(second["src_ids"]) == list(first["src_ids"])
 
 
@@ -175,9 +176,9 @@ def test_missing_split_file_and_root_name_what_was_looked_for(tmp_path):
     with pytest.raises(DataError, match=r"data\.root=.*does not exist.*override it, e\.g\. data\.root="):
         load_split(folder_cfg(tmp_path / "nowhere"), "train", train=True)
     with pytest.raises(DataError, match=r"looked for .*test\.tsv"):
-        load_split(DataConfig(format="tsv", root=str(tmp_path)), "test", train=False)
+        load_split(data_config(format="tsv", root=str(tmp_path)), "test", train=False)
     with pytest.raises(DataError, match="data.root is not set"):
-        load_split(DataConfig(), "train", train=True)
+        load_split(data_config(), "train", train=True)
 
 
 def test_unknown_language_lists_the_languages_there():
@@ -195,10 +196,10 @@ def test_invalid_utf8_names_file_and_line(tmp_path):
 def test_bad_tsv_and_jsonl_lines_are_named(tmp_path):
     (tmp_path / "train.tsv").write_text("a\tb\nc\td\te\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"train\.tsv, line 2: 3 tab-separated fields"):
-        load_split(DataConfig(format="tsv", root=str(tmp_path)), "train", train=True)
+        load_split(data_config(format="tsv", root=str(tmp_path)), "train", train=True)
     (tmp_path / "train.jsonl").write_text('{"de": "a", "en": "b"}\n{"de": "c", "fr": "d"}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"train\.jsonl, line 2: expected keys 'de' and 'en'.*\['de', 'fr'\]"):
-        load_split(DataConfig(format="jsonl", root=str(tmp_path)), "train", train=True)
+        load_split(data_config(format="jsonl", root=str(tmp_path)), "train", train=True)
 
 
 def test_empty_training_set_says_which_rule_removed_what(tmp_path, tokenizer):
@@ -208,7 +209,7 @@ def test_empty_training_set_says_which_rule_removed_what(tmp_path, tokenizer):
     write_folder(tmp_path, "train", ["Der Hund läuft im Park."], ["The dog runs in the park."])
     cfg = folder_cfg(tmp_path, max_len=3)
     with pytest.raises(DataError, match=r"1 of 1 over data\.max_len=3 tokens"):
-        tokenize(load_split(cfg, "train", train=True), tokenizer, cfg)
+        tokenize(load_split(cfg, "train", train=True), tokenizer, cfg, train=True)
 
 
 def test_read_lines_splits_on_newline_only(tmp_path):

@@ -228,3 +228,24 @@ def test_model_configs_compose_and_build(name: str) -> None:
         model = build_model(model_cfg)
     assert len(model.encoder_layers) == model_cfg.encoder_layers
     assert model.encoder_layers[0].self_attn.d_head == model_cfg.d_model // model_cfg.n_heads
+
+
+def test_cross_attention_weights_do_not_depend_on_how_the_layer_calls_attention(monkeypatch) -> None:
+    from attnmt.model.layers import DecoderLayer
+
+    model = build_model(tiny_config()).eval()
+    src, src_mask = padded_batch([5, 3])
+    tgt = torch.tensor([[BOS_ID, 5, 6, 7], [BOS_ID, 8, 9, PAD_ID]])
+    memory = model.encode(src, src_mask)
+    weights = model.cross_attention_weights(tgt, memory, src_mask)  # (L, B, H, T, S)
+    assert weights.shape == (2, 2, 2, 4, 5)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, 2, 4))
+    assert torch.all(weights[:, 1, :, :, 3:] == 0)  # padded source positions get no attention
+
+    def forward_by_keyword(self, x, memory, src_mask, cache=None, layer=0):
+        x = self.self_block(x, lambda h: self.self_attn(h, causal=True, cache=cache, layer=layer))
+        x = self.cross_block(x, lambda h: self.cross_attn(x=h, memory=memory, key_mask=src_mask, cache=cache, layer=layer))
+        return self.ffn_block(x, self.ffn)
+
+    monkeypatch.setattr(DecoderLayer, "forward", forward_by_keyword)
+    torch.testing.assert_close(model.cross_attention_weights(tgt, memory, src_mask), weights)

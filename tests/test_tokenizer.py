@@ -10,9 +10,9 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from attnmt.config import TokenizerConfig
 from attnmt.data import read_lines
-from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, normalize
+from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, TokenizerError, normalize
+from conftest import tokenizer_config
 
 TINY = Path(__file__).parent / "fixtures" / "tiny"
 
@@ -24,7 +24,7 @@ def tiny_pairs(split: str = "train") -> tuple[list[str], list[str]]:
 @pytest.fixture(scope="module")
 def joint(tmp_path_factory) -> Tokenizer:
     src, tgt = tiny_pairs()
-    return Tokenizer.train(src, tgt, TokenizerConfig(vocab_size=400), tmp_path_factory.mktemp("joint"))
+    return Tokenizer.train(src, tgt, tokenizer_config(vocab_size=400), tmp_path_factory.mktemp("joint"))
 
 
 def test_normalize_applies_nfkc_and_collapses_whitespace():
@@ -77,7 +77,7 @@ def test_pieces_spell_the_sentence(joint):
 
 def test_per_language_models_and_bpe(tmp_path):
     src, tgt = tiny_pairs()
-    tok = Tokenizer.train(src, tgt, TokenizerConfig(joint=False, model_type="bpe", vocab_size=330), tmp_path)
+    tok = Tokenizer.train(src, tgt, tokenizer_config(joint=False, model_type="bpe", vocab_size=330), tmp_path)
     assert not tok.joint
     assert {p.name for p in tmp_path.iterdir()} >= {"src.model", "tgt.model", "tokenizer.json"}
     assert tok.decode_src(tok.encode_src(src[:20])) == src[:20]
@@ -88,7 +88,7 @@ def test_per_language_models_and_bpe(tmp_path):
 
 def test_reused_when_data_and_settings_match(tmp_path, monkeypatch):
     src, tgt = tiny_pairs()
-    cfg = TokenizerConfig(vocab_size=400)
+    cfg = tokenizer_config(vocab_size=400)
     first = Tokenizer.train(src, tgt, cfg, tmp_path)
 
     def no_training(*args, **kwargs):
@@ -100,7 +100,7 @@ def test_reused_when_data_and_settings_match(tmp_path, monkeypatch):
     with pytest.raises(AssertionError):  # other data: must train
         Tokenizer.train(src[:-1], tgt[:-1], cfg, tmp_path)
     with pytest.raises(AssertionError):  # other settings: must train
-        Tokenizer.train(src, tgt, TokenizerConfig(vocab_size=401), tmp_path)
+        Tokenizer.train(src, tgt, tokenizer_config(vocab_size=401), tmp_path)
 
 
 def test_state_survives_weights_only_checkpoint(joint):
@@ -123,10 +123,10 @@ def test_save_load_and_user_model(joint, tmp_path):
     # A user-supplied .model, directly or through the config.
     user = Tokenizer.load(tmp_path / "saved" / "joint.model")
     assert user.encode_tgt(texts) == joint.encode_tgt(texts)
-    via_cfg = Tokenizer.train([], [], TokenizerConfig(model=str(tmp_path / "saved" / "joint.model")), tmp_path / "run")
+    via_cfg = Tokenizer.train([], [], tokenizer_config(model=str(tmp_path / "saved" / "joint.model")), tmp_path / "run")
     assert via_cfg.encode_tgt(texts) == joint.encode_tgt(texts)
     assert (tmp_path / "run" / "joint.model").is_file()
-    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+    with pytest.raises(TokenizerError, match="tokenizer.json"):
         Tokenizer.load(tmp_path)
 
 
@@ -142,14 +142,14 @@ def test_user_model_with_other_special_ids_is_refused(tmp_path):
 def test_too_small_vocabulary_says_which_key(tmp_path):
     src, tgt = tiny_pairs()
     with pytest.raises(ValueError, match="data.tokenizer.vocab_size=100"):
-        Tokenizer.train(src, tgt, TokenizerConfig(vocab_size=100), tmp_path)
+        Tokenizer.train(src, tgt, tokenizer_config(vocab_size=100), tmp_path)
 
 
 @pytest.mark.data
 def test_multi30k_round_trip_returns_normalised_text(multi30k, tmp_path):
     src, tgt = read_lines(multi30k / "train.de"), read_lines(multi30k / "train.en")
     src, tgt = [normalize(s) for s in src], [normalize(t) for t in tgt]
-    tok = Tokenizer.train(src, tgt, TokenizerConfig(vocab_size=1000, sample_size=5000), tmp_path)
+    tok = Tokenizer.train(src, tgt, tokenizer_config(vocab_size=1000, sample_size=5000), tmp_path)
     for split in ("valid", "test2016"):
         for lang, encode, decode in (("de", tok.encode_src, tok.decode_src), ("en", tok.encode_tgt, tok.decode_tgt)):
             lines = [normalize(line) for line in read_lines(multi30k / f"{split}.{lang}")]

@@ -6,18 +6,18 @@ import contextlib
 import math
 import os
 import socket
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from attnmt.config import OptimConfig, TrainConfig
-from attnmt.model import build_model
-from attnmt.config import ConfigError
+from attnmt.config import ConfigError, DecodeConfig, compose
 from attnmt.device import resolve_precision
+from attnmt.model import build_model
 from attnmt.training import check_config, label_smoothed_nll, lr_at, train_step
-from conftest import tiny_config
+from conftest import fixture_train_config, tiny_config
 
 PAD, BOS, EOS = 0, 2, 3
 
@@ -74,12 +74,17 @@ def assert_same_parameters(a, b, exact: bool = False) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
+def shipped(group: str, **fields):
+    """A group of the shipped train config (``optim``, ``train``, ...) with ``fields`` replaced."""
+    return replace(getattr(compose("train"), group), **fields)
+
+
 def test_schedule_warms_up_then_decays():
-    cfg = OptimConfig(lr=1e-3, warmup_steps=100, warmup_init_lr=0.0)
+    cfg = shipped("optim", lr=1e-3, warmup_steps=100, warmup_init_lr=0.0)
     assert lr_at(50, cfg) == pytest.approx(5e-4)
     assert lr_at(100, cfg) == pytest.approx(1e-3)
     assert lr_at(400, cfg) == pytest.approx(5e-4)  # lr * sqrt(100 / 400)
-    cosine = OptimConfig(lr=1e-3, warmup_steps=10, warmup_init_lr=0.0, schedule="cosine", min_lr=1e-5)
+    cosine = shipped("optim", lr=1e-3, warmup_steps=10, warmup_init_lr=0.0, schedule="cosine", min_lr=1e-5)
     assert lr_at(10, cosine, max_steps=110) == pytest.approx(1e-3)
     assert lr_at(60, cosine, max_steps=110) == pytest.approx((1e-3 + 1e-5) / 2)
     assert lr_at(110, cosine, max_steps=110) == pytest.approx(1e-5)
@@ -173,13 +178,14 @@ def test_non_finite_loss_skips_the_update():
         ({}, dict(max_steps=0), {}, r"no stopping rule"),
         ({}, {}, dict(schedule="linear"), r"optim.schedule='linear' is unknown"),
         ({}, dict(max_steps=0, max_epochs=2), dict(schedule="cosine"), r"optim.schedule=cosine .* train.max_steps"),
-        ({}, dict(valid_decode="sample"), {}, r"train.valid_decode='sample'"),
+        ({}, dict(valid_decode=DecodeConfig(0, 1.0, 1, 1.5, 10, 0, 4096)), {}, r"train.valid_decode.beam_size=0"),
+        ({}, dict(init_from="a.pt", resume="auto"), {}, r"train.init_from=a.pt .* set only one"),
     ],
 )
 def test_config_errors_name_the_key(model_kw, train_kw, optim_kw, message):
-    train = TrainConfig(**{"max_steps": 10, **train_kw})
     with pytest.raises(ConfigError, match=message):
-        check_config(tiny_config(**model_kw), OptimConfig(**optim_kw), train, max_sentence_tokens=129)
+        train = shipped("train", **{"max_steps": 10, **train_kw})
+        check_config(tiny_config(**model_kw), shipped("optim", **optim_kw), train, max_sentence_tokens=129)
 
 
 def test_precision_errors_name_the_key(monkeypatch):
@@ -197,18 +203,13 @@ def test_precision_errors_name_the_key(monkeypatch):
 # The whole loop on the fixture corpus
 
 
-def run_config(run_dir, fixture_corpus, **train):
-    """A TrainRunConfig for a tiny model on ``fixture_corpus``: fp32, CPU, no dropout."""
-    from attnmt.config import DataConfig, TokenizerConfig, TrainRunConfig
-
-    fields = dict(run_dir=str(run_dir), device="cpu", precision="fp32", max_tokens=256, max_steps=8,
-                  valid_every=4, log_every=2, progress_bar=False, seed=3)
+def run_config(run_dir, fixture_corpus, *overrides: str, **train):
+    """The shipped config for a tiny model on ``fixture_corpus``: fp32, CPU, no dropout; ``train`` sets train.* keys."""
+    fields = dict(max_tokens=256, max_steps=8, valid_every=4, log_every=2, seed=3)
     fields.update(train)
-    return TrainRunConfig(
-        model=tiny_config(src_vocab_size=0, tgt_vocab_size=0),
-        data=DataConfig(root=str(fixture_corpus), cache_dir=None, tokenizer=TokenizerConfig(vocab_size=400)),
-        optim=OptimConfig(lr=2e-3, warmup_steps=4, label_smoothing=0.1),
-        train=TrainConfig(**fields),
+    return fixture_train_config(
+        run_dir, "model.d_model=32", "model.ffn_dim=64", "model.dropout=0.0", "optim.lr=2e-3", "optim.warmup_steps=4",
+        *(f"train.{key}={value}" for key, value in fields.items()), *overrides, corpus=fixture_corpus,
     )
 
 
@@ -348,8 +349,8 @@ def test_tiny_model_learns_the_fixture_corpus(tmp_path, fixture_corpus, one_thre
     from attnmt.data import read_lines
     from attnmt.training import train
 
-    cfg = run_config(tmp_path, fixture_corpus, max_tokens=1024, max_steps=200, valid_every=100, log_every=100, seed=1)
-    cfg.optim = OptimConfig(lr=3e-3, warmup_steps=30)
+    cfg = run_config(tmp_path, fixture_corpus, "optim.lr=3e-3", "optim.warmup_steps=30", max_tokens=1024,
+                     max_steps=200, valid_every=100, log_every=100, seed=1)
     result = train(cfg)
 
     # Chance on this templated corpus is not 0: every English sentence shares "The ... in the ...".
@@ -369,20 +370,16 @@ def test_tiny_model_learns_the_fixture_corpus(tmp_path, fixture_corpus, one_thre
 def test_tiny_model_learns_multi30k_de_en(tmp_path, multi30k, one_thread):
     import sacrebleu
 
-    from attnmt.config import DataConfig, TokenizerConfig, TrainRunConfig
     from attnmt.data import read_lines
     from attnmt.training import train
 
-    cfg = TrainRunConfig(
-        model=tiny_config(d_model=64, ffn_dim=128, src_vocab_size=0, tgt_vocab_size=0, max_positions=256),
-        data=DataConfig(root=str(multi30k), src_lang="de", tgt_lang="en", cache_dir=str(tmp_path / "cache"),
-                        splits={"train": "train", "valid": "valid", "test": "test2016"},
-                        tokenizer=TokenizerConfig(vocab_size=2000, sample_size=10000)),
-        optim=OptimConfig(lr=3e-3, warmup_steps=100),
-        train=TrainConfig(run_dir=str(tmp_path / "run"), device="cpu", precision="fp32", max_tokens=2048,
-                          max_steps=300, valid_every=300, valid_max_sentences=200, log_every=100,
-                          progress_bar=False, seed=1),
-    )
+    cfg = compose("train", [
+        "model=tiny", "model.dropout=0.0", "model.max_positions=256", f"data.root={multi30k}",
+        f"data.cache_dir={tmp_path / 'cache'}", "data.tokenizer.vocab_size=2000", "data.tokenizer.sample_size=10000",
+        "optim.lr=3e-3", "optim.warmup_steps=100", f"train.run_dir={tmp_path / 'run'}", "train.device=cpu",
+        "train.precision=fp32", "train.max_tokens=2048", "train.max_steps=300", "train.valid_every=300",
+        "train.valid_max_sentences=200", "train.log_every=100", "train.progress_bar=false", "train.seed=1",
+    ])
     result = train(cfg)
 
     # Chance: the first 200 valid references scored against each other (rotated by one) give BLEU 1.2.

@@ -52,24 +52,54 @@ class Batch:
         return self.src_tokens.shape[0]
 
 
+def pad(sequences: Sequence[Sequence[int]], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id sequences with ``PAD_ID``: ids (B, T) long and their mask (B, T), True at real tokens.
+
+    The one padding routine of attnmt: training batches, validation and translation all pad here.
+    ``width`` defaults to the longest sequence.
+    """
+    width = max((len(s) for s in sequences), default=0) if width is None else width
+    tokens = torch.full((len(sequences), width), PAD_ID, dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        tokens[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+    return tokens, tokens != PAD_ID
+
+
 def collate(examples: list[dict]) -> Batch:
     """Pad examples with ``src_ids`` and ``tgt_ids`` (each ending in EOS) into a :class:`Batch`.
 
     ``tgt_out`` is ``tgt_ids``; ``tgt_in`` is ``[BOS] + tgt_ids[:-1]``.
     """
-    src = [torch.as_tensor(ex["src_ids"], dtype=torch.long) for ex in examples]
-    tgt = [torch.as_tensor(ex["tgt_ids"], dtype=torch.long) for ex in examples]
-    batch_size, src_len, tgt_len = len(examples), max(len(s) for s in src), max(len(t) for t in tgt)
-    src_tokens = torch.full((batch_size, src_len), PAD_ID, dtype=torch.long)
-    tgt_out = torch.full((batch_size, tgt_len), PAD_ID, dtype=torch.long)
-    tgt_in = torch.full((batch_size, tgt_len), PAD_ID, dtype=torch.long)
-    for i, (s, t) in enumerate(zip(src, tgt)):
-        src_tokens[i, : len(s)] = s
-        tgt_out[i, : len(t)] = t
-        tgt_in[i, 0] = BOS_ID
-        tgt_in[i, 1 : len(t)] = t[:-1]
-    n_tgt_tokens = sum(len(t) for t in tgt)
-    return Batch(src_tokens, src_tokens != PAD_ID, tgt_in, tgt_out, n_tgt_tokens)
+    src_tokens, src_mask = pad([ex["src_ids"] for ex in examples])
+    targets = [ex["tgt_ids"] for ex in examples]
+    tgt_out, tgt_real = pad(targets)
+    tgt_in, _ = pad([[BOS_ID, *t[:-1]] for t in targets])
+    return Batch(src_tokens, src_mask, tgt_in, tgt_out, int(tgt_real.sum()))
+
+
+def pack(order: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Cut ``order`` into consecutive batches of at most ``max_tokens`` padded tokens.
+
+    A batch costs its size times the longest ``lengths`` in it. Sorting ``order`` by length first
+    keeps the padding small. A sentence longer than ``max_tokens`` on its own gets a batch of its own.
+    """
+    batches, begin, width = [], 0, 0
+    for i, length in enumerate(lengths[order].tolist()):
+        width = max(width, length)
+        if i > begin and (i - begin + 1) * width > max_tokens:
+            batches.append(order[begin:i])
+            begin, width = i, length
+    if begin < len(order):
+        batches.append(order[begin:])
+    return batches
+
+
+def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length for translation, each at most ``max_tokens``
+    counting padding (a single longer sentence gets a batch of its own); zero lengths are left out."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(lengths, kind="stable")
+    return [batch.tolist() for batch in pack(order[lengths[order] > 0], lengths, max_tokens)]
 
 
 class TokenBucketSampler:
@@ -192,14 +222,7 @@ class TokenBucketSampler:
             chunk = order[start : start + window]
             order[start : start + window] = chunk[np.lexsort((self.src_lens[chunk], self.tgt_lens[chunk], longest[chunk]))]
 
-        batches, begin, width = [], 0, 0
-        for i, length in enumerate(longest[order].tolist()):
-            width = max(width, length)
-            if (i - begin + 1) * width > self.max_tokens:
-                batches.append(order[begin:i])
-                begin, width = i, length
-        if begin < n:
-            batches.append(order[begin:])
+        batches = pack(order, longest, self.max_tokens)
 
         # Equal batch counts on every rank without dropping or repeating a sentence: halve the batches
         # with the most sentences until the count divides evenly.

@@ -1,22 +1,8 @@
 """Checkpoints: self-describing, written atomically, loadable with ``weights_only=True``.
 
 A checkpoint is one ``torch.save``'d dict holding only tensors, dicts, lists, tuples, strings, numbers
-and None, so ``torch.load(path, weights_only=True)`` reads it without unpickling any class. Its keys:
-
-    format          "attnmt-checkpoint-1"
-    model           the model's state_dict (unwrapped: no DDP ``module.`` or compile prefixes)
-    model_config    ModelConfig as a dict (vocabulary sizes filled in)
-    tokenizer       ``Tokenizer.to_state()``: the SentencePiece model(s) and their settings
-    config          the resolved run config (model, data, optim, train) as a dict
-    step, epoch     updates done; the epoch in progress
-    sampler         the batch sampler's position: the batches of that epoch already trained on
-                    (``TokenBucketSampler.state_dict()``)
-    optimizer       ``optimizer.state_dict()``
-    scheduler       ``{"step": int, "lr": float}``: the schedule is a pure function of the step
-    scaler          ``GradScaler.state_dict()`` (empty without fp16)
-    rng             one dict per rank: python, numpy, torch and CUDA generator states
-    best_bleu, validations_without_improvement, metrics   early-stopping state, latest valid metrics
-    validation_pending  True when a signal stopped the run at a validation step: resuming validates first
+and None, so ``torch.load(path, weights_only=True)`` reads it without unpickling any class. Its keys
+are written and read in one place, :class:`TrainState`.
 
 A run's ``checkpoints/`` folder holds ``last.pt``, ``best.pt`` (highest valid BLEU) and the newest
 ``keep_last`` numbered ``step_<N>.pt``.
@@ -24,76 +10,266 @@ A run's ``checkpoints/`` folder holds ``last.pt``, ``best.pt`` (highest valid BL
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
 import re
-import zipfile
+import shutil
+import warnings
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from attnmt.config import ModelConfig
 
+if TYPE_CHECKING:
+    from attnmt.batching import TokenBucketSampler
+    from attnmt.tokenizer import Tokenizer
+
 FORMAT = "attnmt-checkpoint-1"
+INFERENCE_KEYS = ("model", "model_config", "tokenizer", "config")  # what evaluation and translation read
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+# What a killed write leaves: save_checkpoint's ".NAME.tmpPID", Tokenizer.save's ".NAME.tmpXXXX" and
+# ".NAME.oldPID" folders, the run directory's write probes.
+_TMP_NAME = re.compile(r"^\.(.+\.(tmp|old)\w+|attnmt-probe\w+)$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, corrupt or not an attnmt checkpoint; the message says which."""
 
 
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds to continue a run exactly: the one owner of the checkpoint format.
+
+    :meth:`to_checkpoint` writes the dict and :meth:`restore` reads it back, so adding a field (say an
+    EMA of the weights) is an edit of this class alone. The checkpoint's keys:
+
+        format          "attnmt-checkpoint-1"
+        model           the model's state_dict (unwrapped: no DDP ``module.`` or compile prefixes)
+        model_config    ModelConfig as a dict (vocabulary sizes filled in)
+        tokenizer       ``Tokenizer.to_state()``: the SentencePiece model(s) and their settings
+        config          the resolved run config (model, data, optim, train) as a dict
+        step, epoch     updates done; the epoch in progress
+        sampler         the batch sampler's position in that epoch (``TokenBucketSampler.state_dict``)
+        optimizer       ``optimizer.state_dict()``
+        scaler          ``GradScaler.state_dict()`` (empty without fp16)
+        scheduler       ``{"step": int, "lr": float}``, for reading: the schedule is a function of the step
+        rng             one dict per rank: python, numpy, torch and CUDA generator states
+        best_bleu, validations_without_improvement, metrics   early stopping; the latest valid metrics
+        validation_pending  a signal stopped the run at a validation step: the resumed run validates first
+
+    Evaluation and translation read only :data:`INFERENCE_KEYS`.
+    """
+
+    model: nn.Module
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+    config: dict
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: TokenBucketSampler
+    step: int = 0
+    epoch: int = 1
+    batches_in_epoch: int = 0  # batches of this epoch the loop has taken (DataLoader workers run ahead)
+    lr: float = 0.0
+    best_bleu: float = -1.0
+    stale_validations: int = 0
+    metrics: dict = field(default_factory=dict)
+    validation_pending: bool = False
+
+    RESUME_KEYS: ClassVar[tuple[str, ...]] = ("optimizer", "scaler", "sampler", "rng")
+
+    def to_checkpoint(self, rng: list[dict]) -> dict:
+        """The checkpoint dict; ``rng`` holds every rank's :func:`rng_state`, in rank order."""
+        return {
+            "format": FORMAT,
+            "model": self.model.state_dict(),
+            "model_config": asdict(self.model_config),
+            "tokenizer": self.tokenizer.to_state(),
+            "config": self.config,
+            "step": self.step,
+            "epoch": self.epoch,
+            "sampler": self.sampler.state_dict(self.batches_in_epoch),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "scheduler": {"step": self.step, "lr": self.lr},
+            "rng": rng,
+            "best_bleu": self.best_bleu,
+            "validations_without_improvement": self.stale_validations,
+            "metrics": {k: v for k, v in self.metrics.items() if isinstance(v, (int, float))},
+            "validation_pending": self.validation_pending,
+        }
+
+    def restore(self, state: dict, path: str | Path) -> list[dict]:
+        """Continue from a checkpoint that :meth:`to_checkpoint` wrote (read from ``path``); returns its
+        per-rank RNG states, which the caller restores last (building the model draws from them).
+
+        Raises:
+            CheckpointError: naming ``path`` and what to do, when the checkpoint cannot continue this
+                run (weights only, another model, another corpus or batch size).
+        """
+        if any(key not in state for key in self.RESUME_KEYS):
+            raise CheckpointError(
+                f"{path} holds model weights only (an averaged checkpoint?) and cannot be resumed; resume from "
+                f"the run's last.pt or a step_<N>.pt, or start a new run from these weights with train.init_from={path}"
+            )
+        require(state, (*INFERENCE_KEYS, "step", "epoch", "best_bleu", "validations_without_improvement",
+                        "metrics"), path, "resuming")
+        load_weights(self.model, state["model"], path, "the model this run builds (model.* settings)")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{path}: its optimizer state does not fit this model ({err})") from None
+        if self.scaler.is_enabled() and state["scaler"]:  # empty when the checkpoint's run had no fp16 scaling
+            self.scaler.load_state_dict(state["scaler"])
+        try:
+            self.sampler.load_state_dict(state["sampler"])
+        except ValueError as err:
+            raise CheckpointError(
+                f"{path}: {err}, or start a new run from these weights with train.init_from={path} "
+                "(a fresh optimizer, schedule and batch order) in another train.run_dir"
+            ) from None
+        # The sampler's position, not the checkpoint's count: it is rescaled when the number of ranks changed.
+        self.step, self.epoch, self.batches_in_epoch = state["step"], state["epoch"], self.sampler.batches_consumed
+        self.lr = state.get("scheduler", {}).get("lr", 0.0)
+        self.best_bleu = state["best_bleu"]
+        self.stale_validations = state["validations_without_improvement"]
+        self.metrics = dict(state["metrics"])
+        self.validation_pending = state.get("validation_pending", False)
+        return state["rng"]
+
+
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file beside it, fsync, then rename.
 
-    A crash mid-write leaves the previous file at ``path`` intact, never a truncated one.
+    A crash mid-write leaves the previous file at ``path`` intact, never a truncated one; a
+    temporary file left behind by a kill is removed by :func:`remove_temporary_files`.
+
+    Raises:
+        CheckpointError: the file cannot be written (a full disk, a read-only folder); the message
+            names the path and, for a full disk, the bytes needed and free. ``path`` is unchanged.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        # Make the rename itself durable.
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except (OSError, RuntimeError) as err:  # torch's zip writer reports a failed write as a RuntimeError
+        raise CheckpointError(_write_failure(path, state, err)) from None
     finally:
         tmp.unlink(missing_ok=True)
-    # Make the rename itself durable.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+
+
+def _write_failure(path: Path, state: dict, err: BaseException) -> str:
+    needed = _tensor_bytes(state)
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) or (
+        free is not None and free < needed)
+    if full:
+        room = f"{free / 1e6:.1f} MB free" if free is not None else "free space unknown"
+        return (f"cannot write checkpoint {path}: not enough disk space (it needs about {needed / 1e6:.1f} MB, "
+                f"{room}); free some space or lower train.keep_last, then resume with train.resume=auto "
+                "(the checkpoints already written are intact)")
+    reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0]
+    return f"cannot write checkpoint {path}: {reason}; make {path.parent} writable, then resume with train.resume=auto"
+
+
+def _tensor_bytes(obj) -> int:
+    """The bytes of the tensors in a nested state: about the size of its checkpoint file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def remove_temporary_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files and folders that a killed write left in ``folder``; returns them.
+
+    Call it only while no other process writes into ``folder`` (training holds its run directory's lock).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = sorted(p for p in folder.iterdir() if _TMP_NAME.match(p.name))
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Read a checkpoint written by :func:`save_checkpoint` (with ``weights_only=True``).
 
     Raises:
-        CheckpointError: the file is missing, truncated or corrupt, or holds something else.
+        CheckpointError: the file is missing, truncated or corrupt, holds pickled code, or holds
+            something other than an attnmt checkpoint; the message says which.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before failing on odd files
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Unsupported global" not in str(e):
-            raise CheckpointError(f"checkpoint {path} cannot be read (truncated or corrupt?)") from None
+        message = str(e)
+        code = re.search(r"\bGLOBAL (\S+)", message)  # torch names the class or function it refused to import
+        if code:
+            raise CheckpointError(
+                f"{path} was refused: it holds objects other than tensors and plain containers (a pickled reference "
+                f"to {code.group(1).rstrip('.,;:')}, which loading would run as code), so it is not an attnmt "
+                "checkpoint; open it outside attnmt only if you trust its source"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", message)
         raise CheckpointError(
-            f"{path} holds objects other than tensors and plain containers, so it is not an attnmt "
-            "checkpoint (and loading it would run arbitrary code)"
+            f"checkpoint {path} cannot be read (truncated or corrupt, or a pickle that is not a torch checkpoint?)"
+            + (f": {detail.group(1).strip()}" if detail else "")
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Exception as e:  # noqa: BLE001 - torch raises KeyError, IndexError, RuntimeError... on files that are not checkpoints
         raise CheckpointError(
-            f"checkpoint {path} cannot be read ({path.stat().st_size} bytes; truncated or corrupt?): {first_line}"
+            f"checkpoint {path} cannot be read ({path.stat().st_size} bytes; truncated or corrupt, or not a torch "
+            f"checkpoint?): {_first_line(e)}"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an attnmt checkpoint (expected format {FORMAT!r})")
     return state
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def require(state: dict, keys: tuple[str, ...], path: str | Path, purpose: str) -> None:
+    """Raise a :class:`CheckpointError` naming the first of ``keys`` that ``state`` lacks."""
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(repr(k) for k in missing)}, which {purpose} needs; "
+                              "it was not written by attnmt-train (or is damaged)")
 
 
 def rng_state() -> dict:
@@ -136,15 +312,21 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 
 def save_run_checkpoint(state: dict, run_dir: str | Path, keep_last: int, is_best: bool) -> Path:
-    """Write ``step_<N>.pt`` and ``last.pt`` (and ``best.pt`` when ``is_best``), then delete numbered
-    checkpoints beyond the newest ``keep_last``. Returns the numbered file's path."""
+    """Write ``best.pt`` (when ``is_best``), ``step_<N>.pt`` and ``last.pt``, in that order, then delete
+    numbered checkpoints beyond the newest ``keep_last``. Returns the numbered file's path.
+
+    The order makes every crash point safe: ``last.pt`` (what a resume reads) is written last, so
+    until it is, a resume repeats this validation and writes the other files again. Were ``best.pt``
+    written after it, a kill in between would record the new best BLEU without its file, and no
+    later validation (never better than its own record) would write it.
+    """
     folder = checkpoint_dir(run_dir)
+    if is_best:
+        save_checkpoint(state, folder / "best.pt")
     numbered = folder / f"step_{state['step']}.pt"
     save_checkpoint(state, numbered)
     # Hard links would save the copy, but a copy survives someone editing one of the files.
     save_checkpoint(state, folder / "last.pt")
-    if is_best:
-        save_checkpoint(state, folder / "best.pt")
     for old in numbered_checkpoints(folder)[:-keep_last] if keep_last > 0 else []:
         old.unlink(missing_ok=True)
     return numbered
@@ -193,7 +375,9 @@ def average_model_states(paths: list[str | Path]) -> dict:
     total: dict[str, torch.Tensor] = {}
     first = None
     for path in paths:
-        model = load_checkpoint(path)["model"]
+        state = load_checkpoint(path)
+        require(state, ("model",), path, "averaging")
+        model = state["model"]
         if first is None:
             first = model
             total = {k: v.detach().to(torch.float64 if v.is_floating_point() else v.dtype).clone() for k, v in model.items()}
@@ -210,13 +394,42 @@ def average_checkpoints(paths: list[str | Path], out: str | Path) -> Path:
     """Write a checkpoint to ``out`` whose weights are the mean of ``paths``' weights; everything else
     (config, tokenizer, step) comes from the last of ``paths``. Optimizer and RNG states are dropped:
     an averaged model is for evaluation, not for resuming."""
+    weights = average_model_states(paths)
     state = load_checkpoint(paths[-1])
-    state["model"] = average_model_states(paths)
+    state["model"] = weights
     state["averaged_from"] = [str(p) for p in paths]
-    for key in ("optimizer", "scaler", "rng", "sampler"):
+    for key in TrainState.RESUME_KEYS:
         state.pop(key, None)
     save_checkpoint(state, out)
     return Path(out)
+
+
+
+def load_weights(model: nn.Module, weights: dict, path: str | Path, what: str = "its model_config") -> None:
+    """``model.load_state_dict(weights)``, with a one-line :class:`CheckpointError` naming ``path``
+    when they do not fit ``what`` the model was built from (other shapes or names)."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), _first_line(err))
+        raise CheckpointError(f"{path}: its weights do not match {what} ({detail})") from None
+
+
+def build_from_state(state: dict, path: str | Path, weights: dict | None = None) -> nn.Module:
+    """The model a checkpoint describes, with its weights (or ``weights``) loaded, on the CPU.
+
+    Raises:
+        CheckpointError: naming ``path``, when the model config is not one attnmt can build or the
+            weights do not fit it.
+    """
+    from attnmt.model import build_model
+
+    try:
+        model = build_model(ModelConfig(**state["model_config"]))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its model_config cannot build a model ({err})") from None
+    load_weights(model, state["model"] if weights is None else weights, path)
+    return model
 
 
 def load_for_inference(path: str | Path | list[str | Path], device: str | torch.device = "cpu"):
@@ -229,14 +442,19 @@ def load_for_inference(path: str | Path | list[str | Path], device: str | torch.
     Returns:
         The model (in eval mode, on ``device``), the :class:`~attnmt.tokenizer.Tokenizer`, and the
         run config as a dict (keys ``model``, ``data``, ``optim``, ``train``).
+
+    Raises:
+        CheckpointError: a file is missing or is not a complete attnmt checkpoint.
     """
-    from attnmt.model import build_model
     from attnmt.tokenizer import Tokenizer
 
     paths = list(path) if isinstance(path, (list, tuple)) else [path]
     state = load_checkpoint(paths[-1])
-    model = build_model(ModelConfig(**state["model_config"]))
-    weights = average_model_states(paths) if len(paths) > 1 else state["model"]
-    model.load_state_dict(weights)
+    require(state, INFERENCE_KEYS, paths[-1], "translation")
+    model = build_from_state(state, paths[-1], average_model_states(paths) if len(paths) > 1 else None)
+    try:
+        tokenizer = Tokenizer.from_state(state["tokenizer"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{paths[-1]}: its tokenizer cannot be rebuilt ({_first_line(err)})") from None
     model.to(device).eval()
-    return model, Tokenizer.from_state(state["tokenizer"]), state["config"]
+    return model, tokenizer, state["config"]

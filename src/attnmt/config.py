@@ -1,68 +1,93 @@
 """Typed schemas for every config group, registered in Hydra's ConfigStore.
 
-YAML files under ``configs/`` hold the values; these dataclasses hold the names and types, so a
-misspelt key fails when the config is composed rather than thousands of steps into a run. Only
-``attnmt.cli`` sees a ``DictConfig``; it converts it to these dataclasses and passes those down.
+The YAML files under ``configs/`` are the one home of every default value; these dataclasses hold the
+names, the types and the allowed values, and have no defaults of their own, so what a test composes
+is what a user gets. A misspelt key or a wrong type fails when Hydra composes the config, and a value
+outside an option's fixed set (``model.activation=swish``) when the composed config becomes these
+dataclasses, which every command does before any work. Only ``attnmt.cli`` sees a ``DictConfig``; it
+converts it to these dataclasses and passes those down. :func:`compose` gives the same objects to
+Python code and tests.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING
 
 
 class ConfigError(ValueError):
     """A config that cannot work; raised before any work starts, naming the key and what to do."""
 
 
+def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is unknown; use one of {', '.join(choices)}")
+
+
+ACTIVATIONS = ("relu", "gelu")
+POSITIONS = ("sinusoidal", "learned")
+SCHEDULES = ("inverse_sqrt", "cosine")
+TOKENIZER_TYPES = ("unigram", "bpe")
+DATA_FORMATS = ("folder", "tsv", "jsonl", "hub", "disk")
+PRECISION_NAMES = ("auto", "fp32", "bf16", "fp16")
+
+
 @dataclass
 class ModelConfig:
-    """Shape of the encoder-decoder Transformer.
+    """Shape of the encoder-decoder Transformer (``configs/model/``).
 
     ``src_vocab_size`` and ``tgt_vocab_size`` are 0 in the YAML files: training fills them in from
     the tokenizer, and checkpoints store the filled-in values.
     """
 
-    d_model: int = 512
-    n_heads: int = 8
-    ffn_dim: int = 2048
-    encoder_layers: int = 6
-    decoder_layers: int = 6
-    dropout: float = 0.1
-    attention_dropout: float = 0.0
-    activation: str = "relu"  # relu | gelu
-    norm_first: bool = True  # pre-norm (with a final LayerNorm per stack); False = the paper's post-norm
-    positions: str = "sinusoidal"  # sinusoidal | learned
-    max_positions: int = 1024
-    share_embeddings: bool = True  # one embedding table for source and target (needs a joint vocabulary)
-    tie_output: bool = True  # output projection = target embedding matrix
-    src_vocab_size: int = 0
-    tgt_vocab_size: int = 0
-    pad_id: int = 0
+    d_model: int
+    n_heads: int
+    ffn_dim: int
+    encoder_layers: int
+    decoder_layers: int
+    dropout: float
+    attention_dropout: float
+    activation: str  # relu | gelu
+    norm_first: bool  # pre-norm (with a final LayerNorm per stack); False = the paper's post-norm
+    positions: str  # sinusoidal | learned
+    max_positions: int
+    share_embeddings: bool  # one embedding table for source and target (needs a joint vocabulary)
+    tie_output: bool  # output projection = target embedding matrix
+    src_vocab_size: int
+    tgt_vocab_size: int
+    pad_id: int
+
+    def __post_init__(self) -> None:
+        _check_choice("model.activation", self.activation, ACTIVATIONS)
+        _check_choice("model.positions", self.positions, POSITIONS)
 
 
 @dataclass
 class OptimConfig:
-    """AdamW and the learning-rate schedule.
+    """AdamW and the learning-rate schedule (``configs/optim/``).
 
     The schedule warms up linearly from ``warmup_init_lr`` to ``lr`` over ``warmup_steps`` updates, then
     decays as ``lr * sqrt(warmup_steps / step)`` (``inverse_sqrt``, Vaswani et al.) or along a cosine to
     ``min_lr`` at ``train.max_steps`` (``cosine``).
     """
 
-    lr: float = 5e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-8
-    weight_decay: float = 0.0001
-    schedule: str = "inverse_sqrt"  # inverse_sqrt | cosine
-    warmup_steps: int = 4000
-    warmup_init_lr: float = 1e-7
-    min_lr: float = 0.0  # the floor of the cosine schedule
-    clip_norm: float = 1.0  # max global gradient norm; 0 disables clipping
-    label_smoothing: float = 0.1
-    fused: bool | None = None  # fused AdamW kernel; None = on CUDA only
+    lr: float
+    betas: list[float]
+    eps: float
+    weight_decay: float
+    schedule: str  # inverse_sqrt | cosine
+    warmup_steps: int
+    warmup_init_lr: float
+    min_lr: float  # the floor of the cosine schedule
+    clip_norm: float  # max global gradient norm; 0 disables clipping
+    label_smoothing: float
+    fused: bool | None  # fused AdamW kernel; None = on CUDA only
+
+    def __post_init__(self) -> None:
+        _check_choice("optim.schedule", self.schedule, SCHEDULES)
 
 
 @dataclass
@@ -75,19 +100,22 @@ class TokenizerConfig:
     0/1/2/3) or a folder written by ``Tokenizer.save``.
     """
 
-    joint: bool = True  # one vocabulary for both languages; False = one model per language
-    model_type: str = "unigram"  # unigram | bpe
-    vocab_size: int = 8000  # of the joint model, or of each per-language model
-    character_coverage: float = 1.0
-    byte_fallback: bool = True  # unseen characters become byte pieces instead of <unk>
-    sample_size: int = 1_000_000  # training pairs the model is trained on at most
-    seed: int = 1
-    model: str | None = None
+    joint: bool  # one vocabulary for both languages; False = one model per language
+    model_type: str  # unigram | bpe
+    vocab_size: int  # of the joint model, or of each per-language model
+    character_coverage: float
+    byte_fallback: bool  # unseen characters become byte pieces instead of <unk>
+    sample_size: int  # training pairs the model is trained on at most
+    seed: int
+    model: str | None
+
+    def __post_init__(self) -> None:
+        _check_choice("data.tokenizer.model_type", self.model_type, TOKENIZER_TYPES)
 
 
 @dataclass
 class DataConfig:
-    """Where the parallel corpus comes from and how it is cleaned (:mod:`attnmt.data`).
+    """Where the parallel corpus comes from and how it is cleaned (:mod:`attnmt.data`, ``configs/data/``).
 
     ``format`` picks the source: ``folder`` (line-aligned ``{split}.{lang}`` text files in ``root``),
     ``tsv`` (``{split}.tsv`` in ``root``, ``src<TAB>tgt`` per line), ``jsonl`` (``{split}.jsonl``,
@@ -98,19 +126,51 @@ class DataConfig:
     split only; valid and test keep every line, in order.
     """
 
-    format: str = "folder"  # folder | tsv | jsonl | hub | disk
-    root: str | None = None
-    hub_id: str | None = None
-    hub_config: str | None = None
-    src_lang: str = "de"
-    tgt_lang: str = "en"
-    splits: dict[str, str] = field(default_factory=lambda: {"train": "train", "valid": "valid", "test": "test"})
-    max_len: int = 250  # train pairs with a side longer than this many tokens are dropped; 0 = no limit
-    max_len_ratio: float = 3.0  # train pairs whose longer side has more than r times the tokens of the other; 0 = off
-    dedup: bool = False  # drop exact duplicate train pairs (after normalisation)
-    num_proc: int = 1  # processes for datasets.map (tokenization)
-    cache_dir: str | None = "data/cache"  # tokenized datasets are cached here; None = in memory only
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    format: str  # folder | tsv | jsonl | hub | disk
+    root: str | None
+    hub_id: str | None
+    hub_config: str | None
+    src_lang: str
+    tgt_lang: str
+    splits: dict[str, str]
+    max_len: int  # train pairs with a side longer than this many tokens are dropped; 0 = no limit
+    max_len_ratio: float  # train pairs whose longer side has more than r times the tokens of the other; 0 = off
+    dedup: bool  # drop exact duplicate train pairs (after normalisation)
+    num_proc: int  # processes for datasets.map (tokenization)
+    cache_dir: str | None  # tokenized datasets are cached here; None = in memory only
+    tokenizer: TokenizerConfig
+
+    def __post_init__(self) -> None:
+        _check_choice("data.format", self.format, DATA_FORMATS)
+
+
+@dataclass
+class DecodeConfig:
+    """How a model searches and batches when it translates (``configs/decode/``): the settings of
+    :mod:`attnmt.decoding` shared by ``attnmt-translate``, ``attnmt-evaluate`` and validation.
+
+    ``beam_size=1`` with ``nbest=1`` runs greedy search.
+    """
+
+    beam_size: int
+    len_penalty: float  # GNMT alpha: hypotheses rank by log P / ((5 + len) / 6) ** alpha
+    nbest: int
+    max_len_a: float  # at most a * source_len + b target tokens
+    max_len_b: int
+    min_len: int
+    max_tokens: int  # source tokens per batch, padding included
+
+    def check(self, prefix: str = "") -> None:
+        """Raise :class:`ConfigError` on settings that cannot work, keys named with ``prefix``."""
+        for key in ("beam_size", "nbest", "max_tokens"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{prefix}{key}={getattr(self, key)} must be at least 1")
+        if self.nbest > self.beam_size:
+            raise ConfigError(f"{prefix}nbest={self.nbest} needs {prefix}beam_size >= {self.nbest} "
+                              f"({prefix}beam_size={self.beam_size})")
+        if self.min_len < 0 or self.max_len_a < 0:
+            raise ConfigError(f"{prefix}min_len={self.min_len} and {prefix}max_len_a={self.max_len_a} "
+                              "must not be negative")
 
 
 @dataclass
@@ -120,84 +180,72 @@ class TrainConfig:
     Every ``max_*`` limit is off at 0; training stops at the first limit reached.
     """
 
-    run_dir: str = "runs/default"
-    seed: int = 1
-    device: str = "auto"  # auto (CUDA if present, else CPU) | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 where supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
-    max_tokens: int = 4096  # source or target tokens per batch (the larger side counts), per rank
-    update_freq: int = 1  # micro-batches accumulated into one update
-    max_steps: int = 0
-    max_epochs: int = 0
-    max_hours: float = 0.0  # wall-clock limit of this process
-    valid_every: int = 1000  # updates between validations (and checkpoints)
-    valid_decode: str = "greedy"  # greedy | beam: the search that produces BLEU/chrF output
-    beam_size: int = 5
-    valid_max_sentences: int = 0  # translate only the first N valid sentences for BLEU; 0 = all
-    patience: int = 0  # stop after this many validations without a better BLEU; 0 = never
-    log_every: int = 50  # updates between TensorBoard/log lines
-    keep_last: int = 5  # numbered checkpoints kept besides last and best
-    resume: str = "none"  # none | auto (from run_dir/checkpoints/last.pt if it exists) | a checkpoint path
-    compile: bool = False  # torch.compile the model
-    num_workers: int = 0  # DataLoader worker processes
-    max_bad_steps: int = 10  # stop after this many non-finite losses in a row
-    progress_bar: bool = True
+    run_dir: str
+    seed: int
+    device: str  # auto (CUDA if present, else CPU) | cpu | cuda | cuda:N
+    precision: str  # auto (bf16 where supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
+    max_tokens: int  # source or target tokens per batch (the larger side counts), per rank
+    update_freq: int  # micro-batches accumulated into one update
+    max_steps: int
+    max_epochs: int
+    max_hours: float  # wall-clock limit of this process
+    valid_every: int  # updates between validations (and checkpoints)
+    valid_decode: DecodeConfig  # the search whose output valid BLEU/chrF score, as attnmt-evaluate's
+    valid_max_sentences: int  # translate only the first N valid sentences for BLEU; 0 = all
+    patience: int  # stop after this many validations without a better BLEU; 0 = never
+    log_every: int  # updates between TensorBoard/log lines
+    keep_last: int  # numbered checkpoints kept besides last and best
+    resume: str  # none | auto (from run_dir/checkpoints/last.pt if it exists) | a checkpoint path
+    init_from: str | None  # a checkpoint whose weights (and tokenizer) start a new run; None = random init
+    compile: bool  # torch.compile the model
+    num_workers: int  # DataLoader worker processes
+    max_bad_steps: int  # stop after this many non-finite losses in a row
+    progress_bar: bool  # at a terminal; elsewhere (nohup, a scheduler, 2> file) only the log lines
+
+    def __post_init__(self) -> None:
+        _check_choice("train.precision", self.precision, PRECISION_NAMES)
 
 
 @dataclass
 class TrainRunConfig:
     """Everything ``attnmt-train`` composes: ``configs/train.yaml`` and its groups."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-
-@dataclass
-class DecodeConfig:
-    """How evaluation and translation search: the settings of :mod:`attnmt.decoding`, and batching.
-
-    ``beam_size=1`` with ``nbest=1`` runs greedy search.
-    """
-
-    beam_size: int = 5
-    len_penalty: float = 1.0  # GNMT alpha: hypotheses rank by log P / ((5 + len) / 6) ** alpha
-    nbest: int = 1
-    max_len_a: float = 1.5  # at most a * source_len + b target tokens
-    max_len_b: int = 10
-    min_len: int = 0
-    max_tokens: int = 4096  # source tokens per batch, padding included
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig
+    train: TrainConfig
 
 
 @dataclass
 class TranslateConfig(DecodeConfig):
     """``attnmt-translate``: the search settings plus where sentences come from and go."""
 
-    ckpt: Any = MISSING  # a checkpoint path, or a list of paths whose weights are averaged
-    input: str | None = None  # a file; None = stdin (or ``text``)
-    output: str | None = None  # a file; None = stdout
-    text: Any = None  # a sentence, or a list of sentences, given on the command line
-    device: str = "auto"
-    buffer_lines: int = 512  # lines read ahead and batched together
-    attention_plot: str | None = None  # a folder: one cross-attention heatmap PNG per input line
-    attention_layer: int | None = None  # the decoder layer to plot; None = mean over layers (and heads)
+    ckpt: Any  # a checkpoint path, or a list of paths whose weights are averaged
+    input: str | None  # a file; None = stdin (or ``text``)
+    output: str | None  # a file; None = stdout
+    text: Any  # sentences to translate; on the command line each text=... is one sentence, taken literally
+    device: str
+    buffer_lines: int  # lines read ahead and batched together
+    attention_plot: str | None  # a folder: one cross-attention heatmap PNG per input line
+    attention_layer: int | None  # the decoder layer to plot; None = mean over layers (and heads)
 
 
 @dataclass
 class EvaluateConfig(DecodeConfig):
-    """``attnmt-evaluate``: a checkpoint's BLEU and chrF on ``src``/``ref`` files or a data split."""
+    """``attnmt-evaluate``: a checkpoint's BLEU and chrF on ``src``/``ref`` files or a data split.
 
-    ckpt: Any = MISSING
-    src: str | None = None
-    ref: str | None = None
-    split: str | None = None  # a split of the checkpoint's data config, e.g. test (or test2016)
-    # With split=: ``data.KEY=VALUE`` on the command line overrides that key of the checkpoint's data
-    # config (e.g. data.root=...); the defaults here only give the keys and their types.
-    data: DataConfig = field(default_factory=DataConfig)
-    hyp: str | None = None  # write the hypotheses here, one line per source line
-    device: str = "auto"
-    tgt_lang: str | None = None  # picks sacreBLEU's tokenizer (zh, ja, ko); default: the checkpoint's
-    bleu_tokenize: str | None = None  # overrides sacreBLEU's tokenizer, e.g. 13a, intl, zh, char
+    With ``split=``, ``data.KEY=VALUE`` on the command line overrides that key of the checkpoint's own
+    data config (e.g. ``data.root=...``); the command takes those items before Hydra sees them.
+    """
+
+    ckpt: Any
+    src: str | None
+    ref: str | None
+    split: str | None  # a split of the checkpoint's data config, e.g. test (or test2016)
+    hyp: str | None  # write the hypotheses here, one line per source line
+    device: str
+    tgt_lang: str | None  # picks sacreBLEU's tokenizer (zh, ja, ko); default: the checkpoint's
+    bleu_tokenize: str | None  # overrides sacreBLEU's tokenizer, e.g. 13a, intl, zh, char
 
 
 def register_configs() -> None:
@@ -206,8 +254,52 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="optim", name="schema", node=OptimConfig)
+    cs.store(group="data", name="schema", node=DataConfig)
     cs.store(name="train_schema", node=TrainRunConfig)
     cs.store(name="translate_schema", node=TranslateConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
-    cs.store(group="optim", name="schema", node=OptimConfig)
-    cs.store(group="data", name="schema", node=DataConfig)
+
+
+def config_dir() -> Path:
+    """The Hydra config tree (``configs/`` with ``train.yaml``, ``model/``, ``data/``, ...).
+
+    The tree lives at the repository's top level, beside ``src/``, and is not copied into the
+    package. Looked up, in order:
+
+    1. ``$ATTNMT_CONFIGS``, if set: a config tree of one's own;
+    2. ``<repository>/configs`` relative to this file's source (``src/attnmt`` -> two levels up).
+       ``pip install -e .`` keeps the package in the checkout, so this works from any working
+       directory.
+
+    Raises:
+        FileNotFoundError: neither exists (e.g. a non-editable install without ``$ATTNMT_CONFIGS``).
+    """
+    env = os.environ.get("ATTNMT_CONFIGS")
+    candidates = [Path(env)] if env else [Path(__file__).resolve().parents[2] / "configs"]
+    for path in candidates:
+        if (path / "train.yaml").is_file():
+            return path
+    raise FileNotFoundError(
+        f"attnmt's config tree was not found at {candidates[0]}; install the package editable "
+        "(pip install -e .) from the repository, or set ATTNMT_CONFIGS to the repository's configs/ folder"
+    )
+
+
+def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """The shipped config ``config_name`` (``train``, ``translate``, ``evaluate``) with ``overrides``
+    (Hydra's command-line syntax), as its dataclass: exactly what the command would run with.
+
+    >>> cfg = compose("train", ["model=tiny", "train.max_steps=100"])  # a TrainRunConfig
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    register_configs()
+    was_initialized = GlobalHydra.instance().is_initialized()
+    if was_initialized:
+        return OmegaConf.to_object(hydra_compose(config_name=config_name, overrides=list(overrides)))
+    with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
+        return OmegaConf.to_object(hydra_compose(config_name=config_name, overrides=list(overrides)))

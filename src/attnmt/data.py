@@ -30,15 +30,14 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 
+from attnmt.config import DATA_FORMATS, DataConfig
 from attnmt.tokenizer import EOS_ID, Tokenizer, normalize
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("folder", "tsv", "jsonl", "hub", "disk")
-_TRAIN_MARK = "attnmt: train split (length rules apply at tokenization)"
 _CACHE_VERSION = "1"
 
-__all__ = ["DataError", "load_split", "load_references", "normalize", "read_lines", "token_lengths", "tokenize"]
+__all__ = ["DataError", "load_split", "load_references", "read_lines", "token_lengths", "tokenize"]
 
 
 class DataError(ValueError):
@@ -77,12 +76,12 @@ def read_lines(path: str | Path) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
-def _source_name(cfg, split: str) -> str:
+def _source_name(cfg: DataConfig, split: str) -> str:
     """The split's name in the source: ``cfg.splits[split]``, or ``split`` itself if it is no key there."""
     return cfg.splits.get(split, split)
 
 
-def _root(cfg) -> Path:
+def _root(cfg: DataConfig) -> Path:
     if not cfg.root:
         raise DataError(f"data.root is not set; data.format={cfg.format} reads from a folder: set data.root=FOLDER")
     root = Path(cfg.root)
@@ -92,7 +91,7 @@ def _root(cfg) -> Path:
     return root
 
 
-def _read_folder(cfg, name: str) -> tuple[list[str], list[str]]:
+def _read_folder(cfg: DataConfig, name: str) -> tuple[list[str], list[str]]:
     root = _root(cfg)
     paths = [root / f"{name}.{lang}" for lang in (cfg.src_lang, cfg.tgt_lang)]
     present = sorted(p.name for p in root.iterdir() if p.is_file())
@@ -113,7 +112,7 @@ def _read_folder(cfg, name: str) -> tuple[list[str], list[str]]:
     return src, tgt
 
 
-def _split_file(cfg, name: str, ext: str) -> Path:
+def _split_file(cfg: DataConfig, name: str, ext: str) -> Path:
     root = _root(cfg)
     path = root / (name if name.endswith(f".{ext}") else f"{name}.{ext}")
     if not path.is_file():
@@ -123,7 +122,7 @@ def _split_file(cfg, name: str, ext: str) -> Path:
     return path
 
 
-def _read_tsv(cfg, name: str) -> tuple[list[str], list[str]]:
+def _read_tsv(cfg: DataConfig, name: str) -> tuple[list[str], list[str]]:
     path = _split_file(cfg, name, "tsv")
     src, tgt = [], []
     for number, line in enumerate(read_lines(path), 1):
@@ -138,7 +137,7 @@ def _read_tsv(cfg, name: str) -> tuple[list[str], list[str]]:
     return src, tgt
 
 
-def _read_jsonl(cfg, name: str) -> tuple[list[str], list[str]]:
+def _read_jsonl(cfg: DataConfig, name: str) -> tuple[list[str], list[str]]:
     path = _split_file(cfg, name, "jsonl")
     src, tgt = [], []
     for number, line in enumerate(read_lines(path), 1):
@@ -158,7 +157,7 @@ def _read_jsonl(cfg, name: str) -> tuple[list[str], list[str]]:
     return src, tgt
 
 
-def _columns(ds: datasets.Dataset, cfg, origin: str) -> tuple[list[str], list[str]]:
+def _columns(ds: datasets.Dataset, cfg: DataConfig, origin: str) -> tuple[list[str], list[str]]:
     """Source and target text of a hub-shaped dataset: a ``translation`` dict column, or one column per language."""
     if "translation" in ds.column_names:
         rows = ds["translation"]
@@ -172,7 +171,7 @@ def _columns(ds: datasets.Dataset, cfg, origin: str) -> tuple[list[str], list[st
                     f"found {ds.column_names}")
 
 
-def _read_hub(cfg, name: str) -> tuple[list[str], list[str]]:
+def _read_hub(cfg: DataConfig, name: str) -> tuple[list[str], list[str]]:
     if not cfg.hub_id:
         raise DataError("data.format=hub needs data.hub_id (e.g. wmt14) and usually data.hub_config (e.g. de-en)")
     origin = f"hub dataset {cfg.hub_id!r} (config {cfg.hub_config!r}, split {name!r})"
@@ -187,7 +186,7 @@ def _read_hub(cfg, name: str) -> tuple[list[str], list[str]]:
     return _columns(ds, cfg, origin)
 
 
-def _read_disk(cfg, name: str) -> tuple[list[str], list[str]]:
+def _read_disk(cfg: DataConfig, name: str) -> tuple[list[str], list[str]]:
     root = _root(cfg)
     try:
         saved = datasets.load_from_disk(str(root))
@@ -204,9 +203,9 @@ def _read_disk(cfg, name: str) -> tuple[list[str], list[str]]:
 _READERS = {"folder": _read_folder, "tsv": _read_tsv, "jsonl": _read_jsonl, "hub": _read_hub, "disk": _read_disk}
 
 
-def _read_raw(cfg, split: str) -> tuple[list[str], list[str], str]:
+def _read_raw(cfg: DataConfig, split: str) -> tuple[list[str], list[str], str]:
     if cfg.format not in _READERS:
-        raise DataError(f"data.format={cfg.format!r}: expected one of {', '.join(FORMATS)}")
+        raise DataError(f"data.format={cfg.format!r}: expected one of {', '.join(DATA_FORMATS)}")
     if cfg.src_lang == cfg.tgt_lang:
         raise DataError(f"data.src_lang and data.tgt_lang are both {cfg.src_lang!r}")
     name = _source_name(cfg, split)
@@ -219,30 +218,29 @@ def _read_raw(cfg, split: str) -> tuple[list[str], list[str], str]:
 # Hygiene
 
 
-def load_split(cfg, split: str, train: bool) -> datasets.Dataset:
+def load_split(cfg: DataConfig, split: str, train: bool) -> datasets.Dataset:
     """One split as a dataset with string columns ``src`` and ``tgt``, normalised and (train only) filtered.
 
     Args:
-        cfg: a :class:`~attnmt.config.DataConfig`.
+        cfg: where the corpus is and how it is cleaned.
         split: a key of ``cfg.splits`` (``train``, ``valid``, ``test``) or a split name of the source.
         train: drop empty pairs (and duplicates with ``cfg.dedup``). False keeps every line in order.
 
     Raises:
         DataError: a missing file or split, misaligned files, bad UTF-8 or JSON, an unknown language,
-            or (train) no pairs left after filtering.
+            a split with no lines, or (train) no pairs left after filtering.
     """
     src_raw, tgt_raw, origin = _read_raw(cfg, split)
-    counts = {"nfkc": 0, "whitespace": 0, "empty": 0, "duplicate": 0}
+    if not src_raw:
+        raise DataError(f"{origin} has no lines; point data.splits.{split} at a split with sentence pairs")
+    counts = {"changed": 0, "nfkc": 0, "empty": 0, "duplicate": 0}
     src, tgt = [], []
     seen: set[bytes] = set()
     for s, t in zip(src_raw, tgt_raw):
-        pair = []
-        for text in (s, t):
-            nfkc = unicodedata.normalize("NFKC", text)
-            clean = " ".join(nfkc.split())  # = normalize(text), counting the two steps apart
-            counts["nfkc"] += nfkc != text
-            counts["whitespace"] += clean != nfkc
-            pair.append(clean)
+        pair = (normalize(s), normalize(t))
+        for raw, clean in zip((s, t), pair):
+            counts["changed"] += clean != raw
+            counts["nfkc"] += not unicodedata.is_normalized("NFKC", raw)
         empty = not pair[0] or not pair[1]
         counts["empty"] += empty
         if train and empty:
@@ -256,19 +254,18 @@ def load_split(cfg, split: str, train: bool) -> datasets.Dataset:
         src.append(pair[0])
         tgt.append(pair[1])
 
-    logger.info("%s: %d pairs read; %d lines changed by NFKC, %d by whitespace trimming; %s; %d pairs kept",
-                origin, len(src_raw), counts["nfkc"], counts["whitespace"],
+    logger.info("%s: %d pairs read; %d lines changed by NFKC, %d by normalisation in all (NFKC, whitespace); "
+                "%s; %d pairs kept", origin, len(src_raw), counts["nfkc"], counts["changed"],
                 (f"{counts['empty']} empty pairs dropped, {counts['duplicate']} duplicates dropped"
                  if train else f"{counts['empty']} empty pairs kept (not a training split)"), len(src))
     if train and not src:
         raise DataError(f"{origin}: no training pairs left: {len(src_raw)} read, {counts['empty']} dropped as "
                         f"empty, {counts['duplicate']} as duplicates (data.dedup)")
     features = datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")})
-    info = datasets.DatasetInfo(description=_TRAIN_MARK if train else origin, features=features)
-    return datasets.Dataset.from_dict({"src": src, "tgt": tgt}, info=info)
+    return datasets.Dataset.from_dict({"src": src, "tgt": tgt}, features=features)
 
 
-def load_references(cfg, split: str) -> list[str]:
+def load_references(cfg: DataConfig, split: str) -> list[str]:
     """The split's target side exactly as stored (not normalised): the references for BLEU."""
     return _read_raw(cfg, split)[1]
 
@@ -284,17 +281,14 @@ def _encode(batch: dict, tokenizer: Tokenizer) -> dict:
     }
 
 
-def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, cfg, train: bool | None = None) -> datasets.Dataset:
+def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, cfg: DataConfig, train: bool) -> datasets.Dataset:
     """Add ``src_ids`` and ``tgt_ids`` (token ids + EOS, int16 where the vocabulary fits) to a split.
 
     The result is cached under ``cfg.cache_dir`` by the split's content, the tokenizer and the
-    settings, so a second run does not tokenize again. On a training split (``train``; by default, a
-    split :func:`load_split` loaded with ``train=True``) pairs with a side over ``cfg.max_len``
-    tokens (EOS not counted) or a length ratio above ``cfg.max_len_ratio`` are dropped, with counts
-    logged.
+    settings, so a second run does not tokenize again. On a training split (``train``) pairs with a
+    side over ``cfg.max_len`` tokens (EOS not counted) or a length ratio above ``cfg.max_len_ratio``
+    are dropped, with counts logged.
     """
-    if train is None:
-        train = ds.info.description == _TRAIN_MARK
     dtype = "int16" if max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) <= 2**15 else "int32"
     features = ds.features.copy()
     features["src_ids"] = datasets.Sequence(datasets.Value(dtype))
@@ -319,7 +313,7 @@ def token_lengths(ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
             pc.list_value_length(table.column("tgt_ids")).to_numpy(zero_copy_only=False).astype(np.int64))
 
 
-def _filter_lengths(ds: datasets.Dataset, cfg) -> datasets.Dataset:
+def _filter_lengths(ds: datasets.Dataset, cfg: DataConfig) -> datasets.Dataset:
     src_len, tgt_len = token_lengths(ds)
     src_len, tgt_len = src_len - 1, tgt_len - 1  # EOS is not part of the sentence
     too_long = (np.maximum(src_len, tgt_len) > cfg.max_len) if cfg.max_len > 0 else np.zeros(len(ds), bool)

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from attnmt.batching import length_batches, pad
 from attnmt.config import DecodeConfig
 from attnmt.decoding import Hypothesis, beam_search, greedy_search
 from attnmt.device import autocast, inference_dtype
 from attnmt.model import Transformer
-from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, normalize
+from attnmt.tokenizer import BOS_ID, EOS_ID, Tokenizer, normalize
 
 log = logging.getLogger(__name__)
 
@@ -52,33 +53,6 @@ def encode_sources(tokenizer: Tokenizer, lines: list[str], max_len: int, first_l
             piece_ids = piece_ids[: max_len - 1]
         sources.append(list(piece_ids) + [EOS_ID])
     return sources
-
-
-def length_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length, each at most ``max_tokens`` counting padding
-    (batch size x longest); a single longer sentence gets a batch of its own. Zero lengths are
-    left out."""
-    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: lengths[i])
-    batches: list[list[int]] = []
-    batch: list[int] = []
-    for i in order:
-        # Sorted ascending, so this sentence is the batch's longest.
-        if batch and (len(batch) + 1) * lengths[i] > max_tokens:
-            batches.append(batch)
-            batch = []
-        batch.append(i)
-    if batch:
-        batches.append(batch)
-    return batches
-
-
-def pad(sequences: list[list[int]], device: torch.device | str) -> tuple[Tensor, Tensor]:
-    """Right-padded ids (B, S) and their mask (B, S), True at real tokens."""
-    tokens = torch.full((len(sequences), max(map(len, sequences))), PAD_ID, dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        tokens[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-    tokens = tokens.to(device)
-    return tokens, tokens != PAD_ID
 
 
 def search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: DecodeConfig) -> list[list[Hypothesis]]:
@@ -114,7 +88,7 @@ def translate(
     sources = encode_sources(tokenizer, lines, model.cfg.max_positions, first_line)
     hypotheses: list[list[Hypothesis]] = [[] for _ in lines]
     for batch in length_batches([len(s) for s in sources], cfg.max_tokens):
-        src_tokens, src_mask = pad([sources[i] for i in batch], device)
+        src_tokens, src_mask = (t.to(device) for t in pad([sources[i] for i in batch]))
         with autocast(device, inference_dtype(device)):
             results = search(model, src_tokens, src_mask, cfg)
         for i, hyps in zip(batch, results):
@@ -129,18 +103,6 @@ def translate(
         texts = tokenizer.decode_tgt([h.tokens for h in hyps])
         translations.append(Translation(texts, [h.score for h in hyps], [h.tokens for h in hyps]))
     return translations
-
-
-def chunks(lines: Iterable[str], size: int) -> Iterator[list[str]]:
-    """Consecutive lists of up to ``size`` lines."""
-    chunk: list[str] = []
-    for line in lines:
-        chunk.append(line)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def corpus_scores(hypotheses: list[str], references: list[str], tgt_lang: str | None = None,
@@ -159,8 +121,8 @@ def corpus_scores(hypotheses: list[str], references: list[str], tgt_lang: str | 
     bleu_score = bleu.corpus_score(hypotheses, [references])
     chrf_score = chrf.corpus_score(hypotheses, [references])
     return {
-        "bleu": round(bleu_score.score, 2),
-        "chrf": round(chrf_score.score, 2),
+        "bleu": bleu_score.score,
+        "chrf": chrf_score.score,
         "bleu_signature": str(bleu.get_signature()),
         "chrf_signature": str(chrf.get_signature()),
     }
@@ -172,8 +134,8 @@ def cross_attention(model: Transformer, src_ids: list[int], tgt_ids: list[int], 
     (``layer=None``) or taken from one layer. Rows are the predicted target tokens (EOS last),
     columns the source tokens (EOS last)."""
     device = next(model.parameters()).device
-    src_tokens, src_mask = pad([src_ids], device)
-    tgt_in, _ = pad([[BOS_ID] + tgt_ids], device)
+    src_tokens, src_mask = (t.to(device) for t in pad([src_ids]))
+    tgt_in = torch.tensor([[BOS_ID, *tgt_ids]], device=device)
     weights = model.cross_attention_weights(tgt_in, model.encode(src_tokens, src_mask), src_mask)  # (L, 1, H, T, S)
     weights = weights[:, 0].float().mean(dim=1)  # (L, T, S)
     return (weights.mean(dim=0) if layer is None else weights[layer]).cpu()

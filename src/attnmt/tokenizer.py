@@ -16,14 +16,18 @@ import json
 import logging
 import os
 import random
+import shutil
 import tempfile
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sentencepiece as spm
+
+if TYPE_CHECKING:
+    from attnmt.config import TokenizerConfig
 
 PAD_ID = 0
 UNK_ID = 1
@@ -35,6 +39,10 @@ STATE_FORMAT = 1
 SETTINGS_FILE = "tokenizer.json"
 
 logger = logging.getLogger(__name__)
+
+
+class TokenizerError(ValueError):
+    """Settings SentencePiece rejects, or a tokenizer file that cannot be used; the message names the key or file."""
 
 
 # Every character str.splitlines() breaks at, mapped to a space.
@@ -70,7 +78,8 @@ class Tokenizer:
     # Training, saving, loading
 
     @classmethod
-    def train(cls, src_texts: Sequence[str], tgt_texts: Sequence[str], cfg, out_dir: str | Path) -> Tokenizer:
+    def train(cls, src_texts: Sequence[str], tgt_texts: Sequence[str], cfg: TokenizerConfig,
+              out_dir: str | Path) -> Tokenizer:
         """Train SentencePiece on (a sample of) the training pairs and save it in ``out_dir``.
 
         If ``out_dir`` already holds a tokenizer trained on the same texts with the same settings (the
@@ -90,14 +99,14 @@ class Tokenizer:
             return tokenizer
         if len(src_texts) != len(tgt_texts):
             raise ValueError(f"{len(src_texts)} source but {len(tgt_texts)} target sentences; they must be aligned")
-        if cfg.model_type not in ("unigram", "bpe"):
-            raise ValueError(f"data.tokenizer.model_type={cfg.model_type!r}: expected unigram or bpe")
-        settings = {k: v for k, v in asdict(cfg).items() if k != "model"}
+        settings = tokenizer_settings(cfg)
         fingerprint = _data_hash(src_texts, tgt_texts, settings)
-        existing = out_dir / SETTINGS_FILE
-        if existing.is_file() and json.loads(existing.read_text()).get("fingerprint") == fingerprint:
+        if _saved_fingerprint(out_dir) == fingerprint:
             logger.info("reusing the tokenizer in %s (same data and settings)", out_dir)
             return cls.load(out_dir)
+        if out_dir.exists():
+            logger.info("the tokenizer in %s was trained on other data or settings (or is incomplete): "
+                        "training a new one", out_dir)
 
         sample = _sample_indices(len(src_texts), cfg.sample_size, cfg.seed)
         if cfg.joint:
@@ -114,16 +123,31 @@ class Tokenizer:
         return tokenizer
 
     def save(self, out_dir: str | Path) -> None:
-        """Write ``joint.model`` (or ``src.model`` and ``tgt.model``) and ``tokenizer.json`` into ``out_dir``."""
+        """Write ``joint.model`` (or ``src.model`` and ``tgt.model``) and ``tokenizer.json`` into ``out_dir``.
+
+        Atomically: the files go into a temporary folder beside ``out_dir``, which then replaces it, so
+        a crash leaves either the previous folder or the complete new one, never a half-written one.
+        """
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if self.joint:
-            (out_dir / "joint.model").write_bytes(self._src_bytes)
-        else:
-            (out_dir / "src.model").write_bytes(self._src_bytes)
-            (out_dir / "tgt.model").write_bytes(self._tgt_bytes)
-        meta = {"joint": self.joint, "settings": self.settings, "fingerprint": self.fingerprint}
-        (out_dir / SETTINGS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
+        try:
+            if self.joint:
+                (tmp / "joint.model").write_bytes(self._src_bytes)
+            else:
+                (tmp / "src.model").write_bytes(self._src_bytes)
+                (tmp / "tgt.model").write_bytes(self._tgt_bytes)
+            meta = {"joint": self.joint, "settings": self.settings, "fingerprint": self.fingerprint}
+            (tmp / SETTINGS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+            if out_dir.exists():  # a rename cannot replace a non-empty folder: move the old one aside first
+                old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
+                os.replace(out_dir, old)
+                os.replace(tmp, out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
@@ -133,15 +157,21 @@ class Tokenizer:
             return cls(path.read_bytes(), None, {"model": str(path)})
         meta_file = path / SETTINGS_FILE
         if not meta_file.is_file():
-            raise FileNotFoundError(
+            raise TokenizerError(
                 f"no tokenizer at {path}: expected a SentencePiece .model file or a folder with {SETTINGS_FILE} "
                 "(written by Tokenizer.save)"
             )
-        meta = json.loads(meta_file.read_text())
-        if meta["joint"]:
-            return cls((path / "joint.model").read_bytes(), None, meta["settings"], meta["fingerprint"])
-        return cls((path / "src.model").read_bytes(), (path / "tgt.model").read_bytes(), meta["settings"],
-                   meta["fingerprint"])
+        try:
+            meta = json.loads(meta_file.read_text())
+            if meta["joint"]:
+                return cls((path / "joint.model").read_bytes(), None, meta["settings"], meta["fingerprint"])
+            return cls((path / "src.model").read_bytes(), (path / "tgt.model").read_bytes(), meta["settings"],
+                       meta["fingerprint"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            if isinstance(err, TokenizerError):
+                raise
+            raise TokenizerError(f"the tokenizer in {path} is incomplete or damaged ({type(err).__name__}: {err}); "
+                                 "delete that folder to train a new one") from None
 
     def to_state(self) -> dict[str, Any]:
         """Everything needed to rebuild this tokenizer, as plain types (``torch.load(weights_only=True)`` safe)."""
@@ -203,15 +233,32 @@ class Tokenizer:
         return [self._tgt_sp.id_to_piece(int(i)) for i in ids]
 
 
+def _saved_fingerprint(folder: Path) -> str | None:
+    """The fingerprint in ``folder``'s ``tokenizer.json``; None where there is none (or it is unreadable)."""
+    try:
+        return json.loads((folder / SETTINGS_FILE).read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def tokenizer_settings(cfg: TokenizerConfig) -> dict[str, Any]:
+    """The settings a trained tokenizer records (a :class:`~attnmt.config.TokenizerConfig` without
+    ``model``): two tokenizers trained on the same data with equal settings are the same."""
+    return {k: v for k, v in asdict(cfg).items() if k != "model"}
+
+
 def _strip_special(ids: Iterable[int]) -> list[int]:
     return [int(i) for i in ids if int(i) not in SPECIAL_IDS]
 
 
 def _processor(model: bytes, name: str) -> spm.SentencePieceProcessor:
-    sp = spm.SentencePieceProcessor(model_proto=model)
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=model)
+    except RuntimeError as err:
+        raise TokenizerError(f"the {name} SentencePiece model cannot be loaded (corrupt?): {err}") from None
     ids = (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id())
     if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
-        raise ValueError(
+        raise TokenizerError(
             f"the {name} SentencePiece model has pad/unk/bos/eos ids {ids}; attnmt needs "
             f"({PAD_ID}, {UNK_ID}, {BOS_ID}, {EOS_ID}). Retrain it with --pad_id=0 --unk_id=1 --bos_id=2 --eos_id=3"
         )
@@ -234,11 +281,11 @@ def _sample_indices(n: int, sample_size: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), sample_size))
 
 
-def _train_model(texts: list[str], cfg) -> bytes:
+def _train_model(texts: list[str], cfg: TokenizerConfig) -> bytes:
     """Train one SentencePiece model on ``texts`` and return its serialized bytes."""
     texts = [t for t in texts if t]
     if not texts:
-        raise ValueError("no non-empty sentences to train the tokenizer on")
+        raise TokenizerError("no non-empty sentences to train the tokenizer on")
     # A temp file rather than sentence_iterator: the trainer then reads the sample in its own threads.
     with tempfile.TemporaryDirectory(prefix="attnmt-spm-") as tmp:
         corpus = Path(tmp) / "corpus.txt"
@@ -247,12 +294,14 @@ def _train_model(texts: list[str], cfg) -> bytes:
         try:
             _run_trainer(corpus, prefix, cfg)
         except RuntimeError as err:
-            raise ValueError(f"SentencePiece training failed with data.tokenizer.vocab_size={cfg.vocab_size} "
-                             f"(byte_fallback adds 256 byte pieces): {err}") from err
+            reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            extra = " (byte_fallback adds 256 byte pieces)" if cfg.byte_fallback else ""
+            raise TokenizerError(f"SentencePiece cannot train with data.tokenizer.vocab_size={cfg.vocab_size}{extra}: "
+                                 f"{reason}") from None
         return Path(f"{prefix}.model").read_bytes()
 
 
-def _run_trainer(corpus: Path, prefix: Path, cfg) -> None:
+def _run_trainer(corpus: Path, prefix: Path, cfg: TokenizerConfig) -> None:
     spm.SentencePieceTrainer.train(
         input=str(corpus), model_prefix=str(prefix), model_type=cfg.model_type, vocab_size=cfg.vocab_size,
         character_coverage=cfg.character_coverage, byte_fallback=cfg.byte_fallback,

@@ -1,8 +1,14 @@
 """The training loop: :func:`train` reads top to bottom, nanoGPT-style.
 
-Helpers around it have names: :func:`lr_at` (the schedule), :func:`label_smoothed_nll` (the loss),
-:func:`train_step` (one update over ``update_freq`` micro-batches), :func:`validate` (loss, perplexity,
-BLEU and chrF on the valid split), and the checkpoint functions in :mod:`attnmt.checkpoint`.
+``train(cfg)`` is two steps. :func:`start` checks the config and the run directory, prepares the
+data, builds the model and the :class:`~attnmt.checkpoint.TrainState` (restored on resume), and only
+once all of that has passed writes anything into the run directory: a refused command changes
+nothing. :func:`run_loop` then alternates updates with validations and checkpoints until a limit,
+early stopping or a signal. Helpers have names: :func:`lr_at` (the schedule),
+:func:`label_smoothed_nll` (the loss), :func:`train_step` (one update over ``update_freq``
+micro-batches), :func:`validate` (loss and perplexity, and BLEU/chrF through the same
+:func:`~attnmt.evaluation.translate` and :func:`~attnmt.evaluation.corpus_scores` as
+``attnmt-evaluate``), :func:`save` (a validation's checkpoint files).
 
 Gradients are normalised by the number of target tokens of the whole update, summed over
 micro-batches and ranks, so ``update_freq=2`` on one GPU, two GPUs, and one batch twice the size all
@@ -12,40 +18,52 @@ make the same update.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import logging
+import logging.handlers
 import math
+import os
 import random
 import signal
+import sys
+import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
-import sacrebleu
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
 from attnmt import checkpoint, distributed
-from attnmt.config import ConfigError, ModelConfig, OptimConfig, TrainConfig
+from attnmt.batching import Batch, TokenBucketSampler, collate, make_dataloader
+from attnmt.checkpoint import CheckpointError, TrainState
+from attnmt.config import ConfigError, DataConfig, DecodeConfig, ModelConfig, OptimConfig, TrainConfig, TrainRunConfig
+from attnmt.data import load_references, load_split, token_lengths, tokenize
 from attnmt.device import autocast as autocast_context
 from attnmt.device import resolve_device, resolve_precision
-
-if TYPE_CHECKING:
-    from attnmt.config import TrainRunConfig
+from attnmt.evaluation import attention_figure, corpus_scores, cross_attention, translate
+from attnmt.model import Transformer, build_model
+from attnmt.tokenizer import PAD_ID, Tokenizer, tokenizer_settings
 
 logger = logging.getLogger(__name__)
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 class TrainingError(RuntimeError):
-    """Training cannot go on (out of memory, a run of non-finite losses); the message says what to change."""
+    """Training cannot go on (out of memory, a run of non-finite losses, a full disk); the message says what to change."""
 
 
 # ----------------------------------------------------------------------------------------------------
-# Config checks
+# Config and run-directory checks
 
 
 def check_config(model: ModelConfig, optim: OptimConfig, train: TrainConfig, max_sentence_tokens: int | None) -> None:
@@ -64,8 +82,6 @@ def check_config(model: ModelConfig, optim: OptimConfig, train: TrainConfig, max
             f"train.max_tokens={train.max_tokens} is below the longest allowed sentence ({max_sentence_tokens} "
             "tokens), which would fit in no batch; raise train.max_tokens or lower the data length limit"
         )
-    if optim.schedule not in ("inverse_sqrt", "cosine"):
-        raise ConfigError(f"optim.schedule={optim.schedule!r} is unknown; use inverse_sqrt or cosine")
     if optim.schedule == "cosine" and train.max_steps <= 0:
         raise ConfigError("optim.schedule=cosine decays to train.max_steps, which is 0; set train.max_steps")
     if not 0.0 <= optim.label_smoothing < 1.0:
@@ -74,11 +90,48 @@ def check_config(model: ModelConfig, optim: OptimConfig, train: TrainConfig, max
         raise ConfigError(f"train.update_freq={train.update_freq} must be at least 1")
     if train.max_steps <= 0 and train.max_epochs <= 0 and train.max_hours <= 0:
         raise ConfigError("no stopping rule: set train.max_steps, train.max_epochs or train.max_hours")
-    if train.valid_decode not in ("greedy", "beam"):
-        raise ConfigError(f"train.valid_decode={train.valid_decode!r} is unknown; use greedy or beam")
     for key in ("valid_every", "log_every", "max_bad_steps"):
         if getattr(train, key) < 1:
             raise ConfigError(f"train.{key}={getattr(train, key)} must be at least 1")
+    train.valid_decode.check("train.valid_decode.")
+    if train.init_from and train.resume != "none":
+        raise ConfigError(f"train.init_from={train.init_from} starts a new run, train.resume={train.resume} continues "
+                          "one; set only one of them")
+
+
+def max_sentence_tokens(data_cfg: DataConfig) -> int | None:
+    """The longest sentence the data filter allows, EOS included (None when the data config sets none)."""
+    return data_cfg.max_len + 1 if data_cfg.max_len else None
+
+
+def check_writable(run_dir: Path) -> None:
+    """Fail at start, with one line, when training could not write its run directory.
+
+    Probes ``run_dir`` and the folders and files inside it that training writes (or, where ``run_dir``
+    does not exist yet, its nearest existing parent) by creating and removing a file, so a
+    read-only mount or folder is found before any update is trained, not at the first checkpoint.
+    """
+    folders = [run_dir] + [run_dir / name for name in ("checkpoints", "tensorboard", "tokenizer")]
+    for folder in folders:
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if folder != run_dir and probe != folder:
+            continue  # created by training inside run_dir, which is probed itself
+        try:
+            fd, name = tempfile.mkstemp(prefix=".attnmt-probe", dir=probe)
+            os.close(fd)
+            os.unlink(name)
+        except OSError as err:
+            raise ConfigError(f"train.run_dir={run_dir} cannot be written ({probe}: {err.strerror}); choose a writable "
+                              "train.run_dir or fix the folder's permissions") from None
+    log = run_dir / "train.log"
+    try:
+        if log.exists():
+            log.open("a").close()
+    except OSError as err:
+        raise ConfigError(f"{log} cannot be written ({err.strerror}); fix its permissions or choose another "
+                          "train.run_dir") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -210,73 +263,67 @@ def describe_oom(micro_batches: list, max_tokens: int, update_freq: int) -> str:
 # Validation
 
 
+@dataclass
+class ValidSet:
+    """The valid split as validation uses it (rank 0): teacher-forced batches for the loss, and the
+    sources and raw references of its first ``train.valid_max_sentences`` lines for BLEU and chrF."""
+
+    batches: list[Batch]  # collated, on the model's device
+    sources: list[str]
+    references: list[str]
+    tgt_lang: str
+    first_pair: tuple[list[int], list[int]]  # ids of the first pair (EOS included), for the attention map
+
+
+def valid_set(valid_ds, data_cfg: DataConfig, train_cfg: TrainConfig, device: torch.device) -> ValidSet:
+    """Batch the tokenized valid split once; valid sentences are never length-filtered, so one longer
+    than ``train.max_tokens`` gets a batch of its own."""
+    src_len, tgt_len = token_lengths(valid_ds)
+    longest = int(max(src_len.max(), tgt_len.max()))
+    sampler = TokenBucketSampler(src_len, tgt_len, max(train_cfg.max_tokens, longest), shuffle=False)
+    batches = [collate([valid_ds[i] for i in rows]).to(device) for rows in sampler]
+    limit = train_cfg.valid_max_sentences or len(valid_ds)
+    first = valid_ds[0]
+    return ValidSet(batches, valid_ds.select(range(min(limit, len(valid_ds))))["src"],
+                    load_references(data_cfg, "valid")[:limit], data_cfg.tgt_lang,
+                    (list(first["src_ids"]), list(first["tgt_ids"])))
+
+
 @torch.no_grad()
-def validate(
-    model: nn.Module,
-    batches: list,
-    indices: list[list[int]],
-    references: list[str],
-    tokenizer,
-    train_cfg: TrainConfig,
-    autocast: contextlib.AbstractContextManager,
-    label_smoothing: float,
-    pad_id: int = 0,
-) -> dict:
-    """Loss, NLL and perplexity over the valid ``batches``, and BLEU/chrF of their translations.
+def validate(model: Transformer, valid: ValidSet, tokenizer: Tokenizer, decode: DecodeConfig,
+             autocast: contextlib.AbstractContextManager, label_smoothing: float) -> dict:
+    """Loss, NLL and perplexity over the valid batches, and BLEU/chrF of the valid translations.
 
-    Args:
-        batches: collated valid batches, already on the model's device.
-        indices: the dataset rows of each batch, to put translations back in corpus order.
-        references: raw target sentences of the valid split, in corpus order. When
-            ``train_cfg.valid_max_sentences`` is set, only the first that many are translated.
+    The translations and their scores come from :func:`~attnmt.evaluation.translate` and
+    :func:`~attnmt.evaluation.corpus_scores` with ``decode``, as ``attnmt-evaluate split=valid``
+    computes them, so the BLEU that picks ``best.pt`` is the BLEU that command reports.
     """
-    from attnmt.decoding import beam_search, greedy_search
-
     was_training = model.training
     model.eval()
     loss_sum = nll_sum = 0.0
     n_tokens = 0
-    limit = train_cfg.valid_max_sentences or len(references)
-    hypotheses: dict[int, str] = {}
-    for batch, rows in zip(batches, indices):
+    for batch in valid.batches:
         with autocast:
             logits = model(batch.src_tokens, batch.src_mask, batch.tgt_in)
-        loss, nll = label_smoothed_nll(logits, batch.tgt_out, label_smoothing, pad_id)
+        loss, nll = label_smoothed_nll(logits, batch.tgt_out, label_smoothing, PAD_ID)
         loss_sum += loss.item()
         nll_sum += nll.item()
         n_tokens += batch.n_tgt_tokens
-        keep = [j for j, row in enumerate(rows) if row < limit]
-        if not keep:
-            continue
-        keep_t = torch.tensor(keep, device=batch.src_tokens.device)
-        src_tokens, src_mask = batch.src_tokens[keep_t], batch.src_mask[keep_t]
-        src_len = int(src_mask.sum(1).max())
-        src_tokens, src_mask = src_tokens[:, :src_len], src_mask[:, :src_len]
-        with autocast:
-            if train_cfg.valid_decode == "beam":
-                outputs = [h[0].tokens for h in beam_search(model, src_tokens, src_mask, beam_size=train_cfg.beam_size)]
-            else:
-                outputs = greedy_search(model, src_tokens, src_mask)
-        for j, text in zip(keep, tokenizer.decode_tgt(outputs)):
-            hypotheses[rows[j]] = text
+    hypotheses = [t.texts[0] for t in translate(model, tokenizer, valid.sources, decode)]
     model.train(was_training)
-
-    order = sorted(hypotheses)
-    hyps = [hypotheses[i] for i in order]
-    refs = [references[i] for i in order]
     nll = nll_sum / max(n_tokens, 1)
     return {
         "loss": loss_sum / max(n_tokens, 1),
         "nll": nll,
         "ppl": math.exp(min(nll, 100.0)),
-        "bleu": sacrebleu.corpus_bleu(hyps, [refs]).score,
-        "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score,
-        "n_sentences": len(hyps),
-        "examples": list(zip(hyps[:3], refs[:3])),
+        **corpus_scores(hypotheses, valid.references, valid.tgt_lang),
+        "n_sentences": len(hypotheses),
+        "examples": list(zip(hypotheses[:3], valid.references[:3])),
     }
 
 
-def log_attention_map(writer, model: nn.Module, tokenizer, src_ids: list[int], tgt_ids: list[int], step: int) -> None:
+def log_attention_map(writer, model: Transformer, tokenizer: Tokenizer, src_ids: list[int], tgt_ids: list[int],
+                      step: int) -> None:
     """Add one cross-attention heatmap (mean over layers and heads) of a valid pair to TensorBoard.
 
     The reference is teacher-forced, so the map shows where the model looks while it predicts each
@@ -285,8 +332,6 @@ def log_attention_map(writer, model: nn.Module, tokenizer, src_ids: list[int], t
     Args:
         src_ids: source ids, EOS included; tgt_ids: reference ids, EOS included.
     """
-    from attnmt.evaluation import attention_figure, cross_attention
-
     was_training = model.training
     model.eval()  # dropout would blur the map
     weights = cross_attention(model, src_ids, tgt_ids[:-1])  # (T, S): rows predict tgt_ids, EOS last
@@ -297,34 +342,54 @@ def log_attention_map(writer, model: nn.Module, tokenizer, src_ids: list[int], t
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data, signals
+# Data, signals, the log file
 
 
-def prepare_data(data_cfg, run_dir: Path, tokenizer_state: dict | None = None):
+def prepare_data(data_cfg: DataConfig, tokenizer_dir: Path, tokenizer: Tokenizer | None = None):
     """The tokenizer and the tokenized train and valid splits.
 
-    The tokenizer comes from the checkpoint being resumed (``tokenizer_state``), else from
-    ``<run_dir>/tokenizer`` if an earlier start of this run trained one, else rank 0 trains it on the
-    train split and the other ranks load it from there.
+    The tokenizer is ``tokenizer`` (the one of a checkpoint being resumed or started from), else the
+    one in ``tokenizer_dir`` if it was trained on the same data with the same settings, else rank 0
+    trains it there and the other ranks load it.
 
     Returns:
         (tokenizer, train dataset, valid dataset); the datasets have ``src_ids`` and ``tgt_ids``.
     """
-    from attnmt.data import load_split, tokenize
-    from attnmt.tokenizer import Tokenizer
-
     train_raw = load_split(data_cfg, "train", train=True)
     valid_raw = load_split(data_cfg, "valid", train=False)
-    tokenizer_dir = run_dir / "tokenizer"
-    if tokenizer_state is not None:
-        tokenizer = Tokenizer.from_state(tokenizer_state)
-    else:
-        if distributed.rank() == 0 and not tokenizer_dir.is_dir():
-            logger.info("training the tokenizer on %d sentence pairs into %s", len(train_raw), tokenizer_dir)
+    if tokenizer is None:
+        if distributed.rank() == 0:
             Tokenizer.train(train_raw["src"], train_raw["tgt"], data_cfg.tokenizer, tokenizer_dir)
         distributed.barrier()
         tokenizer = Tokenizer.load(tokenizer_dir)
-    return tokenizer, tokenize(train_raw, tokenizer, data_cfg), tokenize(valid_raw, tokenizer, data_cfg)
+    return tokenizer, tokenize(train_raw, tokenizer, data_cfg, train=True), tokenize(valid_raw, tokenizer, data_cfg,
+                                                                                      train=False)
+
+
+def check_same_tokenizer(state: dict, cfg_tokenizer, path: Path) -> None:
+    """A resumed run keeps its checkpoint's tokenizer: refuse, naming the keys, when the config asks for another."""
+    if cfg_tokenizer.model:
+        return  # a user-supplied model: its settings are whatever that file holds
+    saved, wanted = state["tokenizer"].get("settings") or {}, tokenizer_settings(cfg_tokenizer)
+    changed = [f"data.tokenizer.{k}={wanted[k]!r} (checkpoint: {saved[k]!r})" for k in wanted
+               if k in saved and saved[k] != wanted[k]]
+    if changed:
+        raise ConfigError(f"{path} was trained with another tokenizer: {', '.join(changed)}; resume with the "
+                          f"checkpoint's settings, or start a new run in another train.run_dir")
+
+
+# Keys of ModelConfig that may change between a checkpoint and the run that continues from it.
+_MODEL_KEYS_FREE = ("dropout", "attention_dropout", "src_vocab_size", "tgt_vocab_size", "pad_id")
+
+
+def check_same_model(state: dict, model: ModelConfig, path: Path) -> None:
+    """Refuse, naming the keys, a checkpoint whose model has another shape than ``model``."""
+    saved = state["model_config"]
+    changed = [f"model.{f.name}={getattr(model, f.name)!r} (checkpoint: {saved[f.name]!r})" for f in fields(model)
+               if f.name in saved and f.name not in _MODEL_KEYS_FREE and saved[f.name] != getattr(model, f.name)]
+    if changed:
+        raise ConfigError(f"{path} holds another model: {', '.join(changed)}; use the checkpoint's model settings "
+                          "(e.g. the same model= and experiment=)")
 
 
 def install_stop_handlers() -> tuple[dict, dict]:
@@ -359,8 +424,385 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class RunDir:
+    """The run directory as rank 0 holds it: a lock against a second process training in it, and
+    ``train.log``, begun only when a start is accepted (:meth:`accept`).
+
+    Records logged before then (data hygiene, tokenizer training) are held in memory and written
+    first, so a refused start leaves ``train.log`` and ``config.yaml`` as they were.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.lock: Any = None
+        self.buffer = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1,
+                                                     flushOnClose=False)
+        self.log_file: logging.Handler | None = None
+        logging.getLogger().addHandler(self.buffer)
+
+    def acquire(self) -> None:
+        """Hold ``.lock`` in the run directory until :meth:`close` (or until the process exits, however).
+
+        Raises:
+            ConfigError: another process trains in this directory: the two would overwrite each other.
+        """
+        if self.lock is not None:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(f"train.run_dir={self.path} is in use by {owner}; wait for it to finish or use another "
+                              "train.run_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"attnmt-train (pid {os.getpid()})\n")
+        handle.flush()
+        self.lock = handle
+
+    def accept(self, cfg: TrainRunConfig) -> None:
+        """The start passed every check: clean up after a killed run, write ``config.yaml``, begin ``train.log``."""
+        self.acquire()
+        stale = checkpoint.remove_temporary_files(self.path) + checkpoint.remove_temporary_files(
+            checkpoint.checkpoint_dir(self.path))
+        tmp = self.path / f".config.yaml.tmp{os.getpid()}"
+        OmegaConf.save(OmegaConf.structured(cfg), tmp)
+        os.replace(tmp, self.path / "config.yaml")
+        self.log_file = logging.FileHandler(self.path / "train.log", encoding="utf-8")
+        self.log_file.setFormatter(logging.Formatter(LOG_FORMAT))
+        self.buffer.setTarget(self.log_file)
+        self.buffer.flush()
+        root = logging.getLogger()
+        root.removeHandler(self.buffer)
+        root.addHandler(self.log_file)
+        if stale:
+            logger.info("removed %d temporary files left by a killed run: %s", len(stale), ", ".join(p.name for p in stale))
+
+    def close(self) -> None:
+        root = logging.getLogger()
+        root.removeHandler(self.buffer)
+        if self.log_file is not None:
+            root.removeHandler(self.log_file)
+            self.log_file.close()
+        if self.lock is not None:
+            self.lock.close()
+
+
 # ----------------------------------------------------------------------------------------------------
-# The loop
+# The run: set up by start(), driven by run_loop()
+
+
+@dataclass
+class Meter:
+    """Training metrics summed over the updates since the last log line."""
+
+    tokens: int = 0
+    padding: int = 0
+    slots: int = 0
+    loss: float = 0.0
+    nll: float = 0.0
+    steps: int = 0  # updates that were not skipped
+    since: float = field(default_factory=time.time)
+
+    def add(self, result: StepResult, micro: list[Batch]) -> None:
+        if not result.skipped:
+            self.loss += result.loss
+            self.nll += result.nll
+            self.steps += 1
+        self.tokens += result.n_tokens
+        for b in micro:
+            self.padding += b.src_tokens.numel() + b.tgt_in.numel() - int(b.src_mask.sum()) - b.n_tgt_tokens
+            self.slots += b.src_tokens.numel() + b.tgt_in.numel()
+
+
+@dataclass
+class Run:
+    """Everything the loop works with, built by :func:`start` and released by :meth:`close`."""
+
+    cfg: TrainRunConfig
+    info: distributed.DistInfo
+    device: torch.device
+    autocast: contextlib.AbstractContextManager
+    run_dir: Path
+    state: TrainState
+    model: nn.Module  # what updates run: the state's model, compiled and/or wrapped in DDP
+    loader: Any
+    valid: ValidSet | None  # rank 0 only
+    writer: Any  # TensorBoard, rank 0 only
+    progress: Any
+    stop_flag: dict = field(default_factory=dict)
+    previous_handlers: dict = field(default_factory=dict)
+    batch_iter: Any = None
+
+    def next_micro_batches(self) -> list[Batch]:
+        """Up to ``update_freq`` batches, moving into the next epoch when this one runs out."""
+        t, state, sampler = self.cfg.train, self.state, self.state.sampler
+        micro = []
+        while len(micro) < t.update_freq and not self.last_epoch_done():
+            if state.batches_in_epoch >= len(sampler):
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                sampler.set_epoch(state.epoch)
+                self.batch_iter = iter(self.loader)
+            micro.append(next(self.batch_iter).to(self.device))
+            state.batches_in_epoch += 1
+        return micro
+
+    def last_epoch_done(self) -> bool:
+        t, state = self.cfg.train, self.state
+        return bool(t.max_epochs) and state.epoch >= t.max_epochs and state.batches_in_epoch >= len(state.sampler)
+
+    def close(self) -> None:
+        restore_handlers(self.previous_handlers)
+        self.progress.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | None) -> Run:
+    """Check everything that can be checked, build the run, and only then touch the run directory
+    (``run_dir``, rank 0's; None on the other ranks)."""
+    t = cfg.train
+    device = resolve_device(t.device, info.local_rank)
+    amp_dtype = resolve_precision(t.precision, device)
+    check_config(cfg.model, cfg.optim, t, max_sentence_tokens(cfg.data))
+    if run_dir is not None:
+        check_writable(run_dir.path)
+        if run_dir.path.is_dir():  # refuse a busy run directory before the data is prepared
+            run_dir.acquire()
+    resume_from = checkpoint.resume_path(t.resume, t.run_dir)
+    resumed = checkpoint.load_checkpoint(resume_from) if resume_from else None
+    init = checkpoint.load_checkpoint(t.init_from) if t.init_from else None
+    source, source_path = (resumed, resume_from) if resumed else (init, t.init_from)
+    if source is not None:
+        checkpoint.require(source, checkpoint.INFERENCE_KEYS, source_path, "train.resume and train.init_from")
+        check_same_model(source, cfg.model, source_path)
+    if resumed is not None:
+        check_same_tokenizer(resumed, cfg.data.tokenizer, resume_from)
+
+    # Data and model. Every rank builds the same initial weights from the same seed.
+    seed_everything(t.seed)
+    tokenizer = Tokenizer.from_state(source["tokenizer"]) if source is not None else None
+    tokenizer, train_ds, valid_ds = prepare_data(cfg.data, Path(t.run_dir) / "tokenizer", tokenizer)
+    model_cfg = replace(cfg.model, src_vocab_size=tokenizer.src_vocab_size, tgt_vocab_size=tokenizer.tgt_vocab_size,
+                        pad_id=PAD_ID)
+    model = build_model(model_cfg).to(device)
+    if init is not None:
+        checkpoint.load_weights(model, init["model"], t.init_from, "the model this run builds (model.* settings)")
+        logger.info("weights and tokenizer from %s (train.init_from); a fresh optimizer and schedule", t.init_from)
+    sampler = TokenBucketSampler(*token_lengths(train_ds), t.max_tokens, shuffle=True, seed=t.seed, rank=info.rank,
+                                 world_size=info.world_size)
+    state = TrainState(model, model_cfg, tokenizer, asdict(cfg), build_optimizer(model, cfg.optim, device),
+                       torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), sampler)
+    seed_everything(t.seed + info.rank)  # ranks differ from here on (dropout)
+    rng_to_restore = None
+    if resumed is not None:
+        rngs = state.restore(resumed, resume_from)
+        if len(rngs) == info.world_size:
+            rng_to_restore = rngs[info.rank]
+        else:
+            logger.warning("the checkpoint was written by %d ranks, this run has %d: random streams restart",
+                           len(rngs), info.world_size)
+            seed_everything(t.seed + info.rank + state.step)
+        logger.info("resumed from %s at step %d, epoch %d", resume_from, state.step, state.epoch)
+    else:
+        sampler.set_epoch(state.epoch)
+    loader = make_dataloader(train_ds, sampler, t.num_workers, device.type == "cuda")
+    train_model = torch.compile(model) if t.compile else model
+    if info.world_size > 1:
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    valid = valid_set(valid_ds, cfg.data, t, device) if info.is_main else None
+
+    # Accepted: from here on the run directory changes.
+    writer = None
+    if run_dir is not None:
+        run_dir.accept(cfg)
+        writer = tensorboard_writer(run_dir.path, state.step)
+    logger.info("model: %s parameters; device %s, %s; %d ranks; %d train batches per epoch per rank",
+                f"{model.num_parameters():,}", device, str(amp_dtype).removeprefix("torch."), info.world_size,
+                len(sampler))
+    total_steps = t.max_steps or (math.ceil(len(sampler) / t.update_freq) * t.max_epochs if t.max_epochs else None)
+    # A bar at a terminal only: elsewhere (nohup, a scheduler, 2> file) its redraws would fill the log.
+    progress = tqdm(total=total_steps, initial=state.step, unit="step", dynamic_ncols=True,
+                    disable=not (info.is_main and t.progress_bar and sys.stderr.isatty()))
+    stop_flag, previous_handlers = install_stop_handlers()
+    run = Run(cfg, info, device, autocast_context(device, amp_dtype), Path(t.run_dir), state, train_model, loader,
+              valid, writer, progress, stop_flag, previous_handlers)
+    run.batch_iter = iter(loader)
+    if rng_to_restore is not None:
+        # Last: building the model and starting the DataLoader iterator both draw from the torch
+        # generator, and the uninterrupted run made those draws before the step the checkpoint follows.
+        checkpoint.set_rng_state(rng_to_restore)
+    return run
+
+
+def tensorboard_writer(run_dir: Path, step: int):
+    """The run's TensorBoard writer, continuing after ``step`` (imported here: a heavy module)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1)
+
+
+def report_validation(run: Run) -> None:
+    """The log lines, TensorBoard scalars and attention map of the validation just done."""
+    state, metrics = run.state, run.state.metrics
+    is_best = state.stale_validations == 0
+    logger.info("valid at step %d: loss %.4f | ppl %.2f | BLEU %.2f | chrF %.2f%s", state.step, metrics["loss"],
+                metrics["ppl"], metrics["bleu"], metrics["chrf"], " (best)" if is_best else f" (best {state.best_bleu:.2f})")
+    for hyp, ref in metrics.pop("examples"):
+        logger.info("  hyp: %s\n  ref: %s", hyp, ref)
+    for name in ("loss", "nll", "ppl", "bleu", "chrf"):
+        run.writer.add_scalar(f"valid/{name}", metrics[name], state.step)
+    if importlib.util.find_spec("matplotlib") is not None:
+        log_attention_map(run.writer, state.model, state.tokenizer, *run.valid.first_pair, state.step)
+    run.writer.flush()
+    run.progress.set_postfix(bleu=f"{metrics['bleu']:.2f}")
+
+
+def validate_and_save(run: Run, stop_reason: str | None) -> str | None:
+    """Validate on rank 0 (unless a signal is stopping the run), write the checkpoint files, and
+    return the early-stopping reason if patience has run out."""
+    t, state = run.cfg.train, run.state
+    interrupted = stop_reason is not None and stop_reason.endswith("received")
+    is_best = False
+    if run.info.is_main and not interrupted:
+        state.metrics = validate(state.model, run.valid, state.tokenizer, t.valid_decode, run.autocast,
+                                 run.cfg.optim.label_smoothing)
+        is_best = state.metrics["bleu"] > state.best_bleu
+        state.best_bleu = state.metrics["bleu"] if is_best else state.best_bleu
+        state.stale_validations = 0 if is_best else state.stale_validations + 1
+        report_validation(run)
+    rng = distributed.all_gather_objects(checkpoint.rng_state())
+    if run.info.is_main:
+        # Stopped by a signal at a validation step: the resumed run validates first.
+        state.validation_pending = interrupted and state.step % t.valid_every == 0
+        try:
+            checkpoint.save_run_checkpoint(state.to_checkpoint(rng), run.run_dir, t.keep_last, is_best)
+        except CheckpointError as err:  # a full disk or a folder made read-only mid-run
+            raise TrainingError(str(err)) from None
+    reason = None
+    if t.patience and stop_reason is None:
+        stale = distributed.broadcast_object(state.stale_validations)
+        if stale >= t.patience:
+            reason = f"no better valid BLEU in {stale} validations (train.patience={t.patience})"
+    distributed.barrier()
+    return reason
+
+
+def log_progress(run: Run, meter: Meter, result: StepResult) -> None:
+    """A log line and TensorBoard scalars over the updates in ``meter``."""
+    state = run.state
+    loss, nll = meter.loss / meter.steps, meter.nll / meter.steps
+    tokens_per_s = meter.tokens / max(time.time() - meter.since, 1e-9)
+    run.progress.set_postfix(loss=f"{loss:.3f}", lr=f"{state.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", epoch=state.epoch)
+    if run.writer is not None:
+        scalars = {
+            "train/loss": loss, "train/nll": nll, "train/ppl": math.exp(min(nll, 100.0)), "train/lr": state.lr,
+            "train/grad_norm": result.grad_norm, "train/tokens_per_s": tokens_per_s,
+            "train/padding_fraction": meter.padding / max(meter.slots, 1), "train/epoch": state.epoch,
+        }
+        if state.scaler.is_enabled():
+            scalars["train/loss_scale"] = state.scaler.get_scale()
+        if run.device.type == "cuda":
+            scalars["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+        for name, value in scalars.items():
+            run.writer.add_scalar(name, value, state.step)
+    logger.info("step %d | epoch %d | loss %.4f | nll %.4f | lr %.3e | grad norm %.3f | %.0f tok/s",
+                state.step, state.epoch, loss, nll, state.lr, result.grad_norm, tokens_per_s)
+
+
+def agreed_stop(run: Run, started: float) -> str | None:
+    """Why to stop after this update, if at all. Every rank must agree, or the next collective would hang."""
+    t = run.cfg.train
+    limits = [
+        (t.max_steps and run.state.step >= t.max_steps, f"train.max_steps={t.max_steps} reached"),
+        (t.max_hours and time.time() - started >= t.max_hours * 3600, f"train.max_hours={t.max_hours} reached"),
+        (run.stop_flag["signal"] is not None, f"{run.stop_flag['signal'] or 'a stop signal'} received"),
+    ]
+    votes = distributed.all_reduce_sum(torch.tensor([float(bool(hit)) for hit, _ in limits], device=run.device))
+    reason = next((reason for (_, reason), vote in zip(limits, votes.tolist()) if vote > 0), None)
+    if reason is None and run.last_epoch_done():
+        reason = f"train.max_epochs={t.max_epochs} reached"
+    return reason
+
+
+def update(run: Run, micro: list[Batch]) -> StepResult:
+    """One optimizer step at the schedule's learning rate; an out-of-memory batch becomes a TrainingError."""
+    t, state = run.cfg.train, run.state
+    state.lr = lr_at(state.step + 1, run.cfg.optim, t.max_steps)
+    for group in state.optimizer.param_groups:
+        group["lr"] = state.lr
+    try:
+        result = train_step(run.model, micro, state.optimizer, state.scaler, run.autocast,
+                            run.cfg.optim.label_smoothing, run.cfg.optim.clip_norm, PAD_ID)
+    except torch.cuda.OutOfMemoryError as e:
+        raise TrainingError(f"{describe_oom(micro, t.max_tokens, t.update_freq)}; checkpoints so far are in "
+                            f"{checkpoint.checkpoint_dir(run.run_dir)}") from e
+    state.step += 1
+    run.progress.update(1)
+    return result
+
+
+def run_loop(run: Run) -> dict:
+    """Updates, validations and checkpoints until a limit, early stopping or a signal; returns a summary."""
+    t, state = run.cfg.train, run.state
+    stop_reason = None
+    if t.max_steps and state.step >= t.max_steps:  # a finished run resumed: nothing left to do
+        stop_reason = f"train.max_steps={t.max_steps} was already reached"
+    elif run.last_epoch_done():
+        stop_reason = f"train.max_epochs={t.max_epochs} was already reached"
+    validation_due = state.validation_pending  # a resume that owes the validation a signal cut short
+    skipped_in_a_row = skipped_total = 0
+    losses: list[float] = []  # per update of this call, for the caller (and the resume test)
+    meter, started = Meter(), time.time()
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    while True:
+        if validation_due:
+            stop_reason = validate_and_save(run, stop_reason) or stop_reason
+        if stop_reason is not None:
+            break
+        micro = run.next_micro_batches()
+        result = update(run, micro)
+        losses.append(result.loss)
+        skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
+        skipped_total += result.skipped
+        if result.skipped:
+            logger.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); update skipped (%d in a row)",
+                           state.step, result.loss, result.grad_norm, skipped_in_a_row)
+            if skipped_in_a_row >= t.max_bad_steps:
+                raise TrainingError(
+                    f"training stopped at step {state.step}: {skipped_in_a_row} non-finite losses in a row "
+                    f"(train.max_bad_steps={t.max_bad_steps}); checkpoints so far are in "
+                    f"{checkpoint.checkpoint_dir(run.run_dir)}. Lower optim.lr, raise optim.warmup_steps, "
+                    "set optim.clip_norm, or use train.precision=bf16/fp32"
+                )
+        meter.add(result, micro)
+        if state.step % t.log_every == 0 and meter.steps > 0:
+            log_progress(run, meter, result)
+            if run.writer is not None:
+                run.writer.add_scalar("train/skipped_updates", skipped_total, state.step)
+            meter = Meter()
+        stop_reason = agreed_stop(run, started)
+        validation_due = state.step % t.valid_every == 0 or stop_reason is not None
+
+    best = f"best valid BLEU {state.best_bleu:.2f}" if state.best_bleu >= 0 else "no validation yet"
+    logger.info("stopped at step %d (epoch %d): %s; %s; checkpoints in %s",
+                state.step, state.epoch, stop_reason, best, checkpoint.checkpoint_dir(run.run_dir))
+    return {
+        "step": state.step,
+        "epoch": state.epoch,
+        "stop_reason": stop_reason,
+        "interrupted": run.stop_flag["signal"],
+        "best_bleu": state.best_bleu,
+        "valid": state.metrics,
+        "skipped_updates": skipped_total,
+        "losses": losses,
+        "checkpoint": str(checkpoint.checkpoint_dir(run.run_dir) / "last.pt"),
+    }
 
 
 def train(cfg: TrainRunConfig) -> dict:
@@ -374,273 +816,19 @@ def train(cfg: TrainRunConfig) -> dict:
         A summary: ``step``, ``epoch``, ``stop_reason``, ``best_bleu``, the last ``valid`` metrics,
         ``skipped_updates``, ``losses`` (the train loss of each update of this call) and ``checkpoint``
         (the path of ``last.pt``).
+
+    Raises:
+        ConfigError, DataError, CheckpointError, TokenizerError: a start that cannot work (nothing in
+            the run directory changed); TrainingError: training cannot go on.
     """
-    from torch.nn.parallel import DistributedDataParallel
-    from torch.utils.tensorboard import SummaryWriter
-    from tqdm.auto import tqdm
-
-    from attnmt.batching import TokenBucketSampler, collate, make_dataloader
-    from attnmt.data import load_references
-    from attnmt.model import build_model
-    from attnmt.tokenizer import PAD_ID
-
-    t = cfg.train
     info = distributed.setup()
-    device = resolve_device(t.device, info.local_rank)
-    amp_dtype = resolve_precision(t.precision, device)
-    check_config(cfg.model, cfg.optim, t, max_sentence_tokens(cfg.data))
-    run_dir = Path(t.run_dir)
-    resume_from = checkpoint.resume_path(t.resume, run_dir)
-    state = checkpoint.load_checkpoint(resume_from) if resume_from else None
-    if state is not None and "optimizer" not in state:
-        raise checkpoint.CheckpointError(
-            f"{resume_from} holds model weights only (an averaged checkpoint?) and cannot be resumed; "
-            "resume from the run's last.pt or a step_<N>.pt"
-        )
-    if info.is_main:  # the config this run trains with, written only once the checks above have passed
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
-
-    # Data and model. Every rank builds the same initial weights from the same seed.
-    seed_everything(t.seed)
-    tokenizer, train_ds, valid_ds = prepare_data(cfg.data, run_dir, state["tokenizer"] if state else None)
-    model_cfg = replace(cfg.model, src_vocab_size=tokenizer.src_vocab_size, tgt_vocab_size=tokenizer.tgt_vocab_size, pad_id=PAD_ID)
-    raw_model = build_model(model_cfg).to(device)
-    optimizer = build_optimizer(raw_model, cfg.optim, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    autocast = autocast_context(device, amp_dtype)
-    sampler = TokenBucketSampler(
-        [len(x) for x in train_ds["src_ids"]], [len(x) for x in train_ds["tgt_ids"]], t.max_tokens,
-        shuffle=True, seed=t.seed, rank=info.rank, world_size=info.world_size,
-    )
-    step, epoch, batches_in_epoch, best_bleu, stale, valid_metrics = 0, 1, 0, -1.0, 0, {}
-    validation_due = False
-    rng_to_restore = None
-    seed_everything(t.seed + info.rank)  # ranks differ from here on (dropout)
-    if state is not None:
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler.is_enabled() and state["scaler"]:  # empty when the checkpoint's run had no fp16 scaling
-            scaler.load_state_dict(state["scaler"])
-        sampler.load_state_dict(state["sampler"])
-        # The sampler's position, not the checkpoint's count: it is rescaled when the number of ranks changed.
-        step, epoch, batches_in_epoch = state["step"], state["epoch"], sampler.batches_consumed
-        best_bleu = state["best_bleu"]
-        stale, valid_metrics = state["validations_without_improvement"], state["metrics"]
-        validation_due = state.get("validation_pending", False)
-        if len(state["rng"]) == info.world_size:
-            rng_to_restore = state["rng"][info.rank]
-        else:
-            logger.warning("the checkpoint was written by %d ranks, this run has %d: random streams restart",
-                           len(state["rng"]), info.world_size)
-            seed_everything(t.seed + info.rank + step)
-        logger.info("resumed from %s at step %d, epoch %d", resume_from, step, epoch)
-    else:
-        sampler.set_epoch(epoch)
-    loader = make_dataloader(train_ds, sampler, t.num_workers, device.type == "cuda")
-    model = torch.compile(raw_model) if t.compile else raw_model
-    if info.world_size > 1:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # Validation batches (rank 0 only): sorted by length, collated once.
-    valid_batches, valid_rows = [], []
-    if info.is_main:
-        valid_src, valid_tgt = [len(x) for x in valid_ds["src_ids"]], [len(x) for x in valid_ds["tgt_ids"]]
-        # Valid sentences are never length-filtered: a longer one than max_tokens gets a batch of its own.
-        longest = max(valid_src + valid_tgt, default=0)
-        valid_sampler = TokenBucketSampler(valid_src, valid_tgt, max(t.max_tokens, longest), shuffle=False)
-        for rows in valid_sampler:
-            valid_batches.append(collate([valid_ds[i] for i in rows]).to(device))
-            valid_rows.append(list(rows))
-    references = load_references(cfg.data, "valid")  # raw text: BLEU compares detokenized output with it
-
-    writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1) if info.is_main else None
-    plot_attention = writer is not None and importlib.util.find_spec("matplotlib") is not None
-    if writer is not None and not plot_attention:
-        logger.info("matplotlib is not installed: no attention heatmaps in TensorBoard (pip install attnmt[plot])")
-    logger.info("model: %s parameters; device %s, %s; %d ranks; %d train batches per epoch per rank",
-                f"{raw_model.num_parameters():,}", device, str(amp_dtype).removeprefix("torch."), info.world_size, len(sampler))
-    total_steps = t.max_steps or (math.ceil(len(sampler) / t.update_freq) * t.max_epochs if t.max_epochs else None)
-    progress = tqdm(total=total_steps, initial=step, unit="step", dynamic_ncols=True,
-                    disable=not (info.is_main and t.progress_bar))
-    stop_flag, previous_handlers = install_stop_handlers()
-
-    def last_epoch_done(epoch: int, batches_in_epoch: int) -> bool:
-        return bool(t.max_epochs) and epoch >= t.max_epochs and batches_in_epoch >= len(sampler)
-
-    start = time.time()
-    batch_iter = iter(loader)
-    if rng_to_restore is not None:
-        # Last: building the model and starting the DataLoader iterator both draw from the torch
-        # generator, and the uninterrupted run made those draws before the step the checkpoint follows.
-        checkpoint.set_rng_state(rng_to_restore)
-    stop_reason = None
-    if t.max_steps and step >= t.max_steps:  # a finished run resumed: nothing left to do
-        stop_reason = f"train.max_steps={t.max_steps} was already reached"
-    elif last_epoch_done(epoch, batches_in_epoch):
-        stop_reason = f"train.max_epochs={t.max_epochs} was already reached"
-    skipped_in_a_row = skipped_total = 0
-    losses: list[float] = []  # per update of this call, for the caller (and the resume test)
-    window = {"tokens": 0, "padding": 0, "slots": 0, "loss": 0.0, "nll": 0.0, "steps": 0, "time": time.time()}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    run_dir = RunDir(Path(cfg.train.run_dir)) if info.is_main else None
     try:
-        while True:
-            if validation_due:  # set by the previous update, or by a resume that owes one
-                validation_due = False
-                interrupted = stop_reason is not None and stop_reason.endswith("received")
-                is_best = False
-                if info.is_main and not interrupted:
-                    valid_metrics = validate(raw_model, valid_batches, valid_rows, references, tokenizer, t, autocast,
-                                             cfg.optim.label_smoothing, PAD_ID)
-                    is_best = valid_metrics["bleu"] > best_bleu
-                    best_bleu, stale = (valid_metrics["bleu"], 0) if is_best else (best_bleu, stale + 1)
-                    logger.info("valid at step %d: loss %.4f | ppl %.2f | BLEU %.2f | chrF %.2f%s",
-                                step, valid_metrics["loss"], valid_metrics["ppl"], valid_metrics["bleu"],
-                                valid_metrics["chrf"], " (best)" if is_best else f" (best {best_bleu:.2f})")
-                    for hyp, ref in valid_metrics.pop("examples"):
-                        logger.info("  hyp: %s\n  ref: %s", hyp, ref)
-                    for name in ("loss", "nll", "ppl", "bleu", "chrf"):
-                        writer.add_scalar(f"valid/{name}", valid_metrics[name], step)
-                    if plot_attention and len(valid_ds):
-                        log_attention_map(writer, raw_model, tokenizer, valid_ds[0]["src_ids"], valid_ds[0]["tgt_ids"], step)
-                    writer.flush()
-                    progress.set_postfix(bleu=f"{valid_metrics['bleu']:.2f}")
-                rng = distributed.all_gather_objects(checkpoint.rng_state())
-                if info.is_main:
-                    state = {
-                        "format": checkpoint.FORMAT,
-                        "model": raw_model.state_dict(),
-                        "model_config": asdict(model_cfg),
-                        "tokenizer": tokenizer.to_state(),
-                        "config": asdict(cfg),
-                        "step": step,
-                        "epoch": epoch,
-                        "sampler": sampler.state_dict(batches_in_epoch),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": {"step": step, "lr": lr_at(step, cfg.optim, t.max_steps)},
-                        "scaler": scaler.state_dict(),
-                        "rng": rng,
-                        "best_bleu": best_bleu,
-                        "validations_without_improvement": stale,
-                        "metrics": {k: v for k, v in valid_metrics.items() if isinstance(v, (int, float))},
-                        # Stopped by a signal at a validation step: the resumed run validates first.
-                        "validation_pending": interrupted and step % t.valid_every == 0,
-                    }
-                    checkpoint.save_run_checkpoint(state, run_dir, t.keep_last, is_best)
-                    state = None
-                if t.patience and stop_reason is None:
-                    stale = distributed.broadcast_object(stale)
-                    if stale >= t.patience:
-                        stop_reason = f"no better valid BLEU in {stale} validations (train.patience={t.patience})"
-                distributed.barrier()
-            if stop_reason is not None:
-                break
-
-            # Collect update_freq micro-batches, moving into the next epoch when this one runs out.
-            micro = []
-            while len(micro) < t.update_freq and not last_epoch_done(epoch, batches_in_epoch):
-                if batches_in_epoch >= len(sampler):
-                    epoch, batches_in_epoch = epoch + 1, 0
-                    sampler.set_epoch(epoch)
-                    batch_iter = iter(loader)
-                micro.append(next(batch_iter).to(device))
-                batches_in_epoch += 1
-
-            lr = lr_at(step + 1, cfg.optim, t.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            try:
-                result = train_step(model, micro, optimizer, scaler, autocast, cfg.optim.label_smoothing,
-                                    cfg.optim.clip_norm, PAD_ID)
-            except torch.cuda.OutOfMemoryError as e:
-                raise TrainingError(
-                    f"{describe_oom(micro, t.max_tokens, t.update_freq)}; checkpoints so far are in "
-                    f"{checkpoint.checkpoint_dir(run_dir)}"
-                ) from e
-            step += 1
-            progress.update(1)
-            losses.append(result.loss)
-
-            if result.skipped:
-                skipped_in_a_row += 1
-                skipped_total += 1
-                logger.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); update skipped (%d in a row)",
-                               step, result.loss, result.grad_norm, skipped_in_a_row)
-                if skipped_in_a_row >= t.max_bad_steps:
-                    raise TrainingError(
-                        f"training stopped at step {step}: {skipped_in_a_row} non-finite losses in a row "
-                        f"(train.max_bad_steps={t.max_bad_steps}); checkpoints so far are in "
-                        f"{checkpoint.checkpoint_dir(run_dir)}. Lower optim.lr, raise optim.warmup_steps, "
-                        "set optim.clip_norm, or use train.precision=bf16/fp32"
-                    )
-            else:
-                skipped_in_a_row = 0
-                window["loss"] += result.loss
-                window["nll"] += result.nll
-                window["steps"] += 1
-            window["tokens"] += result.n_tokens
-            for b in micro:
-                window["padding"] += b.src_tokens.numel() + b.tgt_in.numel() - int(b.src_mask.sum()) - b.n_tgt_tokens
-                window["slots"] += b.src_tokens.numel() + b.tgt_in.numel()
-
-            if step % t.log_every == 0 and window["steps"] > 0:
-                elapsed = time.time() - window["time"]
-                loss, nll = window["loss"] / window["steps"], window["nll"] / window["steps"]
-                tokens_per_s = window["tokens"] / max(elapsed, 1e-9)
-                progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", epoch=epoch)
-                if writer is not None:
-                    scalars = {
-                        "train/loss": loss, "train/nll": nll, "train/ppl": math.exp(min(nll, 100.0)), "train/lr": lr,
-                        "train/grad_norm": result.grad_norm, "train/tokens_per_s": tokens_per_s,
-                        "train/padding_fraction": window["padding"] / max(window["slots"], 1),
-                        "train/skipped_updates": skipped_total, "train/epoch": epoch,
-                    }
-                    if scaler.is_enabled():
-                        scalars["train/loss_scale"] = scaler.get_scale()
-                    if device.type == "cuda":
-                        scalars["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    for name, value in scalars.items():
-                        writer.add_scalar(name, value, step)
-                logger.info("step %d | epoch %d | loss %.4f | nll %.4f | lr %.3e | grad norm %.3f | %.0f tok/s",
-                            step, epoch, loss, nll, lr, result.grad_norm, tokens_per_s)
-                window = {"tokens": 0, "padding": 0, "slots": 0, "loss": 0.0, "nll": 0.0, "steps": 0, "time": time.time()}
-
-            # Stop together: every rank must agree, or the next collective would hang.
-            limits = [
-                (t.max_steps and step >= t.max_steps, f"train.max_steps={t.max_steps} reached"),
-                (t.max_hours and time.time() - start >= t.max_hours * 3600, f"train.max_hours={t.max_hours} reached"),
-                (stop_flag["signal"] is not None, f"{stop_flag['signal'] or 'a stop signal'} received"),
-            ]
-            votes = distributed.all_reduce_sum(torch.tensor([float(bool(hit)) for hit, _ in limits], device=device))
-            stop_reason = next((reason for (_, reason), vote in zip(limits, votes.tolist()) if vote > 0), None)
-            if stop_reason is None and last_epoch_done(epoch, batches_in_epoch):
-                stop_reason = f"train.max_epochs={t.max_epochs} reached"
-
-            validation_due = step % t.valid_every == 0 or stop_reason is not None
+        run = start(cfg, info, run_dir)
+        try:
+            return run_loop(run)
+        finally:
+            run.close()
     finally:
-        restore_handlers(previous_handlers)
-        progress.close()
-        if writer is not None:
-            writer.close()
-
-    best = f"best valid BLEU {best_bleu:.2f}" if best_bleu >= 0 else "no validation yet"
-    logger.info("stopped at step %d (epoch %d): %s; %s; checkpoints in %s",
-                step, epoch, stop_reason, best, checkpoint.checkpoint_dir(run_dir))
-    return {
-        "step": step,
-        "epoch": epoch,
-        "stop_reason": stop_reason,
-        "interrupted": stop_flag["signal"],
-        "best_bleu": best_bleu,
-        "valid": valid_metrics,
-        "skipped_updates": skipped_total,
-        "losses": losses,
-        "checkpoint": str(checkpoint.checkpoint_dir(run_dir) / "last.pt"),
-    }
-
-
-def max_sentence_tokens(data_cfg) -> int | None:
-    """The longest sentence the data filter allows, EOS included (None when the data config sets none)."""
-    max_len = getattr(data_cfg, "max_len", None)
-    return max_len + 1 if max_len else None
+        if run_dir is not None:
+            run_dir.close()

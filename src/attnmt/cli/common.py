@@ -16,7 +16,6 @@ from typing import BinaryIO
 
 from omegaconf import DictConfig, OmegaConf
 
-from attnmt.config import DecodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +47,6 @@ def to_config(cfg: DictConfig, required: tuple[str, ...] = ("ckpt",)):
         if OmegaConf.is_missing(cfg, key):
             raise UserError(f"{key}= is required, e.g. {key}=runs/multi30k_de_en/checkpoints/best.pt")
     return OmegaConf.to_object(cfg)
-
-
-def check_decode_config(cfg: DecodeConfig) -> None:
-    """Search settings that cannot work, named by their key."""
-    for key in ("beam_size", "nbest", "max_tokens"):
-        if getattr(cfg, key) < 1:
-            raise UserError(f"{key}={getattr(cfg, key)} must be at least 1")
-    if cfg.nbest > cfg.beam_size:
-        raise UserError(f"nbest={cfg.nbest} needs beam_size >= {cfg.nbest} (beam_size={cfg.beam_size})")
-    if cfg.min_len < 0 or cfg.max_len_a < 0:
-        raise UserError(f"min_len={cfg.min_len} and max_len_a={cfg.max_len_a} must not be negative")
 
 
 def iter_lines(stream: BinaryIO, name: str) -> Iterator[str]:

@@ -14,14 +14,13 @@ import sys
 import time
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from attnmt.checkpoint import CheckpointError, load_for_inference
-from attnmt.cli import config_dir
-from attnmt.cli.common import UserError, check_decode_config, run_command, setup_logging, to_config
-from attnmt.config import ConfigError, DataConfig, EvaluateConfig, register_configs
+from attnmt.cli.common import UserError, run_command, setup_logging, to_config
+from attnmt.config import ConfigError, DataConfig, EvaluateConfig, config_dir, register_configs
 from attnmt.data import DataError, load_references, load_split, read_lines
 from attnmt.evaluation import corpus_scores, translate
 from attnmt.device import resolve_device
@@ -45,14 +44,18 @@ def test_set(cfg: EvaluateConfig, run_config: dict, data_overrides: list[str]) -
         return sources, references, cfg.src
     if cfg.src is not None or cfg.ref is not None:
         raise UserError("give either split=NAME or src=/ref= files, not both")
-    overrides = OmegaConf.from_dotlist([item.removeprefix("data.") for item in data_overrides])
-    data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), run_config["data"], overrides))
+    try:
+        overrides = OmegaConf.from_dotlist([item.removeprefix("data.") for item in data_overrides])
+        data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), run_config["data"], overrides))
+    except OmegaConfBaseException as err:
+        raise UserError(f"{' '.join(data_overrides)}: {str(err).splitlines()[0]} (the keys are those of DataConfig, "
+                        "e.g. data.root=FOLDER)") from None
     split = load_split(data_cfg, cfg.split, train=False)
     return split["src"], load_references(data_cfg, cfg.split), f"split {cfg.split}"
 
 
 def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
-    check_decode_config(cfg)
+    cfg.check()
     device = resolve_device(cfg.device, key="device")
     paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
     model, tokenizer, run_config = load_for_inference(paths, device)
@@ -73,6 +76,8 @@ def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
     scores = corpus_scores(hypotheses, references, tgt_lang, cfg.bleu_tokenize)
     result = {
         **scores,
+        "bleu": round(scores["bleu"], 2),
+        "chrf": round(scores["chrf"], 2),
         "n_sentences": len(sources),
         "sentences_per_second": round(len(sources) / seconds, 2),
         "ckpt": paths,
@@ -88,12 +93,32 @@ def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
     print(json.dumps(result, ensure_ascii=False))
 
 
+def split_data_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Take the ``data.KEY=VALUE`` arguments out of ``argv``: ``(the other arguments, those items)``.
+
+    They override keys of the checkpoint's own data config, which Hydra does not compose, so they are
+    merged (and checked) against :class:`~attnmt.config.DataConfig` by :func:`test_set`.
+    """
+    rest, data = [], []
+    for arg in argv:
+        (data if arg.startswith("data.") else rest).append(arg)
+    return rest, data
+
+
+_data_overrides: list[str] = []  # the data.KEY=VALUE arguments of this command line, set by main()
+
+
 @hydra.main(config_path=str(config_dir()), config_name="evaluate", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> None:
     setup_logging()
-    data_overrides = [item for item in HydraConfig.get().overrides.task if item.startswith("data.")]
-    run_command("attnmt-evaluate", lambda: run(to_config(cfg), data_overrides),
+    run_command("attnmt-evaluate", lambda: run(to_config(cfg), _data_overrides),
                 (CheckpointError, ConfigError, DataError))
+
+
+def main() -> None:
+    global _data_overrides
+    sys.argv[1:], _data_overrides = split_data_arguments(sys.argv[1:])
+    _main()
 
 
 register_configs()

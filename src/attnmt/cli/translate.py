@@ -16,11 +16,8 @@ import hydra
 from omegaconf import DictConfig
 
 from attnmt.checkpoint import CheckpointError, load_for_inference
-from attnmt.cli import config_dir
-from attnmt.cli.common import (
-    UserError, available_chunks, check_decode_config, iter_lines, open_input, run_command, setup_logging, to_config,
-)
-from attnmt.config import ConfigError, TranslateConfig, register_configs
+from attnmt.cli.common import UserError, available_chunks, iter_lines, open_input, run_command, setup_logging, to_config
+from attnmt.config import ConfigError, TranslateConfig, config_dir, register_configs
 from attnmt.device import resolve_device
 from attnmt.evaluation import Translation, attention_figure, cross_attention, encode_sources, translate
 from attnmt.tokenizer import EOS_ID
@@ -76,7 +73,7 @@ def plot_attention(cfg: TranslateConfig, model, tokenizer, line_number: int, lin
 
 
 def run(cfg: TranslateConfig) -> None:
-    check_decode_config(cfg)
+    cfg.check()
     if cfg.buffer_lines < 1:
         raise UserError(f"buffer_lines={cfg.buffer_lines} must be at least 1")
     if cfg.attention_plot is not None:
@@ -109,26 +106,41 @@ def run(cfg: TranslateConfig) -> None:
     log.info("translated %d lines", n_lines)
 
 
-def quote_text_overrides(argv: list[str]) -> list[str]:
-    """Quote ``text=A sentence.`` for Hydra's override grammar, which would reject its spaces,
-    punctuation and non-ASCII letters, and escape ``${`` so that it is not read as an interpolation;
-    values already quoted, or lists (``text=[...]``), pass unchanged."""
-    quoted = []
+def split_text_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Take the ``text=SENTENCE`` arguments out of ``argv``: ``(the other arguments, the sentences)``.
+
+    Hydra's override grammar would read a sentence as a value of its own language (quotes, brackets
+    as lists, ``${`` as interpolation, a trailing backslash as an escape), so sentences never reach
+    it: each ``text=`` argument is one input line, exactly as typed.
+    """
+    rest, texts = [], []
     for arg in argv:
-        if arg.startswith("text=") and arg[5:6] not in ("'", '"', "["):
-            arg = "text='" + arg[5:].replace("'", "\\'").replace("${", "\\${") + "'"
-        quoted.append(arg)
-    return quoted
+        if arg.startswith("text="):
+            texts.append(arg[len("text="):])
+        else:
+            rest.append(arg)
+    return rest, texts
+
+
+_texts: list[str] = []  # the text= arguments of this command line, set by main()
 
 
 @hydra.main(config_path=str(config_dir()), config_name="translate", version_base="1.3")
 def _main(cfg: DictConfig) -> None:
     setup_logging()
-    run_command("attnmt-translate", lambda: run(to_config(cfg)), (CheckpointError, ConfigError))
+
+    def body() -> None:
+        translate_cfg = to_config(cfg)
+        if _texts:
+            translate_cfg.text = list(_texts)
+        run(translate_cfg)
+
+    run_command("attnmt-translate", body, (CheckpointError, ConfigError))
 
 
 def main() -> None:
-    sys.argv = quote_text_overrides(sys.argv)
+    global _texts
+    sys.argv[1:], _texts = split_text_arguments(sys.argv[1:])
     _main()
 
 

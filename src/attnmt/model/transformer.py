@@ -7,6 +7,7 @@ All tensors are batch-first. Masks follow ``attnmt.model.attention``: True means
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -137,7 +138,11 @@ class Transformer(nn.Module):
         weights: list[Tensor] = []
 
         def capture(module, args, kwargs, _output):
-            weights.append(module.attention_weights(args[0], args[1], kwargs.get("key_mask")))
+            # Bound by name, so the hook does not depend on how the layer passes its arguments.
+            call = inspect.signature(module.forward).bind(*args, **kwargs)
+            call.apply_defaults()
+            weights.append(module.attention_weights(call.arguments["x"], call.arguments["memory"],
+                                                    call.arguments["key_mask"]))
 
         hooks = [layer.cross_attn.register_forward_hook(capture, with_kwargs=True) for layer in self.decoder_layers]
         try:
