@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from attnmt.config import ModelConfig
+from attnmt.model import build_model
+from attnmt.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from attnmt.batching import TokenBucketSampler
-    from attnmt.tokenizer import Tokenizer
 
 FORMAT = "attnmt-checkpoint-1"
 INFERENCE_KEYS = ("model", "model_config", "tokenizer", "config")  # what evaluation and translation read
@@ -422,8 +423,6 @@ def build_from_state(state: dict, path: str | Path, weights: dict | None = None)
         CheckpointError: naming ``path``, when the model config is not one attnmt can build or the
             weights do not fit it.
     """
-    from attnmt.model import build_model
-
     try:
         model = build_model(ModelConfig(**state["model_config"]))
     except (TypeError, ValueError) as err:
@@ -446,8 +445,6 @@ def load_for_inference(path: str | Path | list[str | Path], device: str | torch.
     Raises:
         CheckpointError: a file is missing or is not a complete attnmt checkpoint.
     """
-    from attnmt.tokenizer import Tokenizer
-
     paths = list(path) if isinstance(path, (list, tuple)) else [path]
     state = load_checkpoint(paths[-1])
     require(state, INFERENCE_KEYS, paths[-1], "translation")

@@ -49,6 +49,19 @@ def to_config(cfg: DictConfig, required: tuple[str, ...] = ("ckpt",)):
     return OmegaConf.to_object(cfg)
 
 
+def take_arguments(argv: list[str], prefix: str) -> tuple[list[str], list[str]]:
+    """Split ``argv`` into ``(the other arguments, those starting with prefix)``, order kept.
+
+    For the arguments a command reads itself before Hydra sees the rest: ``text=`` sentences, which
+    Hydra's override grammar would parse (quotes, brackets, ``${``, a trailing backslash), and
+    ``data.KEY=VALUE`` items of attnmt-evaluate, which override a checkpoint's data config.
+    """
+    rest, taken = [], []
+    for arg in argv:
+        (taken if arg.startswith(prefix) else rest).append(arg)
+    return rest, taken
+
+
 def iter_lines(stream: BinaryIO, name: str) -> Iterator[str]:
     """Lines of a byte stream decoded as UTF-8, without their line ends, read lazily.
 

@@ -19,11 +19,11 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from attnmt.checkpoint import CheckpointError, load_for_inference
-from attnmt.cli.common import UserError, run_command, setup_logging, to_config
+from attnmt.cli.common import UserError, run_command, setup_logging, take_arguments, to_config
 from attnmt.config import ConfigError, DataConfig, EvaluateConfig, config_dir, register_configs
 from attnmt.data import DataError, load_references, load_split, read_lines
-from attnmt.evaluation import corpus_scores, translate
 from attnmt.device import resolve_device
+from attnmt.evaluation import corpus_scores, translate
 
 log = logging.getLogger("attnmt.evaluate")
 
@@ -93,19 +93,9 @@ def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
     print(json.dumps(result, ensure_ascii=False))
 
 
-def split_data_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Take the ``data.KEY=VALUE`` arguments out of ``argv``: ``(the other arguments, those items)``.
-
-    They override keys of the checkpoint's own data config, which Hydra does not compose, so they are
-    merged (and checked) against :class:`~attnmt.config.DataConfig` by :func:`test_set`.
-    """
-    rest, data = [], []
-    for arg in argv:
-        (data if arg.startswith("data.") else rest).append(arg)
-    return rest, data
-
-
-_data_overrides: list[str] = []  # the data.KEY=VALUE arguments of this command line, set by main()
+# The data.KEY=VALUE arguments of this command line, set by main(): they override keys of the
+# checkpoint's data config, which Hydra does not compose, and are checked against DataConfig by test_set().
+_data_overrides: list[str] = []
 
 
 @hydra.main(config_path=str(config_dir()), config_name="evaluate", version_base="1.3")
@@ -117,7 +107,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     global _data_overrides
-    sys.argv[1:], _data_overrides = split_data_arguments(sys.argv[1:])
+    sys.argv[1:], _data_overrides = take_arguments(sys.argv[1:], "data.")
     _main()
 
 

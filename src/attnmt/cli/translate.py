@@ -16,7 +16,9 @@ import hydra
 from omegaconf import DictConfig
 
 from attnmt.checkpoint import CheckpointError, load_for_inference
-from attnmt.cli.common import UserError, available_chunks, iter_lines, open_input, run_command, setup_logging, to_config
+from attnmt.cli.common import (
+    UserError, available_chunks, iter_lines, open_input, run_command, setup_logging, take_arguments, to_config,
+)
 from attnmt.config import ConfigError, TranslateConfig, config_dir, register_configs
 from attnmt.device import resolve_device
 from attnmt.evaluation import Translation, attention_figure, cross_attention, encode_sources, translate
@@ -106,23 +108,9 @@ def run(cfg: TranslateConfig) -> None:
     log.info("translated %d lines", n_lines)
 
 
-def split_text_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
-    """Take the ``text=SENTENCE`` arguments out of ``argv``: ``(the other arguments, the sentences)``.
-
-    Hydra's override grammar would read a sentence as a value of its own language (quotes, brackets
-    as lists, ``${`` as interpolation, a trailing backslash as an escape), so sentences never reach
-    it: each ``text=`` argument is one input line, exactly as typed.
-    """
-    rest, texts = [], []
-    for arg in argv:
-        if arg.startswith("text="):
-            texts.append(arg[len("text="):])
-        else:
-            rest.append(arg)
-    return rest, texts
-
-
-_texts: list[str] = []  # the text= arguments of this command line, set by main()
+# The text= arguments of this command line, set by main(): each is one input line exactly as typed,
+# which Hydra's override grammar would read as a value of its own language.
+_texts: list[str] = []
 
 
 @hydra.main(config_path=str(config_dir()), config_name="translate", version_base="1.3")
@@ -140,7 +128,8 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     global _texts
-    sys.argv[1:], _texts = split_text_arguments(sys.argv[1:])
+    sys.argv[1:], texts = take_arguments(sys.argv[1:], "text=")
+    _texts = [arg.removeprefix("text=") for arg in texts]
     _main()
 
 
