@@ -1,13 +1,23 @@
 #!/usr/bin/env python3
-"""Throughput of the input pipeline on Multi30k train: batches/s, tokens/s and padding, as a table.
+"""The input pipeline, as tables: its throughput on Multi30k train, and how it scales with the corpus.
 
-Loads and cleans the train split, trains (or reuses) a SentencePiece model, tokenizes (cached), then
-times one epoch of DataLoader batches for several max_tokens and worker counts (worker start-up
-included). Nothing runs on a
-model: this is the rate at which the pipeline can feed one.
+Throughput (the default): loads and cleans the train split, trains (or reuses) a SentencePiece model,
+tokenizes (cached), then times one epoch of DataLoader batches for several max_tokens and worker
+counts (worker start-up included). Nothing runs on a model: this is the rate at which the pipeline
+can feed one.
+
+Scale (``--scale N [N ...]``): for each N, writes a synthetic corpus of N pairs with WMT-like lengths
+(each line two random Multi30k train sentences, about 26 words, as WMT14's average; no network), then
+runs ``attnmt-train model=tiny`` for 20 updates on it twice, each in a process of its own: first with
+an empty cache (reading, cleaning, tokenizer training, tokenization), then in a new run directory with
+another learning rate (everything reused from ``data.cache_dir``). It prints each run's phases from its
+log, the time from the command to the first update, and the peak resident memory of the training
+process (VmHWM) and of its largest helper process (the tokenizer trainer, the cleaning and tokenizing
+workers); with two sizes, the memory growth per pair.
 
 usage: python scripts/bench_data.py [--root ../shared/data/multi30k] [--max-tokens 1024 2048 4096 8192]
                                      [--workers 0 2] [--vocab-size 8000]
+       python scripts/bench_data.py --scale 900000 4500000 [--out data/bench] [--keep]
 """
 
 from __future__ import annotations
@@ -15,32 +25,28 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import shutil
+import subprocess
+import sys
 import time
+from datetime import datetime
 from pathlib import Path
+
+import numpy as np
 
 from attnmt.batching import TokenBucketSampler, make_dataloader
 from attnmt.config import compose
-from attnmt.data import load_split, token_lengths, tokenize
-from attnmt.tokenizer import Tokenizer
+from attnmt.data import load_split, read_lines, token_lengths, tokenize, train_tokenizer
 
 
-def main() -> None:
-    default_root = Path(os.environ.get("ATTNMT_DATA", "../shared/data")) / "multi30k"
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default=str(default_root))
-    parser.add_argument("--max-tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--out", default="data/bench", help="tokenizer and tokenized-data cache")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-
+def throughput(args: argparse.Namespace) -> None:
     cfg = compose("train", [f"data.root={args.root}", f"data.cache_dir={args.out}/cache",
                             f"data.tokenizer.vocab_size={args.vocab_size}"]).data
     start = time.perf_counter()
     train = load_split(cfg, "train", train=True)
     loaded = time.perf_counter()
-    tokenizer = Tokenizer.train(train["src"], train["tgt"], cfg.tokenizer, f"{args.out}/tokenizer")
+    tokenizer = train_tokenizer(train, cfg)
     trained = time.perf_counter()
     ds = tokenize(train, tokenizer, cfg, train=True)
     tokenized = time.perf_counter()
@@ -64,6 +70,120 @@ def main() -> None:
             seconds = time.perf_counter() - t0
             print(f"| {max_tokens:>10} | {workers:>7} | {n_batches:>7} | {n_batches / seconds:>9.1f} | "
                   f"{tokens / seconds:>11,.0f} | {1 - tokens / slots:>7.2%} |")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scale
+
+
+def synthetic_corpus(multi30k: Path, n: int, folder: Path) -> Path:
+    """``folder/train.{de,en}`` with ``n`` pairs, each two random Multi30k train pairs joined (seeded),
+    and Multi30k's own valid split; written once."""
+    if (folder / "train.en").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    de, en = read_lines(multi30k / "train.de"), read_lines(multi30k / "train.en")
+    for lang, lines in (("de", de), ("en", en)):
+        tmp = folder / f".train.{lang}.tmp"
+        rng_lang = np.random.default_rng(n)  # the same pairs on both sides
+        with open(tmp, "w", encoding="utf-8") as f:
+            for start in range(0, n, 100_000):
+                picks = rng_lang.integers(0, len(lines), size=(min(100_000, n - start), 2))
+                f.write("".join(f"{lines[a]} {lines[b]}\n" for a, b in picks.tolist()))
+        tmp.rename(folder / f"train.{lang}")
+    for lang in ("de", "en"):
+        shutil.copy(multi30k / f"valid.{lang}", folder / f"valid.{lang}")
+    return folder
+
+
+_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+_PHASES = {  # the log line that ends each phase
+    "read+clean": re.compile(r"train split \(.*\): \d+ pairs read"),
+    "tokenizer": re.compile(r"trained a .* tokenizer|reusing the tokenizer"),
+    "tokenize": re.compile(r"train split: \d+ pairs over data\.max_len"),
+    "first update": re.compile(r"\| step 1 \|| step 1 \| epoch"),
+}
+
+
+def timed_run(corpus: Path, cache: Path, run_dir: Path, lr: str, vocab_size: int) -> dict:
+    """One ``attnmt-train`` process of 20 updates; its phases (seconds from its start), wall time and peak RSS."""
+    hwm_file = run_dir.with_suffix(".status")
+    code = ("import atexit, resource, attnmt.cli.train as t; "
+            f"atexit.register(lambda: open({str(hwm_file)!r}, 'w').write(open('/proc/self/status').read() + "
+            "f'ChildrenHWM: {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss} kB')); t.main()")
+    cmd = [sys.executable, "-c", code, "model=tiny", f"data.root={corpus}", f"data.cache_dir={cache}",
+           f"data.tokenizer.vocab_size={vocab_size}", "data.splits.test=valid", f"train.run_dir={run_dir}",
+           f"optim.lr={lr}", "train.max_steps=20", "train.valid_every=100000", "train.log_every=1",
+           "train.device=cpu", "train.max_tokens=4096"]
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"attnmt-train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    phases = {}
+    for line in proc.stderr.splitlines():
+        stamp = _STAMP.match(line)
+        if not stamp:
+            continue
+        seconds = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp() - started
+        for name, pattern in _PHASES.items():
+            if name not in phases and pattern.search(line):
+                phases[name] = seconds
+    status = hwm_file.read_text()
+    peak, children = (int(re.search(rf"{name}:\s+(\d+) kB", status).group(1)) / 1024 for name in ("VmHWM", "ChildrenHWM"))
+    return {"phases": phases, "wall": wall, "peak_mb": peak, "children_mb": children}
+
+
+def scale(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    rows = []
+    for n in args.scale:
+        corpus = synthetic_corpus(Path(args.root), n, out / f"corpus-{n}")
+        cache, runs = out / f"cache-{n}", out / f"runs-{n}"
+        for folder in (cache, runs):
+            shutil.rmtree(folder, ignore_errors=True)
+        first = timed_run(corpus, cache, runs / "first", "1e-3", args.vocab_size)
+        second = timed_run(corpus, cache, runs / "second", "2e-3", args.vocab_size)
+        rows.append((n, first, second))
+        if not args.keep:
+            shutil.rmtree(cache, ignore_errors=True)
+            shutil.rmtree(runs, ignore_errors=True)
+
+    def at(run: dict, phase: str) -> str:
+        return f"{run['phases'][phase]:.1f}" if phase in run["phases"] else "-"
+
+    print(f"\nattnmt-train model=tiny, 20 updates, data.tokenizer.vocab_size={args.vocab_size}; "
+          f"seconds from the command's start; {os.cpu_count()} cores\n")
+    print("| pairs | run | read+clean done | tokenizer done | tokenized | first update | wall | peak RSS MB | "
+          "largest helper process MB |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for n, first, second in rows:
+        for name, run in (("first (empty cache)", first), ("second (new run dir)", second)):
+            print(f"| {n:,} | {name} | {at(run, 'read+clean')} | {at(run, 'tokenizer')} | {at(run, 'tokenize')} | "
+                  f"{at(run, 'first update')} | {run['wall']:.1f} | {run['peak_mb']:,.0f} | {run['children_mb']:,.0f} |")
+    if len(rows) >= 2:
+        (n1, a1, b1), (n2, a2, b2) = rows[0], rows[-1]
+        for name, x, y in (("first", a1, a2), ("second", b1, b2)):
+            growth = (y["peak_mb"] - x["peak_mb"]) * 2**20 / (n2 - n1)
+            print(f"\npeak RSS growth, {name} run: {growth:.1f} bytes per pair ({n1:,} -> {n2:,} pairs)")
+
+
+def main() -> None:
+    default_root = Path(os.environ.get("ATTNMT_DATA", "../shared/data")) / "multi30k"
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", default=str(default_root), help="the Multi30k folder")
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--vocab-size", type=int, default=8000)
+    parser.add_argument("--out", default="data/bench", help="corpora, caches and runs of the benchmark")
+    parser.add_argument("--scale", type=int, nargs="+", help="corpus sizes (pairs) for the scale benchmark")
+    parser.add_argument("--keep", action="store_true", help="keep the scale runs' caches and run folders")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.scale:
+        scale(args)
+    else:
+        throughput(args)
 
 
 if __name__ == "__main__":

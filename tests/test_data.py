@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import datasets
@@ -244,3 +245,50 @@ def test_multi30k_splits_keep_their_lines(multi30k):
     train = load_split(cfg, "train", train=True)
     assert len(train) == 29000  # nothing empty in Multi30k
     assert all(s == s.strip() and "\t" not in s and "  " not in s for s in train["src"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# One preparation per job
+
+
+def _prepare_on_rank(rank: int, port: int, cache: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from attnmt import data, tokenizer, training
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        if rank == 1:  # rank 1 may only read what rank 0 prepared
+            def written_twice(*args, **kwargs):
+                raise AssertionError("rank 1 prepared data although rank 0 had")
+
+            for module, name in ((data, "_write_pairs"), (data, "_clean"), (data, "_encode"), (tokenizer, "_train_model")):
+                setattr(module, name, written_twice)
+        cfg = data_config(root=str(TINY), cache_dir=cache, num_proc=1, tokenizer=tokenizer_config(vocab_size=400))
+        tok, train, valid = training.prepare_data(cfg, Path(out) / f"run{rank}" / "tokenizer")
+        src_len, tgt_len = token_lengths(train)
+        with open(Path(out) / f"rank{rank}.json", "w") as f:
+            json.dump({"fingerprint": tok.fingerprint, "src": src_len.tolist(), "tgt": tgt_len.tolist(),
+                       "valid": len(valid)}, f)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_prepare_the_data_once(tmp_path):
+    import socket
+
+    import torch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cache = tmp_path / "cache"
+    torch.multiprocessing.spawn(_prepare_on_rank, args=(port, str(cache), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and ranks[0]["valid"] == 40 and len(ranks[0]["src"]) > 300
+    assert len(list(cache.glob("raw-*.arrow"))) == 2  # train and valid, once each
+    assert len(list(cache.glob("tokenized-*.arrow"))) == 2
+    assert len(list((cache / "tokenizers").iterdir())) == 1

@@ -1,4 +1,5 @@
-"""Parallel corpora through HF ``datasets``: read, clean, tokenize (cached on disk).
+"""Parallel corpora through HF ``datasets``: read, clean, tokenize, each step cached on disk as
+memory-mapped Arrow, so memory stays flat in the corpus size and a second run starts in seconds.
 
 Sources (``data.format``):
 
@@ -10,34 +11,57 @@ Sources (``data.format``):
   (or one column per language);
 - ``disk``: a ``DatasetDict`` written with ``save_to_disk`` in ``root``, columns as for the hub.
 
-Hygiene, each rule counted in the log: Unicode NFKC and whitespace trimming (:func:`normalize`) on
-every split; on the train split only, pairs with an empty side are dropped, exact duplicates
-optionally (``dedup``), and at tokenization pairs longer than ``max_len`` tokens or with a length
-ratio above ``max_len_ratio``. Valid and test splits keep every line in its order, so they stay
-aligned with their references.
+The three steps, each a function of its own and a file in ``data.cache_dir`` named by what it was
+made from (the source files' paths, sizes and modification times, or the hub dataset's fingerprint;
+the settings; the tokenizer), so that a changed input or setting makes a new file and an unchanged
+one is memory-mapped again, whatever the run directory:
+
+1. :func:`read_split`: the raw pairs, read in chunks (never whole files) into ``raw-*.arrow``;
+2. :func:`load_split`: Unicode NFKC and whitespace trimming (:func:`~attnmt.tokenizer.normalize`)
+   on every split, in parallel; on the train split only, pairs with an empty side are dropped, and
+   exact duplicates with ``dedup``. Each rule is counted in the log, from per-row flags kept in
+   ``clean-*.arrow``, so a second run logs the same counts without reading the text;
+3. :func:`tokenize`: ids and lengths (``tokenized-*.arrow``); on the train split, pairs longer than
+   ``max_len`` tokens or with a length ratio above ``max_len_ratio`` are dropped.
+
+Rows are dropped by index (an index file beside the data), never by copying. Valid and test splits
+keep every line in its order, so they stay aligned with their references.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import unicodedata
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from attnmt.config import DATA_FORMATS, DataConfig
-from attnmt.tokenizer import EOS_ID, Tokenizer, normalize
+from attnmt.tokenizer import EOS_ID, Tokenizer, normalize, saved_fingerprint
 
 logger = logging.getLogger(__name__)
 
-_CACHE_VERSION = "1"
+_CACHE_VERSION = "2"
+_CHUNK_BYTES = 1 << 24  # read 16 MB of a text file at a time
+_BATCH_ROWS = 50_000  # rows per Arrow record batch of the raw files
+_PARALLEL_FROM = 10_000  # splits with fewer rows are processed in one process
 
-__all__ = ["DataError", "load_split", "load_references", "read_lines", "token_lengths", "tokenize"]
+# Per-row flags of load_split, one bit each.
+_SRC_CHANGED, _TGT_CHANGED, _SRC_NOT_NFKC, _TGT_NOT_NFKC, _EMPTY = 1, 2, 4, 8, 16
+
+__all__ = ["DataError", "load_references", "load_split", "read_lines", "read_split", "token_lengths", "tokenize",
+           "train_tokenizer"]
 
 
 class DataError(ValueError):
@@ -45,14 +69,95 @@ class DataError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------
+# The cache
+
+
+_temporary_cache: Path | None = None
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    """``data.cache_dir``, created; with ``data.cache_dir=null`` a temporary folder of this process,
+    removed when it exits (the data are still memory-mapped, never held in memory whole)."""
+    global _temporary_cache
+    if cfg.cache_dir:
+        root = Path(cfg.cache_dir)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DataError(f"data.cache_dir={cfg.cache_dir} cannot be created ({err.strerror}); choose another "
+                            "folder, or data.cache_dir=null for a temporary one") from None
+        return root
+    if _temporary_cache is None:
+        _temporary_cache = Path(tempfile.mkdtemp(prefix="attnmt-data-"))
+        atexit.register(shutil.rmtree, _temporary_cache, ignore_errors=True)
+    return _temporary_cache
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps([_CACHE_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _procs(cfg: DataConfig, rows: int) -> int | None:
+    """Processes for a ``datasets.map`` over ``rows`` rows: ``data.num_proc`` (0 = every core)."""
+    if rows < _PARALLEL_FROM:
+        return None
+    n = cfg.num_proc or os.cpu_count() or 1
+    return n if n > 1 else None
+
+
+def _numpy(ds: datasets.Dataset, column: str) -> np.ndarray:
+    """One fixed-width column of ``ds`` (its index mapping applied) as a NumPy array."""
+    return ds.select_columns([column]).with_format("arrow")[:].column(0).to_numpy()
+
+
+# ----------------------------------------------------------------------------------------------------
 # Reading
 
 
-def read_lines(path: str | Path) -> list[str]:
-    """The lines of a UTF-8 text file, without line endings (``\\n`` or ``\\r\\n``; a leading BOM dropped).
+def line_chunks(path: Path) -> Iterator[list[str]]:
+    """The lines of a UTF-8 text file, a chunk at a time, without line endings (``\\n`` or ``\\r\\n``; a
+    leading BOM dropped).
 
     Only ``\\n`` ends a line: other Unicode line separators inside a line do not split it, so
     line-aligned files stay aligned.
+
+    Raises:
+        DataError: the file is not valid UTF-8 (the message names the line and column).
+    """
+    with open(path, "rb") as f:
+        first_line, rest, start = 1, b"", True
+        while True:
+            block = f.read(_CHUNK_BYTES)
+            data = rest + block
+            if not block:
+                if data:
+                    yield [_decode(data, path, first_line, start)]  # a last line without a line break
+                return
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                rest = data
+                continue
+            chunk, rest = data[:cut], data[cut + 1 :]
+            lines = _decode(chunk, path, first_line, start).split("\n")
+            first_line, start = first_line + len(lines), False
+            yield [line[:-1] if line.endswith("\r") else line for line in lines]
+
+
+def _decode(data: bytes, path: Path, first_line: int, start: bool) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = first_line + data.count(b"\n", 0, err.start)
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            f"{path}, line {line}: invalid UTF-8 (byte {data[err.start]:#04x} at byte column {column}: {err.reason}); "
+            "convert the file to UTF-8, e.g. with iconv"
+        ) from None
+    return text.removeprefix("\ufeff") if start else text
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """All lines of a UTF-8 text file (see :func:`line_chunks`), for test sets and references.
 
     Raises:
         DataError: the file is missing, or is not valid UTF-8 (the message names the line).
@@ -60,20 +165,19 @@ def read_lines(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-        raise DataError(
-            f"{path}, line {line}: invalid UTF-8 (byte {data[err.start]:#04x} at byte column {column}: {err.reason}); "
-            "convert the file to UTF-8, e.g. with iconv"
-        ) from None
-    lines = text.removeprefix("\ufeff").split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return [line[:-1] if line.endswith("\r") else line for line in lines]
+    return [line for chunk in line_chunks(path) for line in chunk]
+
+
+def _rebatch(chunks: Iterable[list[str]], size: int) -> Iterator[list[str]]:
+    """The lines of ``chunks`` regrouped into lists of ``size`` (the last one shorter)."""
+    pending: list[str] = []
+    for chunk in chunks:
+        pending.extend(chunk)
+        while len(pending) >= size:
+            yield pending[:size]
+            del pending[:size]
+    if pending:
+        yield pending
 
 
 def _source_name(cfg: DataConfig, split: str) -> str:
@@ -91,7 +195,16 @@ def _root(cfg: DataConfig) -> Path:
     return root
 
 
-def _read_folder(cfg: DataConfig, name: str) -> tuple[list[str], list[str]]:
+def _file_identity(paths: list[Path]) -> list:
+    """What a cached copy of ``paths`` is valid for: each file's absolute path, size and modification time."""
+    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths]
+
+
+# A reader checks the source and returns (its identity, a function yielding (src, tgt) batches).
+Reader = Callable[[DataConfig, str], tuple[list, Callable[[], Iterator[tuple[list[str], list[str]]]]]]
+
+
+def _read_folder(cfg: DataConfig, name: str):
     root = _root(cfg)
     paths = [root / f"{name}.{lang}" for lang in (cfg.src_lang, cfg.tgt_lang)]
     present = sorted(p.name for p in root.iterdir() if p.is_file())
@@ -105,11 +218,25 @@ def _read_folder(cfg: DataConfig, name: str) -> tuple[list[str], list[str]]:
         splits = sorted({n.rsplit(".", 1)[0] for n in present if "." in n and not n.endswith(".md")})
         raise DataError(f"split {name!r} not found in {root}: looked for {paths[0].name} and {paths[1].name}; "
                         f"splits there: {', '.join(splits) or 'none'} (data.splits maps attnmt's names to these)")
-    src, tgt = read_lines(paths[0]), read_lines(paths[1])
-    if len(src) != len(tgt):
-        raise DataError(f"{paths[0]} has {len(src)} lines but {paths[1]} has {len(tgt)}; "
-                        "line-aligned files must have the same number of lines")
-    return src, tgt
+
+    def batches():
+        sides = [_rebatch(line_chunks(p), _BATCH_ROWS) for p in paths]
+        done = 0
+        for src in sides[0]:
+            tgt = next(sides[1], [])
+            if len(src) != len(tgt):
+                n_src = done + len(src) + sum(map(len, sides[0]))
+                n_tgt = done + len(tgt) + sum(map(len, sides[1]))
+                raise DataError(f"{paths[0]} has {n_src} lines but {paths[1]} has {n_tgt}; "
+                                "line-aligned files must have the same number of lines")
+            done += len(src)
+            yield src, tgt
+        rest = sum(map(len, sides[1]))
+        if rest:
+            raise DataError(f"{paths[0]} has {done} lines but {paths[1]} has {done + rest}; "
+                            "line-aligned files must have the same number of lines")
+
+    return _file_identity(paths), batches
 
 
 def _split_file(cfg: DataConfig, name: str, ext: str) -> Path:
@@ -122,56 +249,76 @@ def _split_file(cfg: DataConfig, name: str, ext: str) -> Path:
     return path
 
 
-def _read_tsv(cfg: DataConfig, name: str) -> tuple[list[str], list[str]]:
+def _read_tsv(cfg: DataConfig, name: str):
     path = _split_file(cfg, name, "tsv")
-    src, tgt = [], []
-    for number, line in enumerate(read_lines(path), 1):
-        fields = line.split("\t")
-        if line == "":
-            fields = ["", ""]  # an empty pair keeps the line numbering of valid/test sets
-        if len(fields) != 2:
-            raise DataError(f"{path}, line {number}: {len(fields)} tab-separated fields, expected 2 "
-                            f"({cfg.src_lang}<TAB>{cfg.tgt_lang}); a tab inside a sentence must be removed")
-        src.append(fields[0])
-        tgt.append(fields[1])
-    return src, tgt
+
+    def batches():
+        number = 0
+        for lines in _rebatch(line_chunks(path), _BATCH_ROWS):
+            src, tgt = [], []
+            for line in lines:
+                number += 1
+                fields = line.split("\t") if line else ["", ""]  # an empty pair keeps the line numbering
+                if len(fields) != 2:
+                    raise DataError(f"{path}, line {number}: {len(fields)} tab-separated fields, expected 2 "
+                                    f"({cfg.src_lang}<TAB>{cfg.tgt_lang}); a tab inside a sentence must be removed")
+                src.append(fields[0])
+                tgt.append(fields[1])
+            yield src, tgt
+
+    return _file_identity([path]), batches
 
 
-def _read_jsonl(cfg: DataConfig, name: str) -> tuple[list[str], list[str]]:
+def _read_jsonl(cfg: DataConfig, name: str):
     path = _split_file(cfg, name, "jsonl")
-    src, tgt = [], []
-    for number, line in enumerate(read_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}, line {number}: not JSON ({err.msg})") from None
-        pair = record.get("translation", record) if isinstance(record, dict) else None
-        if not isinstance(pair, dict) or cfg.src_lang not in pair or cfg.tgt_lang not in pair:
-            keys = sorted(pair) if isinstance(pair, dict) else type(record).__name__
-            raise DataError(f"{path}, line {number}: expected keys {cfg.src_lang!r} and {cfg.tgt_lang!r} "
-                            f"(at the top level or in 'translation'), found {keys}")
-        src.append(str(pair[cfg.src_lang]))
-        tgt.append(str(pair[cfg.tgt_lang]))
-    return src, tgt
+
+    def batches():
+        number = 0
+        for lines in _rebatch(line_chunks(path), _BATCH_ROWS):
+            src, tgt = [], []
+            for line in lines:
+                number += 1
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}, line {number}: not JSON ({err.msg})") from None
+                pair = record.get("translation", record) if isinstance(record, dict) else None
+                if not isinstance(pair, dict) or cfg.src_lang not in pair or cfg.tgt_lang not in pair:
+                    keys = sorted(pair) if isinstance(pair, dict) else type(record).__name__
+                    raise DataError(f"{path}, line {number}: expected keys {cfg.src_lang!r} and {cfg.tgt_lang!r} "
+                                    f"(at the top level or in 'translation'), found {keys}")
+                src.append(str(pair[cfg.src_lang]))
+                tgt.append(str(pair[cfg.tgt_lang]))
+            yield src, tgt
+
+    return _file_identity([path]), batches
 
 
-def _columns(ds: datasets.Dataset, cfg: DataConfig, origin: str) -> tuple[list[str], list[str]]:
-    """Source and target text of a hub-shaped dataset: a ``translation`` dict column, or one column per language."""
+def _arrow_pairs(ds: datasets.Dataset, cfg: DataConfig, origin: str):
+    """Source and target text of a hub-shaped dataset (a ``translation`` struct column, or one column per
+    language), batch by batch, read by Arrow without a Python object per sentence."""
     if "translation" in ds.column_names:
-        rows = ds["translation"]
-        if len(ds) and not {cfg.src_lang, cfg.tgt_lang} <= set(rows[0]):
-            raise DataError(f"{origin}: the translation column has languages {sorted(rows[0])}; "
+        langs = [f.name for f in ds.data.schema.field("translation").type]
+        if not {cfg.src_lang, cfg.tgt_lang} <= set(langs):
+            raise DataError(f"{origin}: the translation column has languages {sorted(langs)}; "
                             f"data.src_lang={cfg.src_lang} and data.tgt_lang={cfg.tgt_lang} must be among them")
-        return [r[cfg.src_lang] for r in rows], [r[cfg.tgt_lang] for r in rows]
-    if cfg.src_lang in ds.column_names and cfg.tgt_lang in ds.column_names:
-        return list(ds[cfg.src_lang]), list(ds[cfg.tgt_lang])
-    raise DataError(f"{origin}: expected a 'translation' column or columns {cfg.src_lang!r} and {cfg.tgt_lang!r}; "
-                    f"found {ds.column_names}")
+        columns = lambda t: (pc.struct_field(t["translation"], cfg.src_lang), pc.struct_field(t["translation"], cfg.tgt_lang))  # noqa: E731
+    elif cfg.src_lang in ds.column_names and cfg.tgt_lang in ds.column_names:
+        columns = lambda t: (t[cfg.src_lang], t[cfg.tgt_lang])  # noqa: E731
+    else:
+        raise DataError(f"{origin}: expected a 'translation' column or columns {cfg.src_lang!r} and "
+                        f"{cfg.tgt_lang!r}; found {ds.column_names}")
+
+    def batches():
+        for table in ds.with_format("arrow").iter(batch_size=_BATCH_ROWS):
+            yield columns(table)
+
+    return [ds._fingerprint, len(ds)], batches
 
 
-def _read_hub(cfg: DataConfig, name: str) -> tuple[list[str], list[str]]:
+def _read_hub(cfg: DataConfig, name: str):
     if not cfg.hub_id:
         raise DataError("data.format=hub needs data.hub_id (e.g. wmt14) and usually data.hub_config (e.g. de-en)")
     origin = f"hub dataset {cfg.hub_id!r} (config {cfg.hub_config!r}, split {name!r})"
@@ -183,10 +330,10 @@ def _read_hub(cfg: DataConfig, name: str) -> tuple[list[str], list[str]]:
             "datasets cache). Elsewhere, save it with DatasetDict.save_to_disk and use data.format=disk "
             "data.root=FOLDER, or use local files: data.format=folder|tsv|jsonl data.root=FOLDER"
         ) from err
-    return _columns(ds, cfg, origin)
+    return _arrow_pairs(ds, cfg, origin)
 
 
-def _read_disk(cfg: DataConfig, name: str) -> tuple[list[str], list[str]]:
+def _read_disk(cfg: DataConfig, name: str):
     root = _root(cfg)
     try:
         saved = datasets.load_from_disk(str(root))
@@ -197,25 +344,91 @@ def _read_disk(cfg: DataConfig, name: str) -> tuple[list[str], list[str]]:
     if name not in saved:
         raise DataError(f"split {name!r} not found in {root}: splits there: {', '.join(saved)} "
                         "(data.splits maps attnmt's names to these)")
-    return _columns(saved[name], cfg, f"{root} split {name!r}")
+    return _arrow_pairs(saved[name], cfg, f"{root} split {name!r}")
 
 
-_READERS = {"folder": _read_folder, "tsv": _read_tsv, "jsonl": _read_jsonl, "hub": _read_hub, "disk": _read_disk}
+_READERS: dict[str, Reader] = {"folder": _read_folder, "tsv": _read_tsv, "jsonl": _read_jsonl, "hub": _read_hub,
+                               "disk": _read_disk}
+_RAW_SCHEMA = pa.schema([("src", pa.string()), ("tgt", pa.string())])
 
 
-def _read_raw(cfg: DataConfig, split: str) -> tuple[list[str], list[str], str]:
+def _write_pairs(path: Path, batches: Iterable[tuple]) -> None:
+    """Write (src, tgt) batches to the Arrow file ``path``, atomically (a temporary file, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, _RAW_SCHEMA) as writer:
+            for src, tgt in batches:
+                writer.write_batch(pa.record_batch([_strings(src), _strings(tgt)], schema=_RAW_SCHEMA))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _strings(values) -> pa.Array:
+    """A list of str, or an Arrow column, as one Arrow string array (a missing value becomes "")."""
+    if isinstance(values, (pa.Array, pa.ChunkedArray)):
+        values = pc.fill_null(pc.cast(values, pa.string()), "")
+        return values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+    return pa.array(values, pa.string())
+
+
+def _read(cfg: DataConfig, split: str) -> tuple[datasets.Dataset, str]:
     if cfg.format not in _READERS:
         raise DataError(f"data.format={cfg.format!r}: expected one of {', '.join(DATA_FORMATS)}")
     if cfg.src_lang == cfg.tgt_lang:
         raise DataError(f"data.src_lang and data.tgt_lang are both {cfg.src_lang!r}")
     name = _source_name(cfg, split)
-    src, tgt = _READERS[cfg.format](cfg, name)
+    identity, batches = _READERS[cfg.format](cfg, name)
     where = cfg.hub_id if cfg.format == "hub" else cfg.root
-    return src, tgt, f"{split} split ({name!r} in {where})"
+    origin = f"{split} split ({name!r} in {where})"
+    key = _key("raw", cfg.format, identity, cfg.src_lang, cfg.tgt_lang)
+    path = cache_root(cfg) / f"raw-{key}.arrow"
+    if not path.is_file():
+        _write_pairs(path, batches())
+    return datasets.Dataset.from_file(str(path)), origin
+
+
+def read_split(cfg: DataConfig, split: str) -> datasets.Dataset:
+    """The split's sentence pairs exactly as stored: string columns ``src`` and ``tgt``, memory-mapped.
+
+    The source is read once, a chunk at a time, into ``data.cache_dir``; later calls map that file
+    while the source is unchanged (for files: the same size and modification time).
+
+    Args:
+        cfg: where the corpus is.
+        split: a key of ``cfg.splits`` (``train``, ``valid``, ``test``) or a split name of the source.
+
+    Raises:
+        DataError: a missing file or split, misaligned files, bad UTF-8 or JSON, an unknown language.
+    """
+    return _read(cfg, split)[0]
+
+
+def load_references(cfg: DataConfig, split: str) -> list[str]:
+    """The split's target side exactly as stored (not normalised): the references for BLEU."""
+    return list(read_split(cfg, split)["tgt"])
 
 
 # ----------------------------------------------------------------------------------------------------
 # Hygiene
+
+
+def _clean(batch: dict, dedup: bool) -> dict:
+    src, tgt, flags, hashes = [], [], [], []
+    for s, t in zip(batch["src"], batch["tgt"]):
+        cs, ct = normalize(s), normalize(t)
+        src.append(cs)
+        tgt.append(ct)
+        flags.append((_SRC_CHANGED if cs != s else 0) | (_TGT_CHANGED if ct != t else 0)
+                     | (0 if unicodedata.is_normalized("NFKC", s) else _SRC_NOT_NFKC)
+                     | (0 if unicodedata.is_normalized("NFKC", t) else _TGT_NOT_NFKC)
+                     | (_EMPTY if not cs or not ct else 0))
+        if dedup:
+            hashes.append(int.from_bytes(hashlib.blake2b(f"{cs}\t{ct}".encode(), digest_size=8).digest(), "little", signed=True))
+    out = {"src": src, "tgt": tgt, "flags": flags}
+    if dedup:
+        out["pair_hash"] = hashes
+    return out
 
 
 def load_split(cfg: DataConfig, split: str, train: bool) -> datasets.Dataset:
@@ -230,44 +443,84 @@ def load_split(cfg: DataConfig, split: str, train: bool) -> datasets.Dataset:
         DataError: a missing file or split, misaligned files, bad UTF-8 or JSON, an unknown language,
             a split with no lines, or (train) no pairs left after filtering.
     """
-    src_raw, tgt_raw, origin = _read_raw(cfg, split)
-    if not src_raw:
+    raw, origin = _read(cfg, split)
+    if len(raw) == 0:
         raise DataError(f"{origin} has no lines; point data.splits.{split} at a split with sentence pairs")
-    counts = {"changed": 0, "nfkc": 0, "empty": 0, "duplicate": 0}
-    src, tgt = [], []
-    seen: set[bytes] = set()
-    for s, t in zip(src_raw, tgt_raw):
-        pair = (normalize(s), normalize(t))
-        for raw, clean in zip((s, t), pair):
-            counts["changed"] += clean != raw
-            counts["nfkc"] += not unicodedata.is_normalized("NFKC", raw)
-        empty = not pair[0] or not pair[1]
-        counts["empty"] += empty
-        if train and empty:
-            continue
-        if train and cfg.dedup:
-            key = hashlib.blake2b(f"{pair[0]}\t{pair[1]}".encode(), digest_size=16).digest()
-            if key in seen:
-                counts["duplicate"] += 1
-                continue
-            seen.add(key)
-        src.append(pair[0])
-        tgt.append(pair[1])
+    dedup = train and cfg.dedup
+    key = _key("clean", raw._fingerprint, dedup)
+    features = {"src": datasets.Value("string"), "tgt": datasets.Value("string"), "flags": datasets.Value("uint8")}
+    if dedup:
+        features["pair_hash"] = datasets.Value("int64")
+    ds = raw.map(_clean, batched=True, batch_size=5000, fn_kwargs={"dedup": dedup}, features=datasets.Features(features),
+                 num_proc=_procs(cfg, len(raw)), cache_file_name=str(cache_root(cfg) / f"clean-{key}.arrow"),
+                 new_fingerprint=key, desc=f"cleaning the {split} split")
 
+    flags = _numpy(ds, "flags")
+    keep = (flags & _EMPTY) == 0 if train else np.ones(len(ds), bool)
+    n_duplicates = 0
+    if dedup:
+        first = np.zeros(len(ds), bool)
+        kept = np.flatnonzero(keep)
+        first[kept[np.unique(_numpy(ds, "pair_hash")[kept], return_index=True)[1]]] = True
+        n_duplicates = int(keep.sum() - first.sum())
+        keep = first
+    changed = int(np.count_nonzero(flags & _SRC_CHANGED) + np.count_nonzero(flags & _TGT_CHANGED))
+    not_nfkc = int(np.count_nonzero(flags & _SRC_NOT_NFKC) + np.count_nonzero(flags & _TGT_NOT_NFKC))
+    n_empty = int(np.count_nonzero(flags & _EMPTY))
+    n_kept = int(keep.sum())
     logger.info("%s: %d pairs read; %d lines changed by NFKC, %d by normalisation in all (NFKC, whitespace); "
-                "%s; %d pairs kept", origin, len(src_raw), counts["nfkc"], counts["changed"],
-                (f"{counts['empty']} empty pairs dropped, {counts['duplicate']} duplicates dropped"
-                 if train else f"{counts['empty']} empty pairs kept (not a training split)"), len(src))
-    if train and not src:
-        raise DataError(f"{origin}: no training pairs left: {len(src_raw)} read, {counts['empty']} dropped as "
-                        f"empty, {counts['duplicate']} as duplicates (data.dedup)")
-    features = datasets.Features({"src": datasets.Value("string"), "tgt": datasets.Value("string")})
-    return datasets.Dataset.from_dict({"src": src, "tgt": tgt}, features=features)
+                "%s; %d pairs kept", origin, len(raw), not_nfkc, changed,
+                (f"{n_empty} empty pairs dropped, {n_duplicates} duplicates dropped"
+                 if train else f"{n_empty} empty pairs kept (not a training split)"), n_kept)
+    if train and not n_kept:
+        raise DataError(f"{origin}: no training pairs left: {len(raw)} read, {n_empty} dropped as "
+                        f"empty, {n_duplicates} as duplicates (data.dedup)")
+    return _keep(ds, keep, key)
 
 
-def load_references(cfg: DataConfig, split: str) -> list[str]:
-    """The split's target side exactly as stored (not normalised): the references for BLEU."""
-    return _read_raw(cfg, split)[1]
+def _keep(ds: datasets.Dataset, keep: np.ndarray, key: str) -> datasets.Dataset:
+    """The rows of ``ds`` where ``keep`` is True, by an index file beside the data (nothing is copied)."""
+    if keep.all():
+        return ds
+    kept_key = _key("kept", key)
+    return ds.select(np.flatnonzero(keep), new_fingerprint=kept_key,
+                     indices_cache_file_name=str(Path(ds.cache_files[0]["filename"]).with_name(f"kept-{kept_key}.arrow")))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tokenizer
+
+
+def train_tokenizer(train: datasets.Dataset, cfg: DataConfig, run_copy: Path | None = None) -> Tokenizer:
+    """The SentencePiece tokenizer of a cleaned train split (:func:`load_split`).
+
+    Trained on a seeded sample of at most ``data.tokenizer.sample_size`` pairs (its time does not
+    grow with the corpus past the sample) into ``data.cache_dir/tokenizers/``, named by the split and
+    the settings: a later run on the same data with the same settings, in any run directory, reuses
+    it, as it reuses ``run_copy`` (a run's own ``tokenizer/``) when that was made the same way.
+
+    Raises:
+        TokenizerError: settings SentencePiece rejects, or an unusable ``data.tokenizer.model``.
+    """
+    key = _key("spm", train._fingerprint, asdict(cfg.tokenizer))
+    cached = cache_root(cfg) / "tokenizers" / key
+    for folder in (run_copy, cached):
+        if folder is not None and saved_fingerprint(folder) == key:
+            logger.info("reusing the tokenizer in %s (same data and settings)", folder)
+            return Tokenizer.load(folder)
+    src = tgt = []
+    if not cfg.tokenizer.model:
+        rows = _sample(len(train), cfg.tokenizer.sample_size, cfg.tokenizer.seed)
+        sample = train.select(rows).select_columns(["src", "tgt"]).to_dict()
+        src, tgt = sample["src"], sample["tgt"]
+        logger.info("training the tokenizer on %d of %d sentence pairs into %s", len(rows), len(train), cached)
+    return Tokenizer.train(src, tgt, cfg.tokenizer, cached, fingerprint=key)
+
+
+def _sample(n: int, size: int, seed: int) -> np.ndarray:
+    if size <= 0 or n <= size:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -275,56 +528,54 @@ def load_references(cfg: DataConfig, split: str) -> list[str]:
 
 
 def _encode(batch: dict, tokenizer: Tokenizer) -> dict:
-    return {
-        "src_ids": [ids + [EOS_ID] for ids in tokenizer.encode_src(batch["src"])],
-        "tgt_ids": [ids + [EOS_ID] for ids in tokenizer.encode_tgt(batch["tgt"])],
-    }
+    src = [ids + [EOS_ID] for ids in tokenizer.encode_src(batch["src"])]
+    tgt = [ids + [EOS_ID] for ids in tokenizer.encode_tgt(batch["tgt"])]
+    return {"src_ids": src, "tgt_ids": tgt, "src_len": [len(x) for x in src], "tgt_len": [len(x) for x in tgt]}
 
 
 def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, cfg: DataConfig, train: bool) -> datasets.Dataset:
-    """Add ``src_ids`` and ``tgt_ids`` (token ids + EOS, int16 where the vocabulary fits) to a split.
+    """Add ``src_ids`` and ``tgt_ids`` (token ids + EOS, int16 where the vocabulary fits) and their
+    lengths ``src_len`` and ``tgt_len`` to a split.
 
-    The result is cached under ``cfg.cache_dir`` by the split's content, the tokenizer and the
-    settings, so a second run does not tokenize again. On a training split (``train``) pairs with a
-    side over ``cfg.max_len`` tokens (EOS not counted) or a length ratio above ``cfg.max_len_ratio``
-    are dropped, with counts logged.
+    The result is cached under ``cfg.cache_dir`` by the split, the tokenizer and the settings, so a
+    second run does not tokenize again. On a training split (``train``) pairs with a side over
+    ``cfg.max_len`` tokens (EOS not counted) or a length ratio above ``cfg.max_len_ratio`` are
+    dropped, with counts logged.
     """
     dtype = "int16" if max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) <= 2**15 else "int32"
     features = ds.features.copy()
     features["src_ids"] = datasets.Sequence(datasets.Value(dtype))
     features["tgt_ids"] = datasets.Sequence(datasets.Value(dtype))
-    key = hashlib.sha256(f"{_CACHE_VERSION}/{ds._fingerprint}/{tokenizer.fingerprint}/{dtype}".encode()).hexdigest()[:20]
-    cache_file = None
-    if cfg.cache_dir:
-        os.makedirs(cfg.cache_dir, exist_ok=True)
-        cache_file = str(Path(cfg.cache_dir) / f"tokenized-{key}.arrow")
-    num_proc = cfg.num_proc if cfg.num_proc > 1 and len(ds) >= 10_000 else None
+    features["src_len"] = features["tgt_len"] = datasets.Value("int32")
+    key = _key("tok", ds._fingerprint, tokenizer.fingerprint, dtype)
     ds = ds.map(_encode, batched=True, batch_size=1000, fn_kwargs={"tokenizer": tokenizer}, features=features,
-                num_proc=num_proc, cache_file_name=cache_file, load_from_cache_file=True, desc="tokenizing")
+                num_proc=_procs(cfg, len(ds)), cache_file_name=str(cache_root(cfg) / f"tokenized-{key}.arrow"),
+                new_fingerprint=key, desc="tokenizing")
     if train:
-        ds = _filter_lengths(ds, cfg)
+        ds = _filter_lengths(ds, cfg, key)
     return ds
 
 
 def token_lengths(ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """The lengths of ``src_ids`` and ``tgt_ids`` (EOS included) of a tokenized split, read from Arrow."""
-    table = ds.with_format("arrow")[:]
-    return (pc.list_value_length(table.column("src_ids")).to_numpy(zero_copy_only=False).astype(np.int64),
-            pc.list_value_length(table.column("tgt_ids")).to_numpy(zero_copy_only=False).astype(np.int64))
+    """The lengths of ``src_ids`` and ``tgt_ids`` (EOS included) of a tokenized split: two int32 arrays,
+    read from their own columns (4 bytes a row), not from the ids."""
+    return _numpy(ds, "src_len"), _numpy(ds, "tgt_len")
 
 
-def _filter_lengths(ds: datasets.Dataset, cfg: DataConfig) -> datasets.Dataset:
+def _filter_lengths(ds: datasets.Dataset, cfg: DataConfig, key: str) -> datasets.Dataset:
     src_len, tgt_len = token_lengths(ds)
     src_len, tgt_len = src_len - 1, tgt_len - 1  # EOS is not part of the sentence
-    too_long = (np.maximum(src_len, tgt_len) > cfg.max_len) if cfg.max_len > 0 else np.zeros(len(ds), bool)
-    ratio = np.maximum(src_len, tgt_len) / np.maximum(np.minimum(src_len, tgt_len), 1)
+    longer = np.maximum(src_len, tgt_len)
+    too_long = (longer > cfg.max_len) if cfg.max_len > 0 else np.zeros(len(ds), bool)
+    ratio = longer / np.maximum(np.minimum(src_len, tgt_len), 1)
     bad_ratio = (ratio > cfg.max_len_ratio) & ~too_long if cfg.max_len_ratio > 0 else np.zeros(len(ds), bool)
-    keep = np.flatnonzero(~(too_long | bad_ratio))
+    keep = ~(too_long | bad_ratio)
+    n_kept = int(keep.sum())
     logger.info("train split: %d pairs over data.max_len=%d tokens dropped, %d with a length ratio above "
                 "data.max_len_ratio=%g dropped; %d pairs kept", int(too_long.sum()), cfg.max_len,
-                int(bad_ratio.sum()), cfg.max_len_ratio, len(keep))
-    if len(keep) == 0:
+                int(bad_ratio.sum()), cfg.max_len_ratio, n_kept)
+    if n_kept == 0:
         raise DataError(f"no training pairs left after the length rules: {int(too_long.sum())} of {len(ds)} over "
                         f"data.max_len={cfg.max_len} tokens, {int(bad_ratio.sum())} with a length ratio above "
                         f"data.max_len_ratio={cfg.max_len_ratio}; raise these limits")
-    return ds if len(keep) == len(ds) else ds.select(keep)
+    return _keep(ds, keep, _key(key, cfg.max_len, cfg.max_len_ratio))

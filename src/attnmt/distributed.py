@@ -9,8 +9,10 @@ library code calls them unconditionally.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +67,25 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
+
+
+def local_rank() -> int:
+    """This process's rank on its machine (torchrun's ``LOCAL_RANK``; 0 without torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if is_distributed() else 0
+
+
+@contextlib.contextmanager
+def local_rank_zero_first() -> Iterator[None]:
+    """Run the block on each machine's local rank 0 first, then on the other ranks.
+
+    For work that fills a cache: rank 0 of each machine writes it, the others find it there and
+    only read it (a shared cache folder is written once; a per-machine one once per machine).
+    """
+    if local_rank() != 0:
+        barrier()
+    yield
+    if local_rank() == 0:
+        barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,11 @@ exactly one result per input line, an empty line giving an empty translation.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -157,5 +159,14 @@ def attention_figure(weights: Tensor, src_pieces: list[str], tgt_pieces: list[st
     ax.set_ylabel("target")
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    with missing_glyphs_allowed():
+        fig.tight_layout()
     return fig
+
+
+@contextlib.contextmanager
+def missing_glyphs_allowed() -> Iterator[None]:
+    """Draw pieces in scripts the plot font lacks (CJK, say) as boxes, without a warning per glyph."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        yield

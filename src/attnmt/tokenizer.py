@@ -17,6 +17,8 @@ import logging
 import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -79,7 +81,7 @@ class Tokenizer:
 
     @classmethod
     def train(cls, src_texts: Sequence[str], tgt_texts: Sequence[str], cfg: TokenizerConfig,
-              out_dir: str | Path) -> Tokenizer:
+              out_dir: str | Path, fingerprint: str | None = None) -> Tokenizer:
         """Train SentencePiece on (a sample of) the training pairs and save it in ``out_dir``.
 
         If ``out_dir`` already holds a tokenizer trained on the same texts with the same settings (the
@@ -91,6 +93,9 @@ class Tokenizer:
             tgt_texts: normalised target sentences, aligned with ``src_texts``.
             cfg: a :class:`~attnmt.config.TokenizerConfig`.
             out_dir: the folder the tokenizer is saved in (created).
+            fingerprint: what identifies the training data and settings, when the caller knows it
+                (:func:`attnmt.data.train_tokenizer` names its cached splits); by default a hash of
+                the texts and the settings.
         """
         out_dir = Path(out_dir)
         if cfg.model:
@@ -100,8 +105,8 @@ class Tokenizer:
         if len(src_texts) != len(tgt_texts):
             raise ValueError(f"{len(src_texts)} source but {len(tgt_texts)} target sentences; they must be aligned")
         settings = tokenizer_settings(cfg)
-        fingerprint = _data_hash(src_texts, tgt_texts, settings)
-        if _saved_fingerprint(out_dir) == fingerprint:
+        fingerprint = fingerprint or _data_hash(src_texts, tgt_texts, settings)
+        if saved_fingerprint(out_dir) == fingerprint:
             logger.info("reusing the tokenizer in %s (same data and settings)", out_dir)
             return cls.load(out_dir)
         if out_dir.exists():
@@ -233,10 +238,10 @@ class Tokenizer:
         return [self._tgt_sp.id_to_piece(int(i)) for i in ids]
 
 
-def _saved_fingerprint(folder: Path) -> str | None:
+def saved_fingerprint(folder: str | Path) -> str | None:
     """The fingerprint in ``folder``'s ``tokenizer.json``; None where there is none (or it is unreadable)."""
     try:
-        return json.loads((folder / SETTINGS_FILE).read_text())["fingerprint"]
+        return json.loads((Path(folder) / SETTINGS_FILE).read_text())["fingerprint"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -301,8 +306,20 @@ def _train_model(texts: list[str], cfg: TokenizerConfig) -> bytes:
         return Path(f"{prefix}.model").read_bytes()
 
 
+# SentencePiece's trainer, run by _run_trainer in a Python process of its own.
+_TRAINER = "import json, sys, sentencepiece as spm; spm.SentencePieceTrainer.train(**json.loads(sys.argv[1]))"
+
+
 def _run_trainer(corpus: Path, prefix: Path, cfg: TokenizerConfig) -> None:
-    spm.SentencePieceTrainer.train(
+    """Train on ``corpus`` into ``prefix.model``, in a process of its own: the trainer's memory (some
+    twenty times the sample's text) goes back to the system when it ends instead of raising the
+    training run's peak for good, and a trainer that aborts (it does on some inputs) ends that process,
+    not this one.
+
+    Raises:
+        RuntimeError: the trainer failed; the message is its last line of output.
+    """
+    options = dict(
         input=str(corpus), model_prefix=str(prefix), model_type=cfg.model_type, vocab_size=cfg.vocab_size,
         character_coverage=cfg.character_coverage, byte_fallback=cfg.byte_fallback,
         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
@@ -311,3 +328,10 @@ def _run_trainer(corpus: Path, prefix: Path, cfg: TokenizerConfig) -> None:
         input_sentence_size=0, shuffle_input_sentence=False, num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
+    proc = subprocess.run([sys.executable, "-c", _TRAINER, json.dumps(options)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+        reason = lines[-1].removeprefix("RuntimeError: ") if lines else f"exit status {proc.returncode}"
+        if proc.returncode < 0:
+            reason = f"the trainer was killed by signal {-proc.returncode} ({reason})"
+        raise RuntimeError(reason)

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -46,12 +47,12 @@ from attnmt import checkpoint, distributed
 from attnmt.batching import Batch, TokenBucketSampler, collate, make_dataloader
 from attnmt.checkpoint import CheckpointError, TrainState
 from attnmt.config import ConfigError, DataConfig, DecodeConfig, ModelConfig, OptimConfig, TrainConfig, TrainRunConfig
-from attnmt.data import load_references, load_split, token_lengths, tokenize
+from attnmt.data import load_references, load_split, token_lengths, tokenize, train_tokenizer
 from attnmt.device import autocast as autocast_context
 from attnmt.device import resolve_device, resolve_precision
-from attnmt.evaluation import attention_figure, corpus_scores, cross_attention, translate
+from attnmt.evaluation import attention_figure, corpus_scores, cross_attention, missing_glyphs_allowed, translate
 from attnmt.model import Transformer, build_model
-from attnmt.tokenizer import PAD_ID, Tokenizer, tokenizer_settings
+from attnmt.tokenizer import PAD_ID, Tokenizer, saved_fingerprint, tokenizer_settings
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ def valid_set(valid_ds, data_cfg: DataConfig, train_cfg: TrainConfig, device: to
     batches = [collate([valid_ds[i] for i in rows]).to(device) for rows in sampler]
     limit = train_cfg.valid_max_sentences or len(valid_ds)
     first = valid_ds[0]
-    return ValidSet(batches, valid_ds.select(range(min(limit, len(valid_ds))))["src"],
+    return ValidSet(batches, list(valid_ds.select(range(min(limit, len(valid_ds))))["src"]),
                     load_references(data_cfg, "valid")[:limit], data_cfg.tgt_lang,
                     (list(first["src_ids"]), list(first["tgt_ids"])))
 
@@ -338,32 +339,35 @@ def log_attention_map(writer, model: Transformer, tokenizer: Tokenizer, src_ids:
     model.train(was_training)
     fig = attention_figure(weights, tokenizer.src_pieces(src_ids), tokenizer.tgt_pieces(tgt_ids),
                            title=f"valid sentence 1, step {step}: mean over layers and heads")
-    writer.add_figure("valid/attention", fig, step)  # closes the figure
+    with missing_glyphs_allowed():
+        writer.add_figure("valid/attention", fig, step)  # closes the figure
 
 
 # ----------------------------------------------------------------------------------------------------
 # Data, signals, the log file
 
 
-def prepare_data(data_cfg: DataConfig, tokenizer_dir: Path, tokenizer: Tokenizer | None = None):
-    """The tokenizer and the tokenized train and valid splits.
+def prepare_data(data_cfg: DataConfig, tokenizer_dir: Path, tokenizer: Tokenizer | None = None,
+                 ) -> tuple[Tokenizer, datasets.Dataset, datasets.Dataset]:
+    """The tokenizer and the tokenized train and valid splits, prepared once per job.
 
-    The tokenizer is ``tokenizer`` (the one of a checkpoint being resumed or started from), else the
-    one in ``tokenizer_dir`` if it was trained on the same data with the same settings, else rank 0
-    trains it there and the other ranks load it.
+    Under torchrun, local rank 0 of each machine reads, cleans and tokenizes into ``data.cache_dir``
+    first; the other ranks then memory-map what it wrote. The tokenizer is ``tokenizer`` (a
+    checkpoint's), else global rank 0's (reused from ``tokenizer_dir`` or the cache when it was made
+    from the same data and settings, else trained), sent to every rank.
 
     Returns:
-        (tokenizer, train dataset, valid dataset); the datasets have ``src_ids`` and ``tgt_ids``.
+        (tokenizer, train dataset, valid dataset); the datasets have ``src_ids``, ``tgt_ids`` and their lengths.
     """
-    train_raw = load_split(data_cfg, "train", train=True)
-    valid_raw = load_split(data_cfg, "valid", train=False)
+    with distributed.local_rank_zero_first():
+        train_clean = load_split(data_cfg, "train", train=True)
+        valid_clean = load_split(data_cfg, "valid", train=False)
     if tokenizer is None:
-        if distributed.rank() == 0:
-            Tokenizer.train(train_raw["src"], train_raw["tgt"], data_cfg.tokenizer, tokenizer_dir)
-        distributed.barrier()
-        tokenizer = Tokenizer.load(tokenizer_dir)
-    return tokenizer, tokenize(train_raw, tokenizer, data_cfg, train=True), tokenize(valid_raw, tokenizer, data_cfg,
-                                                                                      train=False)
+        state = train_tokenizer(train_clean, data_cfg, tokenizer_dir).to_state() if distributed.rank() == 0 else None
+        tokenizer = Tokenizer.from_state(distributed.broadcast_object(state))
+    with distributed.local_rank_zero_first():
+        return (tokenizer, tokenize(train_clean, tokenizer, data_cfg, train=True),
+                tokenize(valid_clean, tokenizer, data_cfg, train=False))
 
 
 def check_same_tokenizer(state: dict, cfg_tokenizer, path: Path) -> None:
@@ -464,11 +468,14 @@ class RunDir:
         handle.flush()
         self.lock = handle
 
-    def accept(self, cfg: TrainRunConfig) -> None:
-        """The start passed every check: clean up after a killed run, write ``config.yaml``, begin ``train.log``."""
+    def accept(self, cfg: TrainRunConfig, tokenizer: Tokenizer) -> None:
+        """The start passed every check: clean up after a killed run, write ``config.yaml`` and the run's
+        copy of the tokenizer, begin ``train.log``."""
         self.acquire()
         stale = checkpoint.remove_temporary_files(self.path) + checkpoint.remove_temporary_files(
             checkpoint.checkpoint_dir(self.path))
+        if saved_fingerprint(self.path / "tokenizer") != tokenizer.fingerprint:
+            tokenizer.save(self.path / "tokenizer")
         tmp = self.path / f".config.yaml.tmp{os.getpid()}"
         OmegaConf.save(OmegaConf.structured(cfg), tmp)
         os.replace(tmp, self.path / "config.yaml")
@@ -619,7 +626,7 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
     # Accepted: from here on the run directory changes.
     writer = None
     if run_dir is not None:
-        run_dir.accept(cfg)
+        run_dir.accept(cfg, tokenizer)
         writer = tensorboard_writer(run_dir.path, state.step)
     logger.info("model: %s parameters; device %s, %s; %d ranks; %d train batches per epoch per rank",
                 f"{model.num_parameters():,}", device, str(amp_dtype).removeprefix("torch."), info.world_size,

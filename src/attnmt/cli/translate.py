@@ -21,7 +21,9 @@ from attnmt.cli.common import (
 )
 from attnmt.config import ConfigError, TranslateConfig, config_dir, register_configs
 from attnmt.device import resolve_device
-from attnmt.evaluation import Translation, attention_figure, cross_attention, encode_sources, translate
+from attnmt.evaluation import (
+    Translation, attention_figure, cross_attention, encode_sources, missing_glyphs_allowed, translate,
+)
 from attnmt.tokenizer import EOS_ID
 
 log = logging.getLogger("attnmt.translate")
@@ -68,7 +70,8 @@ def plot_attention(cfg: TranslateConfig, model, tokenizer, line_number: int, lin
     # Labels from the ids the model saw (normalised, truncated), EOS last on both axes.
     fig = attention_figure(weights, tokenizer.src_pieces(src_ids), tokenizer.tgt_pieces(tgt_ids + [EOS_ID]),
                            title=f"line {line_number}: {layer}")
-    fig.savefig(Path(cfg.attention_plot) / f"line{line_number:06d}.png")
+    with missing_glyphs_allowed():
+        fig.savefig(Path(cfg.attention_plot) / f"line{line_number:06d}.png")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
