@@ -12,8 +12,10 @@ runs ``attnmt-train model=tiny`` for 20 updates on it twice, each in a process o
 an empty cache (reading, cleaning, tokenizer training, tokenization), then in a new run directory with
 another learning rate (everything reused from ``data.cache_dir``). It prints each run's phases from its
 log, the time from the command to the first update, and the peak resident memory of the training
-process (VmHWM) and of its largest helper process (the tokenizer trainer, the cleaning and tokenizing
-workers); with two sizes, the memory growth per pair.
+process (VmHWM), and apart its anonymous memory (what it allocated) and its file-backed memory (pages
+of the memory-mapped cache files it touched: shared page cache, which the kernel reclaims under
+pressure), and the peak of its largest helper process (the tokenizer trainer, the cleaning and
+tokenizing workers); with two sizes, the memory growth per pair.
 
 usage: python scripts/bench_data.py [--root ../shared/data/multi30k] [--max-tokens 1024 2048 4096 8192]
                                      [--workers 0 2] [--vocab-size 8000]
@@ -108,9 +110,27 @@ _PHASES = {  # the log line that ends each phase
 def timed_run(corpus: Path, cache: Path, run_dir: Path, lr: str, vocab_size: int) -> dict:
     """One ``attnmt-train`` process of 20 updates; its phases (seconds from its start), wall time and peak RSS."""
     hwm_file = run_dir.with_suffix(".status")
-    code = ("import atexit, resource, attnmt.cli.train as t; "
-            f"atexit.register(lambda: open({str(hwm_file)!r}, 'w').write(open('/proc/self/status').read() + "
-            "f'ChildrenHWM: {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss} kB')); t.main()")
+    # In the training process: a thread samples its anonymous and file-backed resident memory (the
+    # kernel keeps only their sum's peak, VmHWM); at exit, both peaks, VmHWM and the helpers' peak.
+    code = f"""
+import atexit, resource, threading, time
+peaks = {{"RssAnon": 0, "RssFile": 0}}
+def sample():
+    while True:
+        for line in open("/proc/self/status"):
+            key = line.split(":")[0]
+            if key in peaks:
+                peaks[key] = max(peaks[key], int(line.split()[1]))
+        time.sleep(0.05)
+threading.Thread(target=sample, daemon=True).start()
+def report():
+    status = open("/proc/self/status").read()
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    open({str(hwm_file)!r}, "w").write(status + f"PeakAnon: {{peaks['RssAnon']}} kB\\nPeakFile: {{peaks['RssFile']}} kB\\nChildrenHWM: {{children}} kB\\n")
+atexit.register(report)
+import attnmt.cli.train
+attnmt.cli.train.main()
+"""
     cmd = [sys.executable, "-c", code, "model=tiny", f"data.root={corpus}", f"data.cache_dir={cache}",
            f"data.tokenizer.vocab_size={vocab_size}", "data.splits.test=valid", f"train.run_dir={run_dir}",
            f"optim.lr={lr}", "train.max_steps=20", "train.valid_every=100000", "train.log_every=1",
@@ -130,8 +150,9 @@ def timed_run(corpus: Path, cache: Path, run_dir: Path, lr: str, vocab_size: int
             if name not in phases and pattern.search(line):
                 phases[name] = seconds
     status = hwm_file.read_text()
-    peak, children = (int(re.search(rf"{name}:\s+(\d+) kB", status).group(1)) / 1024 for name in ("VmHWM", "ChildrenHWM"))
-    return {"phases": phases, "wall": wall, "peak_mb": peak, "children_mb": children}
+    peak, anon, file, children = (int(re.search(rf"{name}:\s+(\d+) kB", status).group(1)) / 1024
+                                  for name in ("VmHWM", "PeakAnon", "PeakFile", "ChildrenHWM"))
+    return {"phases": phases, "wall": wall, "peak_mb": peak, "anon_mb": anon, "file_mb": file, "children_mb": children}
 
 
 def scale(args: argparse.Namespace) -> None:
@@ -155,17 +176,19 @@ def scale(args: argparse.Namespace) -> None:
     print(f"\nattnmt-train model=tiny, 20 updates, data.tokenizer.vocab_size={args.vocab_size}; "
           f"seconds from the command's start; {os.cpu_count()} cores\n")
     print("| pairs | run | read+clean done | tokenizer done | tokenized | first update | wall | peak RSS MB | "
-          "largest helper process MB |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "of which anonymous, peak | file-backed, peak | largest helper process MB |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for n, first, second in rows:
         for name, run in (("first (empty cache)", first), ("second (new run dir)", second)):
             print(f"| {n:,} | {name} | {at(run, 'read+clean')} | {at(run, 'tokenizer')} | {at(run, 'tokenize')} | "
-                  f"{at(run, 'first update')} | {run['wall']:.1f} | {run['peak_mb']:,.0f} | {run['children_mb']:,.0f} |")
+                  f"{at(run, 'first update')} | {run['wall']:.1f} | {run['peak_mb']:,.0f} | {run['anon_mb']:,.0f} | "
+                  f"{run['file_mb']:,.0f} | {run['children_mb']:,.0f} |")
     if len(rows) >= 2:
         (n1, a1, b1), (n2, a2, b2) = rows[0], rows[-1]
         for name, x, y in (("first", a1, a2), ("second", b1, b2)):
-            growth = (y["peak_mb"] - x["peak_mb"]) * 2**20 / (n2 - n1)
-            print(f"\npeak RSS growth, {name} run: {growth:.1f} bytes per pair ({n1:,} -> {n2:,} pairs)")
+            growth = {key: (y[key] - x[key]) * 2**20 / (n2 - n1) for key in ("peak_mb", "anon_mb", "file_mb")}
+            print(f"\n{name} run, growth per pair ({n1:,} -> {n2:,} pairs): peak RSS {growth['peak_mb']:.1f} bytes, "
+                  f"anonymous {growth['anon_mb']:.1f} bytes, file-backed {growth['file_mb']:.1f} bytes")
 
 
 def main() -> None:

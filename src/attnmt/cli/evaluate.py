@@ -51,7 +51,7 @@ def test_set(cfg: EvaluateConfig, run_config: dict, data_overrides: list[str]) -
         raise UserError(f"{' '.join(data_overrides)}: {str(err).splitlines()[0]} (the keys are those of DataConfig, "
                         "e.g. data.root=FOLDER)") from None
     split = load_split(data_cfg, cfg.split, train=False)
-    return split["src"], load_references(data_cfg, cfg.split), f"split {cfg.split}"
+    return list(split["src"]), load_references(data_cfg, cfg.split), f"split {cfg.split}"
 
 
 def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
