@@ -22,9 +22,9 @@ from attnmt.cli.common import (
 from attnmt.config import ConfigError, TranslateConfig, config_dir, register_configs
 from attnmt.device import resolve_device
 from attnmt.evaluation import (
-    Translation, attention_figure, cross_attention, encode_sources, missing_glyphs_allowed, translate,
+    Translation, attention_figure, cross_attention, encode_sources, missing_glyphs_allowed, target_prefix, translate,
 )
-from attnmt.tokenizer import EOS_ID
+from attnmt.tokenizer import EOS_ID, TokenizerError
 
 log = logging.getLogger("attnmt.translate")
 
@@ -60,8 +60,9 @@ def prompt_lines() -> Iterator[str]:
         yield line.rstrip("\n")
 
 
-def plot_attention(cfg: TranslateConfig, model, tokenizer, line_number: int, line: str, translation: Translation) -> None:
-    src_ids = encode_sources(tokenizer, [line], model.cfg.max_positions, line_number)[0]
+def plot_attention(cfg: TranslateConfig, model, tokenizer, line_number: int, line: str, translation: Translation,
+                   prefix: list[int]) -> None:
+    src_ids = encode_sources(tokenizer, [line], model.cfg.max_positions, line_number, prefix)[0]
     tgt_ids = translation.tokens[0]
     if not src_ids:
         return
@@ -90,7 +91,8 @@ def run(cfg: TranslateConfig) -> None:
     lines, interactive = input_lines(cfg)
     device = resolve_device(cfg.device, key="device")
     paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
-    model, tokenizer, _ = load_for_inference(paths, device)
+    model, tokenizer, run_config = load_for_inference(paths, device)
+    prefix = target_prefix(tokenizer, run_config, cfg.tgt_lang)
     if cfg.attention_plot is not None and cfg.attention_layer is not None and not 0 <= cfg.attention_layer < len(model.decoder_layers):
         raise UserError(f"attention_layer={cfg.attention_layer} is not a layer of this {len(model.decoder_layers)}-layer decoder")
 
@@ -98,11 +100,11 @@ def run(cfg: TranslateConfig) -> None:
     n_lines = 0
     try:
         for chunk in available_chunks(lines, 1 if interactive else cfg.buffer_lines):
-            translations = translate(model, tokenizer, chunk, cfg, first_line=n_lines + 1)
+            translations = translate(model, tokenizer, chunk, cfg, first_line=n_lines + 1, prefix=prefix)
             for offset, (line, translation) in enumerate(zip(chunk, translations)):
                 out.write(format_translation(n_lines + offset, translation, cfg.nbest) + "\n")
                 if cfg.attention_plot is not None:
-                    plot_attention(cfg, model, tokenizer, n_lines + offset + 1, line, translation)
+                    plot_attention(cfg, model, tokenizer, n_lines + offset + 1, line, translation, prefix)
             out.flush()  # each chunk is out as soon as it is translated
             n_lines += len(chunk)
     finally:
@@ -126,7 +128,7 @@ def _main(cfg: DictConfig) -> None:
             translate_cfg.text = list(_texts)
         run(translate_cfg)
 
-    run_command("attnmt-translate", body, (CheckpointError, ConfigError))
+    run_command("attnmt-translate", body, (CheckpointError, ConfigError, TokenizerError))
 
 
 def main() -> None:
