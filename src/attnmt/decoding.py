@@ -54,26 +54,23 @@ def _forbid(logits: Tensor, step: int, min_len: int) -> None:
 
 def _top_tokens(logits: Tensor, step: int, min_len: int, max_len: Tensor, count: int) -> tuple[Tensor, Tensor]:
     """The ``count`` best next tokens of each row and their log-probabilities, (N, count) each, best
-    first, under the length rules. ``logits`` (N, V) is overwritten.
+    first, under the length rules.
 
-    ``step`` is the number of tokens generated so far; ``max_len`` (N,) holds each row's limit. Only
-    the few candidates a beam can use are normalised: a row's best tokens by logit are its best by
-    log-probability, so the full (N, V) log-softmax is never written.
+    ``logits`` is (N, V); ``step`` is the number of tokens generated so far; ``max_len`` (N,) holds
+    each row's limit. Beam search needs no more than its 2k best candidates per row, so the
+    candidates of a sentence are combined from these instead of from all k x V.
     """
-    logits = logits.float()
-    log_z = logits.logsumexp(dim=-1, keepdim=True)  # (N, 1), over the whole vocabulary
-    eos = logits[:, EOS_ID] - log_z[:, 0]
-    _forbid(logits, step, min_len)
-    top, tokens = logits.topk(count, dim=-1)  # (N, count)
-    logp = top - log_z
+    logp = logits.float().log_softmax(dim=-1)
+    _forbid(logp, step, min_len)
+    top, tokens = logp.topk(count, dim=-1)  # (N, count)
     at_limit = max_len <= step  # these rows must end now
     if at_limit.any():
         # EOS is their one continuation, even where min_len asked otherwise: the limit wins (with
         # log-probability 0 where min_len had ruled EOS out).
-        logp[at_limit] = -math.inf
-        logp[at_limit, 0] = eos[at_limit] if step >= min_len else 0.0
+        top[at_limit] = -math.inf
+        top[at_limit, 0] = logp[at_limit, EOS_ID] if step >= min_len else 0.0
         tokens[at_limit, 0] = EOS_ID
-    return logp, tokens
+    return top, tokens
 
 
 @torch.no_grad()

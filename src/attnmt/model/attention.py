@@ -8,9 +8,12 @@ overflow in fp16: SDPA applies boolean masks itself.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class KVCache:
@@ -181,8 +184,8 @@ class MultiHeadAttention(nn.Module):
             kv = cache.cross[layer] if cache is not None else None
             if kv is None:
                 kv = self.project_kv(memory)
-                if cache is not None:
-                    cache.cross[layer] = kv
+                if cache is not None:  # read at every step: contiguous
+                    kv = cache.cross[layer] = (kv[0].contiguous(), kv[1].contiguous())
             k, v = kv  # (N, H, S, Dh)
             if cache is not None:
                 beams = cache.beams
@@ -207,12 +210,16 @@ class MultiHeadAttention(nn.Module):
                 causal_mask = torch.ones(t, k.size(2), dtype=torch.bool, device=x.device).tril(t_past)
                 attn_mask = causal_mask if attn_mask is None else attn_mask & causal_mask
             # t == 1 with a cache: the single new position may attend to everything cached.
-        out = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-        )  # (N, H, beams*T, Dh)
+        # SDPA's flash kernel for the CPU costs more per (sentence, head) block than the few queries
+        # of a decoding step's cross-attention need; its math kernel is about twice as fast there.
+        few_queries_on_cpu = self.cross and cache is not None and x.device.type == "cpu"
+        with sdpa_kernel(SDPBackend.MATH) if few_queries_on_cpu else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=attn_mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=is_causal,
+            )  # (N, H, beams*T, Dh)
         out = out.view(n, self.n_heads, beams, t, self.d_head).permute(0, 2, 3, 1, 4)  # (N, beams, T, H, Dh)
         return self.out_proj(out.reshape(b, t, d))
 
