@@ -97,13 +97,14 @@ def translate(
             hypotheses[i] = hyps
         if on_batch is not None:
             on_batch(len(batch))
+    # One call for all texts: SentencePiece's batch call costs as much for one sentence as for hundreds.
+    texts = iter(tokenizer.decode_tgt([h.tokens for hyps in hypotheses for h in hyps]))
     translations = []
     for hyps in hypotheses:
         if not hyps:  # an empty line: as many empty candidates as asked for
             translations.append(Translation([""] * cfg.nbest, [0.0] * cfg.nbest, [[] for _ in range(cfg.nbest)]))
             continue
-        texts = tokenizer.decode_tgt([h.tokens for h in hyps])
-        translations.append(Translation(texts, [h.score for h in hyps], [h.tokens for h in hyps]))
+        translations.append(Translation([next(texts) for _ in hyps], [h.score for h in hyps], [h.tokens for h in hyps]))
     return translations
 
 

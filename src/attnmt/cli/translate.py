@@ -12,14 +12,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from attnmt.checkpoint import CheckpointError, load_for_inference
 from attnmt.cli.common import (
-    UserError, available_chunks, iter_lines, open_input, run_command, setup_logging, take_arguments, to_config,
+    UserError, available_chunks, compose_cli, iter_lines, open_input, run_command, setup_logging, take_arguments,
+    to_config,
 )
-from attnmt.config import ConfigError, TranslateConfig, config_dir, register_configs
+from attnmt.config import ConfigError, TranslateConfig, config_dir
 from attnmt.device import resolve_device
 from attnmt.evaluation import (
     Translation, attention_figure, cross_attention, encode_sources, missing_glyphs_allowed, translate,
@@ -111,32 +111,45 @@ def run(cfg: TranslateConfig) -> None:
     log.info("translated %d lines", n_lines)
 
 
-# The text= arguments of this command line, set by main(): each is one input line exactly as typed,
-# which Hydra's override grammar would read as a value of its own language.
-_texts: list[str] = []
-
-
-@hydra.main(config_path=str(config_dir()), config_name="translate", version_base="1.3")
-def _main(cfg: DictConfig) -> None:
+def main() -> None:
+    # text= arguments are input lines exactly as typed, which Hydra's grammar would read as values of
+    # its own language: taken before the rest is composed.
+    argv, texts = take_arguments(sys.argv[1:], "text=")
     setup_logging()
 
     def body() -> None:
-        translate_cfg = to_config(cfg)
-        if _texts:
-            translate_cfg.text = list(_texts)
-        run(translate_cfg)
+        cfg = compose_cli("translate", TranslateConfig, argv)
+        if cfg is None:  # a command line for Hydra itself: --help, --cfg, hydra.* keys, ...
+            hydra_main(argv, texts)
+        else:
+            run(with_texts(to_config(cfg), texts))
 
     run_command("attnmt-translate", body, (CheckpointError, ConfigError))
 
 
-def main() -> None:
-    global _texts
-    sys.argv[1:], texts = take_arguments(sys.argv[1:], "text=")
-    _texts = [arg.removeprefix("text=") for arg in texts]
+def with_texts(cfg: TranslateConfig, texts: list[str]) -> TranslateConfig:
+    """``cfg`` translating the ``text=...`` arguments, if there are any."""
+    if texts:
+        cfg.text = [arg.removeprefix("text=") for arg in texts]
+    return cfg
+
+
+def hydra_main(argv: list[str], texts: list[str]) -> None:
+    """The command under Hydra's ``@hydra.main``, for the command lines :func:`compose_cli` leaves to
+    it. Hydra is imported only here: its start-up costs more than the rest of the command's."""
+    import hydra
+
+    from attnmt.config import register_configs
+
+    register_configs()
+
+    @hydra.main(config_path=str(config_dir()), config_name="translate", version_base="1.3")
+    def _main(cfg: DictConfig) -> None:
+        run_command("attnmt-translate", lambda: run(with_texts(to_config(cfg), texts)), (CheckpointError, ConfigError))
+
+    sys.argv[1:] = argv
     _main()
 
-
-register_configs()
 
 if __name__ == "__main__":
     main()

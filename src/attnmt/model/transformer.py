@@ -112,10 +112,17 @@ class Transformer(nn.Module):
 
         With a ``cache`` (from :meth:`new_cache`), ``tgt_tokens`` holds only the positions not yet
         decoded; their positions continue after the cached ones. The first call projects ``memory``
-        into each layer's cross-attention keys/values and stores them in the cache; later calls read
-        them from there, so ``memory`` need not follow the cache's reordering.
+        (N, S, D) into each layer's cross-attention keys/values and stores them, with ``src_mask``
+        (N, S), in the cache; later calls read them from there, so neither ``memory`` nor ``src_mask``
+        need follow the cache's reordering. A cache whose rows are beams (``cache.beams`` rows per
+        sentence, see :meth:`KVCache.reorder`) takes B = N * beams target rows.
         """
-        offset = 0 if cache is None else cache.seq_len
+        offset = 0
+        if cache is not None:
+            offset = cache.seq_len
+            if cache.src_mask is None:
+                cache.src_mask = src_mask
+            src_mask = cache.src_mask
         x = self.tgt_embed(tgt_tokens, offset)  # (B, T, D)
         for i, layer in enumerate(self.decoder_layers):
             x = layer(x, memory, src_mask, cache, i)
@@ -127,9 +134,10 @@ class Transformer(nn.Module):
         """Teacher-forced training path: logits (B, T, V) for ``tgt_in`` (BOS + target)."""
         return self.decode(tgt_in, self.encode(src_tokens, src_mask), src_mask)
 
-    def new_cache(self) -> KVCache:
-        """An empty key/value cache for incremental decoding with :meth:`decode`."""
-        return KVCache(len(self.decoder_layers))
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty key/value cache for incremental decoding with :meth:`decode`, with room for
+        ``max_len`` target positions (BOS included) allocated at the first step."""
+        return KVCache(len(self.decoder_layers), max_len)
 
     @torch.no_grad()
     def cross_attention_weights(self, tgt_tokens: Tensor, memory: Tensor, src_mask: Tensor) -> Tensor:
