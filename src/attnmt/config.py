@@ -28,7 +28,7 @@ def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 ACTIVATIONS = ("relu", "gelu")
-POSITIONS = ("sinusoidal", "learned")
+POSITIONS = ("sinusoidal_fairseq", "sinusoidal", "learned")
 SCHEDULES = ("inverse_sqrt", "cosine")
 TOKENIZER_TYPES = ("unigram", "bpe")
 DATA_FORMATS = ("folder", "tsv", "jsonl", "hub", "disk")
@@ -52,7 +52,10 @@ class ModelConfig:
     attention_dropout: float
     activation: str  # relu | gelu
     norm_first: bool  # pre-norm (with a final LayerNorm per stack); False = the paper's post-norm
-    positions: str  # sinusoidal | learned
+    # sinusoidal_fairseq: fairseq's (and M2M100's) sin/cos table, what configs/model/ choose, so that a
+    # pre-norm model exports to transformers exactly | sinusoidal: Vaswani's interleaved table, which
+    # every checkpoint written before sinusoidal_fairseq existed holds | learned
+    positions: str
     max_positions: int
     share_embeddings: bool  # one embedding table for source and target (needs a joint vocabulary)
     tie_output: bool  # output projection = target embedding matrix
