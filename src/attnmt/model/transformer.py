@@ -80,11 +80,12 @@ class Embedding(nn.Module):
                 f"a sequence of {offset + t} tokens exceeds model.max_positions={self.max_positions}; "
                 "shorten the input or train a model with a larger max_positions"
             )
-        if self.learned is None:
-            pos = self.sinusoids[offset : offset + t]
-        else:
-            pos = self.learned.weight[offset : offset + t]
+        pos = self.position_table()[offset : offset + t]
         return self.dropout(self.tokens(tokens) * self.scale + pos)  # (B, T, D)
+
+    def position_table(self) -> Tensor:
+        """The vectors added at positions 0 .. max_positions-1, (max_positions, D): what exports copy."""
+        return self.sinusoids if self.learned is None else self.learned.weight
 
 
 class Transformer(nn.Module):
