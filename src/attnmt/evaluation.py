@@ -103,13 +103,14 @@ def translate(
 def translations(tokenizer: Tokenizer, hypotheses: list[list[Hypothesis]], nbest: int) -> list[Translation]:
     """Detokenized :class:`Translation` of each line's hypotheses (best first); a line without any
     (an empty line) gets ``nbest`` empty candidates. Every engine's results end here."""
+    # One decode call for all of them: SentencePiece's batch decoding costs about 0.1 ms a call.
+    texts = iter(tokenizer.decode_tgt([h.tokens for hyps in hypotheses for h in hyps]))
     result = []
     for hyps in hypotheses:
         if not hyps:
             result.append(Translation([""] * nbest, [0.0] * nbest, [[] for _ in range(nbest)]))
             continue
-        texts = tokenizer.decode_tgt([h.tokens for h in hyps])
-        result.append(Translation(texts, [h.score for h in hyps], [h.tokens for h in hyps]))
+        result.append(Translation([next(texts) for _ in hyps], [h.score for h in hyps], [h.tokens for h in hyps]))
     return result
 
 
