@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from attnmt.checkpoint import CheckpointError, load_for_inference
 from attnmt.cli.common import UserError, run_command, setup_logging, to_config
 from attnmt.config import ExportConfig, config_dir, register_configs
-from attnmt.export import ExportError
+from attnmt.export import ExportError, check_new_directory
 
 log = logging.getLogger("attnmt.export")
 
@@ -36,6 +36,7 @@ def run(cfg: ExportConfig) -> None:
         __import__(package)
     except ImportError:
         raise UserError(f"to={cfg.to} needs {package}: pip install 'attnmt[{extra}]'") from None
+    check_new_directory(cfg.out)  # before the checkpoint is read: a refusal should come at once
     paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
     model, tokenizer, run_config = load_for_inference(paths, "cpu")
     if cfg.to == "ctranslate2":

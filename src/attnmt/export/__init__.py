@@ -31,9 +31,7 @@ def write_directory(out: str | Path, fill: Callable[[Path], None]) -> Path:
     Raises:
         ExportError: ``out`` exists and is not empty.
     """
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"out={out} already exists and is not an empty directory; remove it or choose another out=")
+    out = check_new_directory(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -47,6 +45,18 @@ def write_directory(out: str | Path, fill: Callable[[Path], None]) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def check_new_directory(out: str | Path) -> Path:
+    """``out`` as a Path, if it does not exist or is an empty directory.
+
+    Raises:
+        ExportError: ``out`` exists and is not an empty directory.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"out={out} already exists and is not an empty directory; remove it or choose another out=")
     return out
 
 

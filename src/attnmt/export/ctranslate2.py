@@ -42,7 +42,7 @@ import torch
 from attnmt.config import DecodeConfig, ModelConfig
 from attnmt.decoding import Hypothesis, length_penalty, max_length
 from attnmt.evaluation import Translation, encode_sources, length_batches, translations
-from attnmt.export import ExportError, checkpoint_hash, write_directory
+from attnmt.export import ExportError, check_new_directory, checkpoint_hash, write_directory
 from attnmt.model import Transformer
 from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
@@ -147,6 +147,7 @@ def export(model: Transformer, tokenizer: Tokenizer, out: str | Path, quantizati
     if quantization is not None and quantization not in ACCEPTED_MODEL_TYPES:
         raise ExportError(f"quantization={quantization} is not a CTranslate2 weight type; use one of "
                           f"{', '.join(ACCEPTED_MODEL_TYPES)} (or leave it out for float32)")
+    check_new_directory(out)
     spec = model_spec(model, tokenizer)
     spec.validate()
     spec.optimize(quantization=quantization)

@@ -33,7 +33,7 @@ import torch
 
 from attnmt.config import DecodeConfig, ModelConfig
 from attnmt.decoding import max_length
-from attnmt.export import ExportError, write_directory
+from attnmt.export import ExportError, check_new_directory, write_directory
 from attnmt.model import Transformer
 from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
@@ -228,6 +228,7 @@ def export(model: Transformer, tokenizer: Tokenizer, out: str | Path) -> Path:
         ExportError: an option without an exact equivalent (see :func:`architecture`), or ``out``
             exists and is not empty.
     """
+    check_new_directory(out)
     hf = hf_model(model, tokenizer)
     fast = hf_tokenizer(tokenizer, model.cfg.max_positions)
     generation = generation_config(model.cfg)
