@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from attnmt.checkpoint import load_for_inference
-from attnmt.config import DecodeConfig
+from attnmt.config import DecodeConfig, compose
 from attnmt.data import read_lines
 from attnmt.decoding import max_length
 from attnmt.evaluation import corpus_scores, translate
@@ -181,7 +181,7 @@ def main() -> None:
 
     _, tokenizer, run_config = load_for_inference(args.ckpt)
     src_lang, tgt_lang = run_config["data"]["src_lang"], run_config["data"]["tgt_lang"]
-    base = DecodeConfig(max_tokens=args.max_tokens)
+    base = compose("translate", ["ckpt=unused", f"max_tokens={args.max_tokens}"])  # the shipped search settings
     configs = {"greedy": replace(base, beam_size=1), f"beam{args.beam}": replace(base, beam_size=args.beam)}
 
     rows: list[Engine] = []
