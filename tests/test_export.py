@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from attnmt.batching import pad
 from attnmt.config import compose
-from attnmt.evaluation import encode_sources, pad, translate
+from attnmt.evaluation import encode_sources, translate
 from attnmt.export import ExportError, write_directory
 from attnmt.model import build_model
 from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, normalize
@@ -103,7 +104,7 @@ def test_ctranslate2_logits_equal_attnmts_for_every_model_option(option, tokeniz
     for source, result in zip(sources, results):
         steps = torch.stack([torch.from_numpy(np.asarray(x)) for x in result.logits[0]])  # (T, V)
         path = tokenizer.tgt_piece_ids(result.hypotheses[0])
-        src_tokens, src_mask = pad([source], "cpu")
+        src_tokens, src_mask = pad([source])
         with torch.no_grad():
             ours = model.decode(torch.tensor([[BOS_ID] + path[:-1]]), model.encode(src_tokens, src_mask), src_mask)[0]
         assert steps.shape == ours.shape == (len(path), tokenizer.tgt_vocab_size)
@@ -142,7 +143,7 @@ def test_ctranslate2_beam_nbest_is_ranked_by_attnmts_penalty(trained_checkpoint,
         assert len(translation.texts) == 3 and translation.scores == sorted(translation.scores, reverse=True)
         # Each score is log P of tokens + EOS divided by GNMT's penalty, P being CTranslate2's
         # distribution: <pad> and <s> suppressed before the softmax (attnmt suppresses them after).
-        source, _ = pad(encode_sources(tokenizer, [line], 256), "cpu")
+        source, _ = pad(encode_sources(tokenizer, [line], 256))
         tokens = translation.tokens[0]
         with torch.no_grad():
             logits = model(source, source != 0, torch.tensor([[BOS_ID] + tokens]))[0]
@@ -275,7 +276,7 @@ def test_hf_logits_equal_attnmts_or_the_option_is_refused(option, tokenizers, tm
 
     lines = fixture_texts("test")[0][:6] + HOSTILE
     batch = hf_tok(lines, return_tensors="pt", padding=True)
-    src_tokens, src_mask = pad(encode_sources(tokenizer, lines, 64), "cpu")
+    src_tokens, src_mask = pad(encode_sources(tokenizer, lines, 64))
     assert torch.equal(batch["input_ids"], src_tokens)
     tgt_in = torch.cat([torch.full((len(lines), 1), BOS_ID), torch.randint(4, tokenizer.tgt_vocab_size, (len(lines), 12))], 1)
     with torch.no_grad():

@@ -41,7 +41,8 @@ import torch
 
 from attnmt.config import DecodeConfig, ModelConfig
 from attnmt.decoding import Hypothesis, length_penalty, max_length
-from attnmt.evaluation import Translation, encode_sources, length_batches, translations
+from attnmt.batching import length_batches
+from attnmt.evaluation import Translation, encode_sources, translations
 from attnmt.export import ExportError, check_new_directory, checkpoint_hash, write_directory
 from attnmt.model import Transformer
 from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer

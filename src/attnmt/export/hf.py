@@ -279,7 +279,7 @@ def translate(hf, hf_tok, lines: list[str], cfg: DecodeConfig) -> list[str]:
         lines: raw source sentences.
         cfg: search and batching settings.
     """
-    from attnmt.evaluation import length_batches
+    from attnmt.batching import length_batches
 
     max_positions = hf.config.max_position_embeddings
     # The tokenizer appends </s>; attnmt keeps it when it truncates to the positions, and leaves empty lines out.
