@@ -16,8 +16,9 @@ Engines, each with greedy search and beam search (``--beam``, 5):
 Every engine gets the same threads (``--threads``, 2: torch's intra-op threads and CTranslate2's
 ``intra_threads``), the same batching limit (``--max-tokens`` source tokens) and attnmt's length
 limits, and every timed run translates the whole test set from raw lines to detokenized text
-(loading excluded). Runs are interleaved: repetition 1 of every row, then repetition 2, ...; the
-table holds the median of ``--repeats`` runs. Target tokens are the SentencePiece tokens of the
+(loading excluded). Runs are interleaved: repetition 1 of every row, then repetition 2 in reverse
+order, ..., each after a pause of a second (the engines' thread pools share the cores, and one that
+has just finished keeps spinning for a while); the table holds the median of ``--repeats`` runs. Target tokens are the SentencePiece tokens of the
 output, EOS included. BLEU is sacreBLEU's (attnmt.evaluation.corpus_scores) on the raw references.
 
     python scripts/bench_translate.py --ckpt runs/quickstart/checkpoints/best.pt
@@ -51,6 +52,7 @@ from attnmt.evaluation import corpus_scores, translate
 from attnmt.tokenizer import normalize
 
 REPO = Path(__file__).resolve().parents[1]
+PAUSE_S = 1.0  # idle time before each timed run (see main)
 # name -> (folder under the data root, file stem); the language suffix comes from the checkpoint.
 TEST_SETS = {"test2016": ("multi30k", "test2016"), "newstest2014": ("wmt14-en-de-test", "newstest2014")}
 
@@ -215,7 +217,11 @@ def main() -> None:
                 row.run(sources[:16])
                 row.seconds.clear()
             for repeat in range(args.repeats):
-                for row in rows:
+                # Every other repetition backwards, so that no row always follows the same one.
+                for row in rows if repeat % 2 == 0 else rows[::-1]:
+                    # The previous engine's OpenMP threads spin for a while after it returns; on a few
+                    # cores they would slow whichever engine runs next. A pause lets them sleep.
+                    time.sleep(PAUSE_S)
                     start = time.perf_counter()
                     row.hypotheses = row.run(sources)
                     row.seconds.append(time.perf_counter() - start)
