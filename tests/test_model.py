@@ -79,7 +79,7 @@ def test_head_size_must_divide_model_width() -> None:
 
 
 @pytest.mark.parametrize("norm_first", [True, False])
-@pytest.mark.parametrize("positions", ["sinusoidal", "learned"])
+@pytest.mark.parametrize("positions", ["sinusoidal_fairseq", "sinusoidal", "learned"])
 def test_decoder_is_causal(norm_first: bool, positions: str) -> None:
     model = build_model(tiny_config(norm_first=norm_first, positions=positions)).eval()
     src, src_mask = padded_batch([7, 5])
@@ -239,6 +239,33 @@ def test_shared_and_tied_embeddings_are_one_tensor() -> None:
     assert untied.num_parameters() == model.num_parameters() + 2 * 24 * 32
     with pytest.raises(ValueError, match="joint vocabulary"):
         build_model(tiny_config(share_embeddings=True, src_vocab_size=30))
+
+
+def test_position_tables_follow_their_definitions() -> None:
+    from attnmt.model.transformer import fairseq_sinusoidal_positions, sinusoidal_positions
+
+    p = torch.arange(40, dtype=torch.float64)[:, None]
+    i = torch.arange(8, dtype=torch.float64)[None, :]
+    # Vaswani et al.: sin and cos of p / 10000^(2i/d), interleaved.
+    interleaved = sinusoidal_positions(40, 16).double()
+    torch.testing.assert_close(interleaved[:, 0::2], torch.sin(p / 10000 ** (2 * i / 16)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(interleaved[:, 1::2], torch.cos(p / 10000 ** (2 * i / 16)), atol=1e-5, rtol=0)
+    # fairseq: all sines then all cosines of (p + pad + 1) * 10000^(-i/(d/2 - 1)).
+    fairseq = fairseq_sinusoidal_positions(40, 16, pad_id=0).double()
+    angles = (p + 1) * 10000 ** (-i / 7)
+    torch.testing.assert_close(fairseq, torch.cat([torch.sin(angles), torch.cos(angles)], dim=1), atol=1e-5, rtol=0)
+
+
+def test_new_runs_get_fairseq_positions_and_older_checkpoints_keep_theirs() -> None:
+    """Every checkpoint written before sinusoidal_fairseq existed says positions=sinusoidal; it must
+    still get the interleaved table it was trained with."""
+    from attnmt.model.transformer import fairseq_sinusoidal_positions, sinusoidal_positions
+
+    shipped = build_model(tiny_config())
+    assert shipped.cfg.positions == "sinusoidal_fairseq"
+    assert torch.equal(shipped.src_embed.sinusoids, fairseq_sinusoidal_positions(shipped.cfg.max_positions, 32, 0))
+    older = build_model(tiny_config(positions="sinusoidal"))
+    assert torch.equal(older.src_embed.sinusoids, sinusoidal_positions(older.cfg.max_positions, 32))
 
 
 def test_positions_beyond_the_limit_fail_clearly() -> None:

@@ -35,12 +35,17 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
+def max_length(src_len: int, max_len_a: float, max_len_b: int, max_positions: int) -> int:
+    """The limit on generated tokens (EOS excluded) for a source of ``src_len`` tokens (EOS included):
+    ``a * src_len + b``, capped so that BOS + tokens + EOS fit ``max_positions``. Every engine
+    (attnmt's search, CTranslate2, the benchmarks) limits lengths with this function."""
+    return max(0, min(max_positions - 1, int(max_len_a * src_len + max_len_b)))
+
+
 def max_lengths(model: Transformer, src_mask: Tensor, max_len_a: float, max_len_b: int) -> list[int]:
-    """Per-sentence limit on generated tokens (EOS excluded): ``a * src_len + b``, capped so that
-    BOS + tokens + EOS fit the model's positions."""
-    cap = model.cfg.max_positions - 1
+    """Per-sentence :func:`max_length` of a batch (B,) for ``src_mask`` (B, S)."""
     src_lens = src_mask.sum(dim=1).tolist()
-    return [max(0, min(cap, int(max_len_a * n + max_len_b))) for n in src_lens]
+    return [max_length(n, max_len_a, max_len_b, model.cfg.max_positions) for n in src_lens]
 
 
 def _forbid(logits: Tensor, step: int, min_len: int) -> None:

@@ -146,6 +146,27 @@ def to_config(cfg: DictConfig, required: tuple[str, ...] = ("ckpt",)):
     return OmegaConf.to_object(cfg)
 
 
+def check_engine(engine: str, compute_type: str) -> None:
+    """``engine=`` and ``compute_type=`` of attnmt-translate and attnmt-evaluate that cannot work, named."""
+    if engine not in ("native", "ctranslate2"):
+        raise UserError(f"engine={engine} is unknown; use native or ctranslate2")
+    if engine == "native" and compute_type != "default":
+        raise UserError(f"compute_type={compute_type} applies to engine=ctranslate2; the native engine computes "
+                        "in float32 on the CPU and bfloat16 on GPUs that support it")
+
+
+def ctranslate2_engine(paths: list, device, compute_type: str):
+    """A :class:`~attnmt.export.ctranslate2.CTranslate2Engine` on the conversion of checkpoint(s) ``paths``
+    (made on first use, then cached beside the last one), on ``device`` (a ``torch.device``)."""
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        raise UserError("engine=ctranslate2 needs CTranslate2: pip install 'attnmt[ct2]'") from None
+    from attnmt.export.ctranslate2 import CTranslate2Engine, cached_model
+
+    return CTranslate2Engine(cached_model(paths), device.type, device.index or 0, compute_type)
+
+
 def take_arguments(argv: list[str], prefix: str) -> tuple[list[str], list[str]]:
     """Split ``argv`` into ``(the other arguments, those starting with prefix)``, order kept.
 

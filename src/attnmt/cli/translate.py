@@ -10,16 +10,18 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from attnmt.checkpoint import CheckpointError, load_for_inference
 from attnmt.cli.common import (
-    UserError, available_chunks, compose_cli, iter_lines, open_input, run_command, setup_logging, take_arguments,
-    to_config,
+    UserError, available_chunks, check_engine, compose_cli, ctranslate2_engine, iter_lines, open_input, run_command,
+    setup_logging, take_arguments, to_config,
 )
 from attnmt.config import ConfigError, TranslateConfig, config_dir
+from attnmt.export import ExportError
 from attnmt.device import resolve_device
 from attnmt.evaluation import (
     Translation, attention_figure, cross_attention, encode_sources, missing_glyphs_allowed, translate,
@@ -79,6 +81,9 @@ def plot_attention(cfg: TranslateConfig, model, tokenizer, line_number: int, lin
 
 def run(cfg: TranslateConfig) -> None:
     cfg.check()
+    check_engine(cfg.engine, cfg.compute_type)
+    if cfg.attention_plot is not None and cfg.engine != "native":
+        raise UserError(f"attention_plot needs engine=native (engine={cfg.engine} returns no attention weights)")
     if cfg.buffer_lines < 1:
         raise UserError(f"buffer_lines={cfg.buffer_lines} must be at least 1")
     if cfg.attention_plot is not None:
@@ -90,15 +95,19 @@ def run(cfg: TranslateConfig) -> None:
     lines, interactive = input_lines(cfg)
     device = resolve_device(cfg.device, key="device")
     paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
-    model, tokenizer, _ = load_for_inference(paths, device)
-    if cfg.attention_plot is not None and cfg.attention_layer is not None and not 0 <= cfg.attention_layer < len(model.decoder_layers):
-        raise UserError(f"attention_layer={cfg.attention_layer} is not a layer of this {len(model.decoder_layers)}-layer decoder")
+    if cfg.engine == "ctranslate2":
+        translate_lines = ctranslate2_engine(paths, device, cfg.compute_type).translate
+    else:
+        model, tokenizer, _ = load_for_inference(paths, device)
+        translate_lines = partial(translate, model, tokenizer)
+        if cfg.attention_plot is not None and cfg.attention_layer is not None and not 0 <= cfg.attention_layer < len(model.decoder_layers):
+            raise UserError(f"attention_layer={cfg.attention_layer} is not a layer of this {len(model.decoder_layers)}-layer decoder")
 
     out = sys.stdout if cfg.output is None else open(cfg.output, "w", encoding="utf-8")
     n_lines = 0
     try:
         for chunk in available_chunks(lines, 1 if interactive else cfg.buffer_lines):
-            translations = translate(model, tokenizer, chunk, cfg, first_line=n_lines + 1)
+            translations = translate_lines(chunk, cfg, first_line=n_lines + 1)
             for offset, (line, translation) in enumerate(zip(chunk, translations)):
                 out.write(format_translation(n_lines + offset, translation, cfg.nbest) + "\n")
                 if cfg.attention_plot is not None:
@@ -124,7 +133,7 @@ def main() -> None:
         else:
             run(with_texts(to_config(cfg), texts))
 
-    run_command("attnmt-translate", body, (CheckpointError, ConfigError))
+    run_command("attnmt-translate", body, (CheckpointError, ConfigError, ExportError))
 
 
 def with_texts(cfg: TranslateConfig, texts: list[str]) -> TranslateConfig:
@@ -145,7 +154,8 @@ def hydra_main(argv: list[str], texts: list[str]) -> None:
 
     @hydra.main(config_path=str(config_dir()), config_name="translate", version_base="1.3")
     def _main(cfg: DictConfig) -> None:
-        run_command("attnmt-translate", lambda: run(with_texts(to_config(cfg), texts)), (CheckpointError, ConfigError))
+        run_command("attnmt-translate", lambda: run(with_texts(to_config(cfg), texts)),
+                    (CheckpointError, ConfigError, ExportError))
 
     sys.argv[1:] = argv
     _main()
