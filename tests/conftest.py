@@ -93,15 +93,20 @@ def fixture_train_config(run_dir: Path, *overrides: str, corpus: Path = FIXTURE_
     ])
 
 
+def train_tiny(run_dir: Path, *overrides: str, max_steps: int = 200) -> Path:
+    """Train a tiny de-en model on the fixture corpus for a few seconds (CPU, fp32); return its ``best.pt``.
+    ``overrides`` in Hydra's syntax, e.g. ``model.norm_first=false``."""
+    from attnmt.training import train
+
+    cfg = fixture_train_config(run_dir, "model.max_positions=256", "model.dropout=0.0", "optim.lr=2e-3",
+                               "optim.warmup_steps=50", "train.max_tokens=1024", f"train.max_steps={max_steps}",
+                               f"train.valid_every={max_steps // 2}", "train.seed=1", *overrides)
+    train(cfg)
+    return run_dir / "checkpoints" / "best.pt"
+
+
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory) -> Path:
     """``best.pt`` of a tiny de-en model trained for a few seconds on the fixture corpus (CPU, fp32):
     enough to translate the fixture sentences well, for tests of the commands that load checkpoints."""
-    from attnmt.training import train
-
-    run_dir = tmp_path_factory.mktemp("trained")
-    cfg = fixture_train_config(run_dir, "model.max_positions=256", "model.dropout=0.0", "optim.lr=2e-3",
-                               "optim.warmup_steps=50", "train.max_tokens=1024", "train.max_steps=200",
-                               "train.valid_every=100", "train.seed=1")
-    train(cfg)
-    return run_dir / "checkpoints" / "best.pt"
+    return train_tiny(tmp_path_factory.mktemp("trained"))

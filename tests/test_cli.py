@@ -148,7 +148,8 @@ def test_translate_streams_before_input_ends(trained_checkpoint) -> None:
 
 
 @pytest.mark.parametrize("case", ["missing_ckpt", "corrupt_ckpt", "line_mismatch", "missing_input", "bad_utf8",
-                                  "no_ckpt", "nbest_zero", "buffer_zero", "output_is_a_folder", "empty_test_set"])
+                                  "no_ckpt", "nbest_zero", "buffer_zero", "output_is_a_folder", "empty_test_set",
+                                  "misspelt_key", "wrong_type"])
 def test_bad_input_is_one_line_and_nonzero_exit(case: str, trained_checkpoint, tmp_path) -> None:
     good_src = FIXTURE_CORPUS / "test.de"
     if case == "missing_ckpt":
@@ -173,6 +174,10 @@ def test_bad_input_is_one_line_and_nonzero_exit(case: str, trained_checkpoint, t
         expected = "buffer_lines=0 must be at least 1"
     elif case == "output_is_a_folder":
         result, expected = run("translate", f"ckpt={trained_checkpoint}", "text=Hallo", f"output={tmp_path}"), str(tmp_path)
+    elif case == "misspelt_key":
+        result, expected = run("translate", f"ckpt={trained_checkpoint}", "text=Hallo", "beam_sise=2"), "did you mean beam_size?"
+    elif case == "wrong_type":
+        result, expected = run("translate", f"ckpt={trained_checkpoint}", "text=Hallo", "nbest=two"), "nbest=two: Value 'two'"
     elif case == "empty_test_set":
         empty = tmp_path / "empty.de"
         empty.write_text("", encoding="utf-8")
@@ -182,11 +187,21 @@ def test_bad_input_is_one_line_and_nonzero_exit(case: str, trained_checkpoint, t
         bad.write_bytes("Der Hund läuft.\n".encode() + b"Die Katze \xfc\n")
         result, expected = run("translate", f"ckpt={trained_checkpoint}", f"input={bad}"), "bad.de line 2: invalid UTF-8"
     assert result.returncode != 0
+    if case in ("misspelt_key", "wrong_type"):  # composed without Hydra: a user error like the others
+        assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and expected in errors[0], result.stderr
     assert "Traceback" not in result.stderr
     if case == "bad_utf8":
         assert result.stdout.splitlines() == translate_alone(trained_checkpoint, ["Der Hund läuft."], beam_size=5)
+
+
+def test_translate_leaves_hydras_own_flags_to_hydra() -> None:
+    # The command composes its config without Hydra's start-up, but --cfg and --help still work.
+    result = run("translate", "--cfg", "job", "ckpt=model.pt", "nbest=2")
+    assert result.returncode == 0, result.stderr
+    assert "nbest: 2" in result.stdout and "ckpt: model.pt" in result.stdout
+    assert run("translate", "--help").returncode == 0
 
 
 def hostile_sentences(n: int, seed: int = 0) -> list[str]:

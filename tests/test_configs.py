@@ -13,7 +13,9 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from attnmt.cli.common import UserError, compose_cli
 from attnmt.config import EvaluateConfig, TrainRunConfig, TranslateConfig, config_dir, register_configs
+from attnmt.config import compose as compose_shipped
 from attnmt.training import check_config, max_sentence_tokens
 
 CONFIG_DIR = config_dir()
@@ -184,3 +186,54 @@ def test_python_code_composes_what_the_command_gets(hydra_config_dir):
     assert ours.train.valid_decode.beam_size == 1  # validation searches greedily by default
     translate = compose_config("translate", ["ckpt=x.pt"])
     assert translate.beam_size == 5 and translate.ckpt == "x.pt"
+
+
+FAST_COMMAND_LINES = [
+    ["ckpt=runs/x/checkpoints/best.pt"],
+    ["ckpt=[a.pt,b.pt]", "beam_size=2", "nbest=2", "len_penalty=0.6", "max_tokens=100"],
+    ["ckpt=x.pt", "input=in.de", "output=null", "device=cpu", "attention_layer=1", "max_len_a=0", "min_len=3"],
+    ["ckpt='my model.pt'", "buffer_lines=7", "attention_plot=/tmp/plots", "max_len_b=20"],
+]
+
+
+@pytest.mark.parametrize("overrides", FAST_COMMAND_LINES)
+def test_translate_composes_without_hydra_as_hydra_does(overrides):
+    fast = compose_cli("translate", TranslateConfig, overrides)
+    assert fast is not None, "the shipped translate.yaml must take the fast path"
+    assert OmegaConf.to_object(fast) == compose_shipped("translate", overrides)
+
+
+def test_fast_composition_follows_a_group_options_own_defaults(tmp_path, monkeypatch):
+    # decode/greedy.yaml lists beam, then itself: the fast path merges both, in Hydra's order.
+    tree = tmp_path / "configs"
+    shutil.copytree(CONFIG_DIR, tree)
+    primary = tree / "translate.yaml"
+    primary.write_text(primary.read_text().replace("decode@_here_: beam", "decode@_here_: greedy"))
+    monkeypatch.setenv("ATTNMT_CONFIGS", str(tree))
+    fast = OmegaConf.to_object(compose_cli("translate", TranslateConfig, ["ckpt=x.pt", "nbest=1"]))
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(tree), version_base=None):
+            assert fast == OmegaConf.to_object(compose(config_name="translate", overrides=["ckpt=x.pt", "nbest=1"]))
+    finally:
+        GlobalHydra.instance().clear()
+    assert fast.beam_size == 1 and fast.len_penalty == 1.0
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--cfg", "job", "ckpt=x.pt"], ["ckpt=x.pt", "hydra.verbose=true"],
+                                  ["ckpt=x.pt", "+extra=1"], ["~nbest"], ["decode@_global_=greedy"]])
+def test_command_lines_for_hydra_itself_are_left_to_hydra(argv):
+    assert compose_cli("translate", TranslateConfig, argv) is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("beam_sise=3", r"beam_sise=3: translate.yaml has no key 'beam_sise'; did you mean beam_size\?"),
+    ("beam_size=many", r"beam_size=many: Value 'many' of type 'str' could not be converted to Integer"),
+    ("max_tokens=[1", r"max_tokens=\[1: "),
+    ("nbest=1,2", r"nbest=1,2: one value per key"),
+])
+def test_fast_composition_errors_are_one_line(override, message):
+    with pytest.raises(UserError, match=message) as err:
+        compose_cli("translate", TranslateConfig, ["ckpt=x.pt", override])
+    assert "\n" not in str(err.value)

@@ -91,19 +91,26 @@ def test_beam_scores_are_the_models_normalised_log_probs(model) -> None:
             assert h.score == pytest.approx(expected / length_penalty(len(h.tokens) + 1, 0.6), abs=1e-4)
 
 
+@pytest.mark.parametrize("which", ["model", "eager_model"])
 @pytest.mark.parametrize("search", ["greedy", "beam"])
-def test_batched_equals_one_by_one(model, search: str) -> None:
+def test_batched_equals_one_by_one(which: str, search: str, request) -> None:
+    # With eager_model, sentences finish at different steps: their rows leave the batch mid-way.
+    model = request.getfixturevalue(which)
     lengths = [9, 3, 6, 1, 7]
     src, src_mask = padded_batch(lengths)
 
     def run(s, m):
         if search == "greedy":
-            return greedy_search(model, s, m)
-        return [[(h.tokens, round(h.score, 4)) for h in hyps] for hyps in beam_search(model, s, m, beam_size=3, nbest=2)]
+            return [(tokens, []) for tokens in greedy_search(model, s, m)]
+        hyps = beam_search(model, s, m, beam_size=3, nbest=2)
+        return [([h.tokens for h in sent], [h.score for h in sent]) for sent in hyps]
 
     batched = run(src, src_mask)
     alone = [run(src[i : i + 1, :n], src_mask[i : i + 1, :n])[0] for i, n in enumerate(lengths)]
-    assert batched == alone
+    assert [tokens for tokens, _ in batched] == [tokens for tokens, _ in alone]
+    # Scores agree up to float rounding: matmuls block differently for other batch sizes.
+    for (_, batched_scores), (_, alone_scores) in zip(batched, alone):
+        assert batched_scores == pytest.approx(alone_scores, abs=1e-4)
 
 
 def test_outputs_hold_no_special_ids_and_respect_lengths(eager_model) -> None:

@@ -27,6 +27,26 @@ def test_a_sentence_longer_than_max_tokens_gets_its_own_batch() -> None:
     assert length_batches([5, 300, 5], max_tokens=100) == [[0, 2], [1]]
 
 
+@pytest.mark.parametrize("beam_size", [1, 4])
+def test_a_translation_does_not_depend_on_max_tokens(trained_checkpoint, beam_size: int) -> None:
+    from attnmt.checkpoint import load_for_inference
+    from attnmt.config import compose
+    from attnmt.evaluation import translate
+    from conftest import FIXTURE_CORPUS
+
+    model, tokenizer, _ = load_for_inference(trained_checkpoint)
+    lines = (FIXTURE_CORPUS / "test.de").read_text(encoding="utf-8").splitlines()
+    results = []
+    for max_tokens in [1, 40, 200, 100_000]:  # one sentence per batch ... all in one batch
+        cfg = compose("translate", ["ckpt=unused", f"beam_size={beam_size}", f"nbest={beam_size}", f"max_tokens={max_tokens}"])
+        results.append(translate(model, tokenizer, lines, cfg))
+    for other in results[1:]:
+        assert [t.texts for t in other] == [t.texts for t in results[0]]
+        for a, b in zip(other, results[0]):  # up to float rounding: matmuls block differently per batch size
+            assert a.scores == pytest.approx(b.scores, abs=1e-4, nan_ok=True)
+    assert all(t.texts[0] for t in results[0])
+
+
 def test_iter_lines_names_file_and_line_of_bad_utf8() -> None:
     stream = io.BytesIO("gut\nauch gut\n".encode() + b"schlecht \xe4\n")
     lines = iter_lines(stream, "input.de")

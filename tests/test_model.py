@@ -79,7 +79,7 @@ def test_head_size_must_divide_model_width() -> None:
 
 
 @pytest.mark.parametrize("norm_first", [True, False])
-@pytest.mark.parametrize("positions", ["sinusoidal", "learned"])
+@pytest.mark.parametrize("positions", ["sinusoidal_fairseq", "sinusoidal", "learned"])
 def test_decoder_is_causal(norm_first: bool, positions: str) -> None:
     model = build_model(tiny_config(norm_first=norm_first, positions=positions)).eval()
     src, src_mask = padded_batch([7, 5])
@@ -152,6 +152,85 @@ def test_kv_cache_grows_past_its_capacity() -> None:
     assert torch.equal(all_v, -torch.cat(ks, dim=2))
 
 
+def test_kv_cache_reorder_keeps_exact_values() -> None:
+    # A reference that keeps whole tensors and gathers them: the cache agrees bit for bit through
+    # appends and reorders that permute, repeat and drop rows and change the beams per sentence.
+    cache = KVCache(n_layers=1, max_len=6)
+    memory_k, memory_v, src_mask = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4), torch.rand(3, 5) > 0.3
+    cache.cross[0], cache.src_mask = (memory_k, memory_v), src_mask  # (N, H, S, Dh), (N, S)
+    ref_k = ref_v = torch.empty(3, 2, 0, 4)
+    row_sentence = torch.arange(3)  # the source sentence of each row
+    reorders = [
+        (torch.tensor([0, 0, 1, 1, 2, 2]), 2),  # one row per sentence -> two beams each
+        (torch.tensor([1, 0, 3, 3, 4, 5]), None),  # beams swap and repeat; every sentence stays
+        (torch.tensor([0, 1, 4, 4]), None),  # sentence 1 leaves
+        (torch.tensor([3, 2, 1, 1]), None),  # the two sentences swap places
+        (torch.tensor([2, 1]), 1),  # one beam per sentence
+    ]
+    for step in range(len(reorders) + 1):
+        new_k, new_v = torch.randn(ref_k.size(0), 2, 1, 4), torch.randn(ref_k.size(0), 2, 1, 4)
+        got_k, got_v = cache.append(0, new_k, new_v)
+        ref_k, ref_v = torch.cat([ref_k, new_k], dim=2), torch.cat([ref_v, new_v], dim=2)
+        assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v), step
+        if step == len(reorders):
+            break
+        index, beams = reorders[step]
+        cross_before = cache.cross[0][0]
+        cache.reorder(index, beams)
+        ref_k, ref_v, row_sentence = ref_k[index], ref_v[index], row_sentence[index]
+        sentences = row_sentence[:: cache.beams]
+        assert torch.equal(cache.cross[0][0], memory_k[sentences]) and torch.equal(cache.cross[0][1], memory_v[sentences])
+        assert torch.equal(cache.src_mask, src_mask[sentences])
+        if step == 1:  # no sentence left: the per-sentence state was not copied
+            assert cache.cross[0][0] is cross_before
+    assert cache.seq_len == len(reorders) + 1
+
+
+def test_kv_cache_reorder_refuses_groups_that_mix_sentences() -> None:
+    cache = KVCache(n_layers=1)
+    cache.append(0, torch.randn(4, 2, 1, 4), torch.randn(4, 2, 1, 4))
+    cache.reorder(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), beams=2)
+    with pytest.raises(ValueError, match="more than one sentence"):
+        cache.reorder(torch.tensor([0, 2, 4, 5]))  # rows 0 and 2 are beams of sentences 0 and 1
+    with pytest.raises(ValueError, match="groups of 2"):
+        cache.reorder(torch.tensor([0, 1, 2]))
+
+
+def test_kv_cache_steps_reuse_two_buffers() -> None:
+    # Preallocated for the whole target, appends write in place and reorders swap two buffers: a
+    # step allocates no new self-attention buffer, even as rows leave.
+    cache = KVCache(n_layers=1, max_len=10)
+    cache.append(0, torch.randn(6, 2, 1, 4), torch.randn(6, 2, 1, 4))
+    storages = set()
+    for rows in [6, 6, 5, 5, 3, 3, 1]:
+        cache.reorder(torch.randperm(cache.rows)[:rows].sort().values)
+        k, _ = cache.append(0, torch.randn(rows, 2, 1, 4), torch.randn(rows, 2, 1, 4))
+        storages.add(k.untyped_storage().data_ptr())
+    assert len(storages) == 2
+
+
+def test_cached_decoding_of_beams_equals_teacher_forcing() -> None:
+    # Beams folded into cross-attention's query dimension attend as if each had its own copy of the
+    # memory and mask, through beam reorders and a sentence leaving.
+    model = build_model(tiny_config()).eval()
+    src, src_mask = padded_batch([6, 9, 3])
+    memory = model.encode(src, src_mask)
+    cache = model.new_cache(max_len=5)
+    tgt = torch.cat([torch.full((6, 1), BOS_ID), torch.randint(4, 24, (6, 4))], dim=1)  # 2 beams per sentence
+    tgt[1::2, 0] = BOS_ID
+    rows = torch.tensor([0, 0, 1, 1, 2, 2])  # each row's sentence
+    logits = [model.decode(tgt[::2, :1], memory, src_mask, cache)[rows]]  # the first step once per sentence
+    cache.reorder(rows, beams=2)
+    history = torch.arange(6)  # the row of tgt each cache row continues
+    for t, index in [(1, None), (2, torch.tensor([1, 1, 2, 3, 5, 4])), (3, torch.tensor([0, 1, 4, 5])), (4, None)]:
+        if index is not None:
+            cache.reorder(index)
+            history, logits = history[index], [step[index] for step in logits]
+        logits.append(model.decode(tgt[history, t : t + 1], memory, src_mask, cache))
+    full = model.decode(tgt[history], memory[history // 2], src_mask[history // 2])
+    torch.testing.assert_close(torch.cat(logits, dim=1), full, atol=1e-5, rtol=0)
+
+
 def test_shared_and_tied_embeddings_are_one_tensor() -> None:
     model = build_model(tiny_config(share_embeddings=True, tie_output=True))
     assert model.src_embed.tokens is model.tgt_embed.tokens
@@ -160,6 +239,33 @@ def test_shared_and_tied_embeddings_are_one_tensor() -> None:
     assert untied.num_parameters() == model.num_parameters() + 2 * 24 * 32
     with pytest.raises(ValueError, match="joint vocabulary"):
         build_model(tiny_config(share_embeddings=True, src_vocab_size=30))
+
+
+def test_position_tables_follow_their_definitions() -> None:
+    from attnmt.model.transformer import fairseq_sinusoidal_positions, sinusoidal_positions
+
+    p = torch.arange(40, dtype=torch.float64)[:, None]
+    i = torch.arange(8, dtype=torch.float64)[None, :]
+    # Vaswani et al.: sin and cos of p / 10000^(2i/d), interleaved.
+    interleaved = sinusoidal_positions(40, 16).double()
+    torch.testing.assert_close(interleaved[:, 0::2], torch.sin(p / 10000 ** (2 * i / 16)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(interleaved[:, 1::2], torch.cos(p / 10000 ** (2 * i / 16)), atol=1e-5, rtol=0)
+    # fairseq: all sines then all cosines of (p + pad + 1) * 10000^(-i/(d/2 - 1)).
+    fairseq = fairseq_sinusoidal_positions(40, 16, pad_id=0).double()
+    angles = (p + 1) * 10000 ** (-i / 7)
+    torch.testing.assert_close(fairseq, torch.cat([torch.sin(angles), torch.cos(angles)], dim=1), atol=1e-5, rtol=0)
+
+
+def test_new_runs_get_fairseq_positions_and_older_checkpoints_keep_theirs() -> None:
+    """Every checkpoint written before sinusoidal_fairseq existed says positions=sinusoidal; it must
+    still get the interleaved table it was trained with."""
+    from attnmt.model.transformer import fairseq_sinusoidal_positions, sinusoidal_positions
+
+    shipped = build_model(tiny_config())
+    assert shipped.cfg.positions == "sinusoidal_fairseq"
+    assert torch.equal(shipped.src_embed.sinusoids, fairseq_sinusoidal_positions(shipped.cfg.max_positions, 32, 0))
+    older = build_model(tiny_config(positions="sinusoidal"))
+    assert torch.equal(older.src_embed.sinusoids, sinusoidal_positions(older.cfg.max_positions, 32))
 
 
 def test_positions_beyond_the_limit_fail_clearly() -> None:

@@ -235,7 +235,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before failing on odd files
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            # mmap: a tensor is read when it is used, so translation reads the weights but not the
+            # optimizer's moments (two thirds of the file).
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
         message = str(e)
         code = re.search(r"\bGLOBAL (\S+)", message)  # torch names the class or function it refused to import

@@ -28,7 +28,7 @@ def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 
 
 ACTIVATIONS = ("relu", "gelu")
-POSITIONS = ("sinusoidal", "learned")
+POSITIONS = ("sinusoidal_fairseq", "sinusoidal", "learned")
 SCHEDULES = ("inverse_sqrt", "cosine")
 TOKENIZER_TYPES = ("unigram", "bpe")
 DATA_FORMATS = ("folder", "tsv", "jsonl", "hub", "disk")
@@ -52,7 +52,10 @@ class ModelConfig:
     attention_dropout: float
     activation: str  # relu | gelu
     norm_first: bool  # pre-norm (with a final LayerNorm per stack); False = the paper's post-norm
-    positions: str  # sinusoidal | learned
+    # sinusoidal_fairseq: fairseq's (and M2M100's) sin/cos table, what configs/model/ choose, so that a
+    # pre-norm model exports to transformers exactly | sinusoidal: Vaswani's interleaved table, which
+    # every checkpoint written before sinusoidal_fairseq existed holds | learned
+    positions: str
     max_positions: int
     share_embeddings: bool  # one embedding table for source and target (needs a joint vocabulary)
     tie_output: bool  # output projection = target embedding matrix
@@ -277,6 +280,8 @@ class TranslateConfig(DecodeConfig):
     buffer_lines: int  # lines read ahead and batched together
     attention_plot: str | None  # a folder: one cross-attention heatmap PNG per input line
     attention_layer: int | None  # the decoder layer to plot; None = mean over layers (and heads)
+    engine: str  # native | ctranslate2 (attnmt.export.ctranslate2)
+    compute_type: str  # engine=ctranslate2: CTranslate2's compute_type (default, auto, int8, float16, ...)
     tgt_lang: str | None  # the language to translate into; None = the model's only one
 
 
@@ -297,6 +302,18 @@ class EvaluateConfig(DecodeConfig):
     device: str
     tgt_lang: str | None  # the language to translate into (its tag, the split's direction, sacreBLEU's tokenizer)
     bleu_tokenize: str | None  # overrides sacreBLEU's tokenizer, e.g. 13a, intl, zh, char
+    engine: str  # native | ctranslate2 (attnmt.export.ctranslate2)
+    compute_type: str  # engine=ctranslate2: CTranslate2's compute_type (default, auto, int8, float16, ...)
+
+
+@dataclass
+class ExportConfig:
+    """``attnmt-export``: a checkpoint as a CTranslate2 model directory or a transformers folder."""
+
+    ckpt: Any  # a checkpoint path, or a list of paths whose weights are averaged
+    to: str  # ctranslate2 | hf
+    out: str  # the directory to write; it must not exist or be empty
+    quantization: str | None  # to=ctranslate2: int8, int8_float32, float16, bfloat16, ...; None = float32
 
 
 def register_configs() -> None:
@@ -310,6 +327,7 @@ def register_configs() -> None:
     cs.store(name="train_schema", node=TrainRunConfig)
     cs.store(name="translate_schema", node=TranslateConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="export_schema", node=ExportConfig)
 
 
 def config_dir() -> Path:

@@ -35,31 +35,47 @@ def length_penalty(length: int, alpha: float) -> float:
     return ((5.0 + length) / 6.0) ** alpha
 
 
+def max_length(src_len: int, max_len_a: float, max_len_b: int, max_positions: int) -> int:
+    """The limit on generated tokens (EOS excluded) for a source of ``src_len`` tokens (EOS included):
+    ``a * src_len + b``, capped so that BOS + tokens + EOS fit ``max_positions``. Every engine
+    (attnmt's search, CTranslate2, the benchmarks) limits lengths with this function."""
+    return max(0, min(max_positions - 1, int(max_len_a * src_len + max_len_b)))
+
+
 def max_lengths(model: Transformer, src_mask: Tensor, max_len_a: float, max_len_b: int) -> list[int]:
-    """Per-sentence limit on generated tokens (EOS excluded): ``a * src_len + b``, capped so that
-    BOS + tokens + EOS fit the model's positions."""
-    cap = model.cfg.max_positions - 1
+    """Per-sentence :func:`max_length` of a batch (B,) for ``src_mask`` (B, S)."""
     src_lens = src_mask.sum(dim=1).tolist()
-    return [max(0, min(cap, int(max_len_a * n + max_len_b))) for n in src_lens]
+    return [max_length(n, max_len_a, max_len_b, model.cfg.max_positions) for n in src_lens]
 
 
-def _next_log_probs(logits: Tensor, step: int, min_len: int, max_len: Tensor) -> Tensor:
-    """Log-probabilities (N, V) of the next token, with the length rules and special ids applied.
+def _forbid(logits: Tensor, step: int, min_len: int) -> None:
+    """Set the logits (N, V) of tokens that may not come next to -inf, in place: PAD and BOS always,
+    EOS before ``min_len`` tokens."""
+    logits[:, PAD_ID] = -math.inf
+    logits[:, BOS_ID] = -math.inf
+    if step < min_len:
+        logits[:, EOS_ID] = -math.inf
 
-    ``step`` is the number of tokens generated so far; ``max_len`` (N,) holds each row's limit.
+
+def _top_tokens(logits: Tensor, step: int, min_len: int, max_len: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """The ``count`` best next tokens of each row and their log-probabilities, (N, count) each, best
+    first, under the length rules.
+
+    ``logits`` is (N, V); ``step`` is the number of tokens generated so far; ``max_len`` (N,) holds
+    each row's limit. Beam search needs no more than its 2k best candidates per row, so the
+    candidates of a sentence are combined from these instead of from all k x V.
     """
     logp = logits.float().log_softmax(dim=-1)
-    logp[:, PAD_ID] = -math.inf
-    logp[:, BOS_ID] = -math.inf
-    if step < min_len:
-        logp[:, EOS_ID] = -math.inf
+    _forbid(logp, step, min_len)
+    top, tokens = logp.topk(count, dim=-1)  # (N, count)
     at_limit = max_len <= step  # these rows must end now
     if at_limit.any():
-        eos = logp[:, EOS_ID].clone()
-        logp[at_limit] = -math.inf
-        # Keep EOS possible even where min_len asked otherwise: the limit wins.
-        logp[at_limit, EOS_ID] = torch.where(torch.isinf(eos[at_limit]), 0.0, eos[at_limit])
-    return logp
+        # EOS is their one continuation, even where min_len asked otherwise: the limit wins (with
+        # log-probability 0 where min_len had ruled EOS out).
+        top[at_limit] = -math.inf
+        top[at_limit, 0] = logp[at_limit, EOS_ID] if step >= min_len else 0.0
+        tokens[at_limit, 0] = EOS_ID
+    return top, tokens
 
 
 @torch.no_grad()
@@ -84,27 +100,28 @@ def greedy_search(
     """
     n = src_tokens.size(0)
     device = src_tokens.device
+    sent_limits = max_lengths(model, src_mask, max_len_a, max_len_b)
+    limits = torch.tensor(sent_limits, device=device)
     memory = model.encode(src_tokens, src_mask)
-    cache = model.new_cache()
-    limits = torch.tensor(max_lengths(model, src_mask, max_len_a, max_len_b), device=device)
-    outputs: list[list[int]] = [[] for _ in range(n)]
+    cache = model.new_cache(max_len=max(sent_limits) + 1)  # BOS and every token but the last
+    outputs = torch.full((n, max(sent_limits) + 1), EOS_ID, device=device)  # (B, T): each row ends with EOS
     active = torch.arange(n, device=device)  # sentences still being decoded, in cache-row order
     tokens = torch.full((n, 1), BOS_ID, dtype=torch.long, device=device)
     step = 0
     while active.numel() > 0:
         logits = model.decode(tokens, memory, src_mask, cache)[:, -1]  # (A, V)
-        next_tokens = _next_log_probs(logits, step, min_len, limits).argmax(dim=-1)  # (A,)
-        for sent, tok in zip(active.tolist(), next_tokens.tolist()):
-            if tok != EOS_ID:
-                outputs[sent].append(tok)
+        _forbid(logits, step, min_len)
+        next_tokens = logits.argmax(dim=-1)  # (A,)
+        next_tokens[limits[active] <= step] = EOS_ID
+        outputs[active, step] = next_tokens
         step += 1
-        keep = (next_tokens != EOS_ID).nonzero().squeeze(1)
-        if keep.numel() < active.numel():
+        ended = next_tokens == EOS_ID
+        if ended.any():
+            keep = (~ended).nonzero().squeeze(1)
             cache.reorder(keep)
-            active, src_mask, limits = active[keep], src_mask[keep], limits[keep]
-            next_tokens = next_tokens[keep]
+            active, next_tokens = active[keep], next_tokens[keep]
         tokens = next_tokens[:, None]
-    return outputs
+    return [row[: row.index(EOS_ID)] for row in outputs.tolist()]
 
 
 @torch.no_grad()
@@ -126,6 +143,9 @@ def beam_search(
     beam grew to the maximum length (log-probabilities only fall as a hypothesis grows, so the bound
     is exact): no premature stop.
 
+    The bookkeeping is on tensors, for all sentences at once: each live sentence has ``beam_size``
+    consecutive rows in the cache, and keeps its ``nbest`` best finished hypotheses so far.
+
     Args:
         model: the translation model (put it in eval mode first).
         src_tokens: (B, S) source ids ending with EOS, right-padded.
@@ -142,80 +162,82 @@ def beam_search(
         raise ValueError(f"nbest={nbest} must be between 1 and beam_size={beam_size}")
     n, k = src_tokens.size(0), beam_size
     device = src_tokens.device
-    lp = lambda length: length_penalty(length, len_penalty)  # noqa: E731
+    sent_limits = max_lengths(model, src_mask, max_len_a, max_len_b)
+    max_tokens = max(sent_limits)
+    limits = torch.tensor(sent_limits, device=device)  # (B,)
 
-    # Encode and take the first step once per sentence; then every sentence gets k rows.
+    def lp(length: Tensor | int) -> Tensor:
+        return ((5.0 + torch.as_tensor(length, dtype=torch.float64, device=device)) / 6.0) ** len_penalty
+
+    # The first step runs once per sentence (its k beams would be copies of one prefix); the cache
+    # takes k rows per sentence at the first reorder.
     memory = model.encode(src_tokens, src_mask)
-    cache = model.new_cache()
+    cache = model.new_cache(max_len=max_tokens + 1)  # BOS and every token but the last
     bos = torch.full((n, 1), BOS_ID, dtype=torch.long, device=device)
-    logits = model.decode(bos, memory, src_mask, cache)[:, -1]  # (N, V)
-    rows = torch.arange(n, device=device).repeat_interleave(k)  # (N*k,)
-    cache.reorder(rows)
-    logits, src_mask = logits[rows], src_mask[rows]
-    sent_limits = max_lengths(model, src_mask[::k], max_len_a, max_len_b)  # per sentence
-    limits = torch.tensor(sent_limits, device=device).repeat_interleave(k)  # per row
-    # Only beam 0 of each sentence is live at first: the k rows are copies of one prefix.
-    scores = torch.full((n, k), -math.inf, device=device)
-    scores[:, 0] = 0.0
-    prefixes = torch.empty(n * k, 0, dtype=torch.long, device=device)
-    finished: list[list[Hypothesis]] = [[] for _ in range(n)]
-    active = list(range(n))  # sentence of each group of k rows
+    logits = model.decode(bos, memory, src_mask, cache)[:, -1]  # (B, V)
+    count = min(2 * k, logits.size(-1))  # candidates per row: 2k cover the k best that do not end
+    active = torch.arange(n, device=device)  # (A,) the sentence of each group of rows
+    scores = torch.full((n, k), -math.inf, device=device)  # (A, k) log-probabilities of the live beams
+    scores[:, 0] = 0.0  # only beam 0 is live at first
+    prefixes = torch.empty(n, 0, dtype=torch.long, device=device)  # (rows, step): tokens so far, per cache row
+    best_scores = torch.full((n, nbest), -math.inf, dtype=torch.float64, device=device)  # (B, nbest) finished, best first
+    best_tokens = torch.full((n, nbest, max_tokens), PAD_ID, dtype=torch.long, device=device)
+    best_lens = torch.zeros(n, nbest, dtype=torch.long, device=device)
     step = 0
     while True:
-        logp = _next_log_probs(logits, step, min_len, limits)  # (A*k, V)
-        a, vocab = len(active), logp.size(-1)
-        candidates = (scores[:, :, None] + logp.view(a, k, vocab)).view(a, k * vocab)
-        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)  # (A, 2k)
-        top_beam, top_token = top_index // vocab, top_index % vocab
-        top_rows = torch.arange(a, device=device)[:, None] * k + top_beam  # (A, 2k) cache rows
+        a, beams = active.numel(), cache.beams  # beams: cache rows per sentence (1 at the first step)
+        logp, tokens = _top_tokens(logits, step, min_len, limits[active].repeat_interleave(beams), count)
+        if beams < k:  # the first step: every beam of a sentence continues its one row
+            logp, tokens = logp.repeat_interleave(k, dim=0), tokens.repeat_interleave(k, dim=0)
+        candidates = (scores[:, :, None] + logp.view(a, k, count)).view(a, k * count)
+        top_scores, top_index = candidates.topk(min(2 * k, k * count), dim=1)  # (A, 2k)
+        top_beam = top_index // count
+        top_token = tokens.view(a, k * count).gather(1, top_index)
+        parent = top_beam if beams == k else torch.zeros_like(top_beam)
+        top_rows = torch.arange(a, device=device)[:, None] * beams + parent  # (A, 2k) cache rows
 
-        # EOS among the k best candidates finishes a hypothesis.
+        # EOS among the k best candidates finishes a hypothesis: it joins the sentence's nbest best.
         is_eos = top_token == EOS_ID
-        ends = (is_eos[:, :k] & torch.isfinite(top_scores[:, :k])).nonzero().tolist()
-        if ends:
-            ended_prefixes = prefixes[top_rows[:, :k][is_eos[:, :k] & torch.isfinite(top_scores[:, :k])]].tolist()
-            for (g, j), tokens in zip(ends, ended_prefixes):
-                finished[active[g]].append(Hypothesis(tokens, top_scores[g, j].item() / lp(step + 1)))
+        ends = is_eos[:, :k] & torch.isfinite(top_scores[:, :k])  # (A, k)
+        if ends.any():
+            ended = torch.where(ends, top_scores[:, :k].double() / lp(step + 1), -math.inf)
+            pool_scores = torch.cat([best_scores[active], ended], dim=1)  # (A, nbest + k)
+            ended_tokens = torch.full((a, k, max_tokens), PAD_ID, dtype=torch.long, device=device)
+            ended_tokens[:, :, :step] = prefixes[top_rows[:, :k]]
+            pool_tokens = torch.cat([best_tokens[active], ended_tokens], dim=1)  # (A, nbest + k, T)
+            pool_lens = torch.cat([best_lens[active], torch.full((a, k), step, device=device)], dim=1)
+            best_scores[active], order = pool_scores.topk(nbest, dim=1)
+            best_tokens[active] = pool_tokens[torch.arange(a, device=device)[:, None], order]
+            best_lens[active] = pool_lens.gather(1, order)
 
         # The k best candidates that do not end become the live beams.
         live_scores, order = top_scores.masked_fill(is_eos, -math.inf).topk(k, dim=1)  # (A, k)
-        live_rows = top_rows.gather(1, order).view(-1)  # (A*k,)
-        live_tokens = top_token.gather(1, order).view(-1)
+        live_rows = top_rows.gather(1, order)
+        live_tokens = top_token.gather(1, order)
         step += 1
 
-        # A sentence is done when no live beam can still beat its nbest-th finished hypothesis.
-        done = []
-        best_live = live_scores[:, 0].tolist()
-        for g, sent in enumerate(active):
-            hyps = finished[sent]
-            if math.isinf(best_live[g]):
-                done.append(True)
-                continue
-            if len(hyps) < nbest:
-                done.append(False)
-                continue
-            hyps.sort(key=lambda h: h.score, reverse=True)
-            # The best a live beam could reach: its score only falls, the penalty's divisor is
-            # largest at the longest length it may still grow to (for alpha >= 0).
-            longest = max(step + 1, sent_limits[sent] + 1)
-            divisor = max(lp(step + 1), lp(longest))
-            done.append(hyps[nbest - 1].score >= best_live[g] / divisor)
-        keep_groups = [g for g, d in enumerate(done) if not d]
-        if not keep_groups:
+        # A sentence is done when no live beam can still beat its nbest-th finished hypothesis. The
+        # best a live beam could reach: its score only falls, and the penalty's divisor is largest at
+        # the longest length it may still grow to (for alpha >= 0).
+        best_live = live_scores[:, 0].double()
+        longest = (limits[active] + 1).clamp(min=step + 1)
+        bound = best_live / torch.maximum(lp(step + 1), lp(longest))
+        done = torch.isinf(best_live) | (best_scores[active, nbest - 1] >= bound)  # -inf while < nbest finished
+        keep = (~done).nonzero().squeeze(1)
+        if keep.numel() == 0:
             break
-        if len(keep_groups) < a:
-            groups = torch.tensor(keep_groups, device=device)
-            live_rows = live_rows.view(a, k)[groups].view(-1)
-            live_tokens = live_tokens.view(a, k)[groups].view(-1)
-            live_scores = live_scores[groups]
-            active = [active[g] for g in keep_groups]
+        if keep.numel() < a:
+            live_rows, live_tokens, live_scores = live_rows[keep], live_tokens[keep], live_scores[keep]
+            active = active[keep]
 
-        prefixes = torch.cat([prefixes[live_rows], live_tokens[:, None]], dim=1)
+        live_rows = live_rows.view(-1)
+        prefixes = torch.cat([prefixes[live_rows], live_tokens.view(-1, 1)], dim=1)
         scores = live_scores
-        cache.reorder(live_rows)
-        src_mask, limits = src_mask[live_rows], limits[live_rows]
-        logits = model.decode(live_tokens[:, None], memory, src_mask, cache)[:, -1]
+        cache.reorder(live_rows, beams=k)
+        logits = model.decode(live_tokens.view(-1, 1), memory, src_mask, cache)[:, -1]  # (A*k, V)
 
-    for hyps in finished:
-        hyps.sort(key=lambda h: h.score, reverse=True)
-    return [hyps[:nbest] for hyps in finished]
+    results = []
+    for sent_scores, sent_tokens, sent_lens in zip(best_scores.tolist(), best_tokens.tolist(), best_lens.tolist()):
+        results.append([Hypothesis(tokens[:length], score)
+                        for score, tokens, length in zip(sent_scores, sent_tokens, sent_lens) if score > -math.inf])
+    return results

@@ -124,14 +124,21 @@ def translate(
             hypotheses[i] = hyps
         if on_batch is not None:
             on_batch(len(batch))
-    translations = []
+    return translations(tokenizer, hypotheses, cfg.nbest)
+
+
+def translations(tokenizer: Tokenizer, hypotheses: list[list[Hypothesis]], nbest: int) -> list[Translation]:
+    """Detokenized :class:`Translation` of each line's hypotheses (best first); a line without any
+    (an empty line) gets ``nbest`` empty candidates. Every engine's results end here."""
+    # One decode call for all of them: SentencePiece's batch decoding costs about 0.1 ms a call.
+    texts = iter(tokenizer.decode_tgt([h.tokens for hyps in hypotheses for h in hyps]))
+    result = []
     for hyps in hypotheses:
-        if not hyps:  # an empty line: as many empty candidates as asked for
-            translations.append(Translation([""] * cfg.nbest, [0.0] * cfg.nbest, [[] for _ in range(cfg.nbest)]))
+        if not hyps:
+            result.append(Translation([""] * nbest, [0.0] * nbest, [[] for _ in range(nbest)]))
             continue
-        texts = tokenizer.decode_tgt([h.tokens for h in hyps])
-        translations.append(Translation(texts, [h.score for h in hyps], [h.tokens for h in hyps]))
-    return translations
+        result.append(Translation([next(texts) for _ in hyps], [h.score for h in hyps], [h.tokens for h in hyps]))
+    return result
 
 
 def corpus_scores(hypotheses: list[str], references: list[str], tgt_lang: str | None = None,

@@ -255,6 +255,10 @@ class Tokenizer:
         """The target pieces of an id sequence (special ids become ``<s>``, ``</s>``, ``<pad>``)."""
         return [self._tgt_sp.id_to_piece(int(i)) for i in ids]
 
+    def tgt_piece_ids(self, pieces: list[str]) -> list[int]:
+        """The target ids of pieces (the inverse of :meth:`tgt_pieces`; a piece not in the vocabulary is UNK)."""
+        return [self._tgt_sp.piece_to_id(piece) for piece in pieces]
+
 
 def saved_fingerprint(folder: str | Path) -> str | None:
     """The fingerprint in ``folder``'s ``tokenizer.json``; None where there is none (or it is unreadable)."""

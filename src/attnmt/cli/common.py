@@ -6,6 +6,7 @@ with one line on stderr naming the problem and a non-zero exit status, not a sta
 
 from __future__ import annotations
 
+import difflib
 import logging
 import queue
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 
 log = logging.getLogger(__name__)
@@ -41,12 +43,128 @@ def run_command(name: str, body: Callable[[], None], user_errors: tuple[type[Bas
         sys.exit(2)
 
 
+def compose_cli(name: str, schema: type, overrides: list[str]) -> DictConfig | None:
+    """What Hydra composes for ``configs/NAME.yaml`` with command-line ``overrides``, without Hydra's
+    start-up (plugins, its own config tree, logging and run-directory set-up), for commands that must
+    start fast.
+
+    The overrides are ``key=value`` in Hydra's grammar (Hydra's own parser reads them). The config's
+    defaults list may hold its schema, ``group@_here_: option`` entries (whose option files may list
+    options of the same group) and ``_self_``, merged in that order, as Hydra does. Returns None
+    where the command line or the config file needs Hydra itself: flags such as ``--help`` or
+    ``--cfg``, ``hydra.*`` keys, ``+``, ``~`` or ``@package`` overrides, or a defaults list of
+    another form.
+
+    Raises:
+        UserError: an override that does not parse, names no key of the config (the closest keys
+            are named), or gives a value of the wrong type; one line each.
+    """
+    if any(arg.startswith("-") for arg in overrides):
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import OverrideParseException
+
+    from attnmt.config import config_dir
+
+    parser = OverridesParser.create()
+    parsed = []
+    for arg in overrides:
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except OverrideParseException as err:
+            raise UserError(f"{arg}: {str(err).splitlines()[0]}") from None
+        if override.is_sweep_override():
+            raise UserError(f"{arg}: one value per key; write a list as {override.key_or_group}=[a,b] "
+                            f"and quote a value with commas: {override.key_or_group}='a,b'")
+        if override.type != OverrideType.CHANGE or override.package is not None or override.key_or_group.split(".")[0] == "hydra":
+            return None
+        parsed.append(override)
+
+    root = config_dir()
+    layers = _config_layers(root, None, name)
+    if layers is None:
+        return None
+    cfg = OmegaConf.structured(schema)
+    for path, values in layers:
+        try:
+            cfg = OmegaConf.merge(cfg, values)
+        except OmegaConfBaseException as err:
+            raise UserError(f"{path}: {str(err).splitlines()[0]}") from None
+    for override in parsed:
+        key = override.key_or_group
+        try:
+            OmegaConf.update(cfg, key, override.value(), merge=True)
+        except (ConfigAttributeError, ConfigKeyError):
+            parent, _, _ = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            known = sorted(f"{parent}.{k}" if parent else str(k) for k in node) if isinstance(node, DictConfig) else []
+            close = difflib.get_close_matches(key, known, n=2)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise UserError(f"{override.input_line}: {name}.yaml has no key {key!r}; {hint}"
+                            f"the keys are {', '.join(known)}") from None
+        except (OmegaConfBaseException, ValueError) as err:
+            raise UserError(f"{override.input_line}: {str(err).splitlines()[0]}") from None
+    return cfg
+
+
+def _config_layers(root: Path, group: str | None, name: str) -> list[tuple[Path, DictConfig]] | None:
+    """The files and values merged over the schema for config ``name`` (an option of ``group``, or the
+    primary config ``NAME.yaml`` with the schema ``NAME_schema`` first in its defaults list), in
+    Hydra's order; None for a defaults list :func:`compose_cli` leaves to Hydra."""
+    path = root / (group or "") / f"{name}.yaml"
+    values = OmegaConf.load(path)
+    values.pop("hydra", None)
+    defaults = list(values.pop("defaults", ["_self_"]))
+    if group is None:
+        if not defaults or defaults.pop(0) != f"{name}_schema":
+            return None
+    layers: list[tuple[Path, DictConfig]] | None = []
+    for entry in defaults:
+        inner: list[tuple[Path, DictConfig]] | None = None
+        if entry == "_self_":
+            inner = [(path, values)]
+        elif isinstance(entry, str) and group is not None:  # another option of the same group
+            inner = _config_layers(root, group, entry)
+        elif isinstance(entry, DictConfig) and len(entry) == 1:
+            ((key, option),) = entry.items()
+            if str(key).startswith("override hydra/"):
+                continue
+            if group is None and str(key).endswith("@_here_") and isinstance(option, str):
+                inner = _config_layers(root, str(key).removesuffix("@_here_"), option)
+        if inner is None:
+            return None
+        layers.extend(inner)
+    return layers if any(v is values for _, v in layers) else None
+
+
 def to_config(cfg: DictConfig, required: tuple[str, ...] = ("ckpt",)):
     """The composed config as its dataclass, after checking that the ``required`` keys were given."""
     for key in required:
         if OmegaConf.is_missing(cfg, key):
             raise UserError(f"{key}= is required, e.g. {key}=runs/multi30k_de_en/checkpoints/best.pt")
     return OmegaConf.to_object(cfg)
+
+
+def check_engine(engine: str, compute_type: str) -> None:
+    """``engine=`` and ``compute_type=`` of attnmt-translate and attnmt-evaluate that cannot work, named."""
+    if engine not in ("native", "ctranslate2"):
+        raise UserError(f"engine={engine} is unknown; use native or ctranslate2")
+    if engine == "native" and compute_type != "default":
+        raise UserError(f"compute_type={compute_type} applies to engine=ctranslate2; the native engine computes "
+                        "in float32 on the CPU and bfloat16 on GPUs that support it")
+
+
+def ctranslate2_engine(paths: list, device, compute_type: str):
+    """A :class:`~attnmt.export.ctranslate2.CTranslate2Engine` on the conversion of checkpoint(s) ``paths``
+    (made on first use, then cached beside the last one), on ``device`` (a ``torch.device``)."""
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError:
+        raise UserError("engine=ctranslate2 needs CTranslate2: pip install 'attnmt[ct2]'") from None
+    from attnmt.export.ctranslate2 import CTranslate2Engine, cached_model
+
+    return CTranslate2Engine(cached_model(paths), device.type, device.index or 0, compute_type)
 
 
 def take_arguments(argv: list[str], prefix: str) -> tuple[list[str], list[str]]:

@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from functools import partial
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -19,11 +20,14 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from attnmt.checkpoint import CheckpointError, load_for_inference
-from attnmt.cli.common import UserError, run_command, setup_logging, take_arguments, to_config
+from attnmt.cli.common import (
+    UserError, check_engine, ctranslate2_engine, run_command, setup_logging, take_arguments, to_config,
+)
 from attnmt.config import DATA_KEYS_ADDED, ConfigError, DataConfig, EvaluateConfig, config_dir, register_configs
 from attnmt.data import DataError, direction, load_references, load_split, read_lines
 from attnmt.device import resolve_device
 from attnmt.evaluation import corpus_scores, target_prefix, translate
+from attnmt.export import ExportError
 from attnmt.tokenizer import TokenizerError
 
 log = logging.getLogger("attnmt.evaluate")
@@ -65,9 +69,15 @@ def test_set(cfg: EvaluateConfig, run_config: dict, data_overrides: list[str],
 
 def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
     cfg.check()
+    check_engine(cfg.engine, cfg.compute_type)
     device = resolve_device(cfg.device, key="device")
     paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
-    model, tokenizer, run_config = load_for_inference(paths, device)
+    if cfg.engine == "ctranslate2":
+        engine = ctranslate2_engine(paths, device, cfg.compute_type)
+        translate_lines, tokenizer, run_config = engine.translate, engine.tokenizer, engine.run_config
+    else:
+        model, tokenizer, run_config = load_for_inference(paths, device)
+        translate_lines = partial(translate, model, tokenizer)
     sources, references, name, (src_lang, tgt_lang) = test_set(cfg, run_config, data_overrides)
     if not sources:
         raise UserError(f"{name} has no lines to evaluate")
@@ -76,7 +86,7 @@ def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
 
     start = time.perf_counter()
     with tqdm(total=len(sources), unit="sent", desc="translating", file=sys.stderr, disable=None) as bar:
-        translations = translate(model, tokenizer, sources, cfg, on_batch=bar.update, prefix=prefix)
+        translations = translate_lines(sources, cfg, on_batch=bar.update, prefix=prefix)
     seconds = time.perf_counter() - start
     hypotheses = [t.texts[0] for t in translations]
     if cfg.hyp is not None:
@@ -95,6 +105,7 @@ def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
         "direction": pair,
         "beam_size": cfg.beam_size,
         "len_penalty": cfg.len_penalty,
+        "engine": cfg.engine,
     }
     print(f"{name} ({pair}): {len(sources)} sentences in {seconds:.1f} s ({result['sentences_per_second']} sent/s)")
     print(f"BLEU = {scores['bleu']:.2f}  ({scores['bleu_signature']})")
@@ -113,7 +124,7 @@ _data_overrides: list[str] = []
 def _main(cfg: DictConfig) -> None:
     setup_logging()
     run_command("attnmt-evaluate", lambda: run(to_config(cfg), _data_overrides),
-                (CheckpointError, ConfigError, DataError, TokenizerError))
+                (CheckpointError, ConfigError, DataError, ExportError, TokenizerError))
 
 
 def main() -> None:

@@ -10,20 +10,22 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from attnmt.checkpoint import CheckpointError, load_for_inference
 from attnmt.cli.common import (
-    UserError, available_chunks, iter_lines, open_input, run_command, setup_logging, take_arguments, to_config,
+    UserError, available_chunks, check_engine, compose_cli, ctranslate2_engine, iter_lines, open_input, run_command,
+    setup_logging, take_arguments, to_config,
 )
-from attnmt.config import ConfigError, TranslateConfig, config_dir, register_configs
+from attnmt.config import ConfigError, TranslateConfig, config_dir
 from attnmt.device import resolve_device
 from attnmt.evaluation import (
     Translation, attention_figure, cross_attention, encode_sources, missing_glyphs_allowed, target_prefix, translate,
 )
+from attnmt.export import ExportError
 from attnmt.tokenizer import EOS_ID, TokenizerError
 
 log = logging.getLogger("attnmt.translate")
@@ -80,6 +82,9 @@ def plot_attention(cfg: TranslateConfig, model, tokenizer, line_number: int, lin
 
 def run(cfg: TranslateConfig) -> None:
     cfg.check()
+    check_engine(cfg.engine, cfg.compute_type)
+    if cfg.attention_plot is not None and cfg.engine != "native":
+        raise UserError(f"attention_plot needs engine=native (engine={cfg.engine} returns no attention weights)")
     if cfg.buffer_lines < 1:
         raise UserError(f"buffer_lines={cfg.buffer_lines} must be at least 1")
     if cfg.attention_plot is not None:
@@ -91,16 +96,21 @@ def run(cfg: TranslateConfig) -> None:
     lines, interactive = input_lines(cfg)
     device = resolve_device(cfg.device, key="device")
     paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
-    model, tokenizer, run_config = load_for_inference(paths, device)
+    if cfg.engine == "ctranslate2":
+        engine = ctranslate2_engine(paths, device, cfg.compute_type)
+        translate_lines, tokenizer, run_config = engine.translate, engine.tokenizer, engine.run_config or {}
+    else:
+        model, tokenizer, run_config = load_for_inference(paths, device)
+        translate_lines = partial(translate, model, tokenizer)
+        if cfg.attention_plot is not None and cfg.attention_layer is not None and not 0 <= cfg.attention_layer < len(model.decoder_layers):
+            raise UserError(f"attention_layer={cfg.attention_layer} is not a layer of this {len(model.decoder_layers)}-layer decoder")
     prefix = target_prefix(tokenizer, run_config, cfg.tgt_lang)
-    if cfg.attention_plot is not None and cfg.attention_layer is not None and not 0 <= cfg.attention_layer < len(model.decoder_layers):
-        raise UserError(f"attention_layer={cfg.attention_layer} is not a layer of this {len(model.decoder_layers)}-layer decoder")
 
     out = sys.stdout if cfg.output is None else open(cfg.output, "w", encoding="utf-8")
     n_lines = 0
     try:
         for chunk in available_chunks(lines, 1 if interactive else cfg.buffer_lines):
-            translations = translate(model, tokenizer, chunk, cfg, first_line=n_lines + 1, prefix=prefix)
+            translations = translate_lines(chunk, cfg, first_line=n_lines + 1, prefix=prefix)
             for offset, (line, translation) in enumerate(zip(chunk, translations)):
                 out.write(format_translation(n_lines + offset, translation, cfg.nbest) + "\n")
                 if cfg.attention_plot is not None:
@@ -113,32 +123,46 @@ def run(cfg: TranslateConfig) -> None:
     log.info("translated %d lines", n_lines)
 
 
-# The text= arguments of this command line, set by main(): each is one input line exactly as typed,
-# which Hydra's override grammar would read as a value of its own language.
-_texts: list[str] = []
-
-
-@hydra.main(config_path=str(config_dir()), config_name="translate", version_base="1.3")
-def _main(cfg: DictConfig) -> None:
+def main() -> None:
+    # text= arguments are input lines exactly as typed, which Hydra's grammar would read as values of
+    # its own language: taken before the rest is composed.
+    argv, texts = take_arguments(sys.argv[1:], "text=")
     setup_logging()
 
     def body() -> None:
-        translate_cfg = to_config(cfg)
-        if _texts:
-            translate_cfg.text = list(_texts)
-        run(translate_cfg)
+        cfg = compose_cli("translate", TranslateConfig, argv)
+        if cfg is None:  # a command line for Hydra itself: --help, --cfg, hydra.* keys, ...
+            hydra_main(argv, texts)
+        else:
+            run(with_texts(to_config(cfg), texts))
 
-    run_command("attnmt-translate", body, (CheckpointError, ConfigError, TokenizerError))
+    run_command("attnmt-translate", body, (CheckpointError, ConfigError, ExportError, TokenizerError))
 
 
-def main() -> None:
-    global _texts
-    sys.argv[1:], texts = take_arguments(sys.argv[1:], "text=")
-    _texts = [arg.removeprefix("text=") for arg in texts]
+def with_texts(cfg: TranslateConfig, texts: list[str]) -> TranslateConfig:
+    """``cfg`` translating the ``text=...`` arguments, if there are any."""
+    if texts:
+        cfg.text = [arg.removeprefix("text=") for arg in texts]
+    return cfg
+
+
+def hydra_main(argv: list[str], texts: list[str]) -> None:
+    """The command under Hydra's ``@hydra.main``, for the command lines :func:`compose_cli` leaves to
+    it. Hydra is imported only here: its start-up costs more than the rest of the command's."""
+    import hydra
+
+    from attnmt.config import register_configs
+
+    register_configs()
+
+    @hydra.main(config_path=str(config_dir()), config_name="translate", version_base="1.3")
+    def _main(cfg: DictConfig) -> None:
+        run_command("attnmt-translate", lambda: run(with_texts(to_config(cfg), texts)),
+                    (CheckpointError, ConfigError, ExportError, TokenizerError))
+
+    sys.argv[1:] = argv
     _main()
 
-
-register_configs()
 
 if __name__ == "__main__":
     main()

@@ -8,26 +8,42 @@ overflow in fp16: SDPA applies boolean masks itself.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class KVCache:
     """Keys and values kept between decoding steps, one slot per decoder layer.
 
-    Self-attention keys/values grow by the number of new target positions at each step; their
-    buffers double in capacity when full, so a step appends in place instead of re-concatenating the
-    whole history. Cross-attention keys/values are projected from the encoder memory once per source
-    batch and then reused. ``reorder`` selects rows along the batch dimension (beams in beam search,
-    or the sentences still being decoded).
+    The cache holds rows (hypotheses) in groups of ``beams`` consecutive rows per source sentence: one
+    row per sentence in greedy search, ``beam_size`` rows in beam search.
+
+    Self-attention keys/values grow by the new target positions at each step. Each layer keeps them
+    in one buffer (rows, capacity, 2, H, Dh), allocated for ``max_len`` positions (and doubled only if
+    a longer target comes): ``append`` writes in place, and ``reorder`` gathers the kept rows into a
+    spare buffer of the same size and swaps the two, so a decoding step allocates nothing. Positions
+    come before heads in the buffer so that each row's cached prefix is one contiguous block, which
+    ``reorder`` copies in one piece.
+
+    Cross-attention keys/values (N, H, S, Dh) and the source padding mask (N, S) belong to the N
+    source sentences, not to the rows: they are projected from the memory once and never copied per
+    beam, since cross-attention folds each sentence's beams into its query dimension
+    (:meth:`MultiHeadAttention.forward`). ``reorder`` copies them only when sentences leave.
     """
 
-    def __init__(self, n_layers: int) -> None:
-        self._self_k: list[Tensor | None] = [None] * n_layers
-        self._self_v: list[Tensor | None] = [None] * n_layers
+    def __init__(self, n_layers: int, max_len: int | None = None) -> None:
+        self.max_len = max_len
+        self.beams = 1
+        self.rows = 0
+        self._kv: list[Tensor | None] = [None] * n_layers  # (rows allocated, capacity, 2, H, Dh)
+        self._spare: list[Tensor | None] = [None] * n_layers
         self._len = [0] * n_layers
         self.cross: list[tuple[Tensor, Tensor] | None] = [None] * n_layers
+        self.src_mask: Tensor | None = None
 
     @property
     def seq_len(self) -> int:
@@ -36,32 +52,66 @@ class KVCache:
 
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append new keys/values ``(B, H, T_new, Dh)``; return all cached so far ``(B, H, T, Dh)``."""
-        buf_k, buf_v, n = self._self_k[layer], self._self_v[layer], self._len[layer]
-        t_new = k.size(2)
-        if buf_k is None or n + t_new > buf_k.size(2):
-            capacity = max(16, 2 * (n + t_new))
-            new_k = k.new_empty(k.size(0), k.size(1), capacity, k.size(3))
-            new_v = v.new_empty(new_k.shape)
-            if buf_k is not None:
-                new_k[:, :, :n] = buf_k[:, :, :n]
-                new_v[:, :, :n] = buf_v[:, :, :n]
-            buf_k, buf_v = self._self_k[layer], self._self_v[layer] = new_k, new_v
-        buf_k[:, :, n : n + t_new] = k
-        buf_v[:, :, n : n + t_new] = v
+        b, _, t_new, _ = k.shape
+        if self.rows and b != self.rows:
+            raise ValueError(f"appending {b} rows to a cache of {self.rows} rows; reorder the cache first")
+        n = self._len[layer]
+        buf = self._kv[layer]
+        if buf is None or n + t_new > buf.size(1):
+            buf = self._grow(layer, k, n + t_new)
+        self.rows = b
+        buf[:b, n : n + t_new, 0] = k.transpose(1, 2)
+        buf[:b, n : n + t_new, 1] = v.transpose(1, 2)
         self._len[layer] = n + t_new
-        return buf_k[:, :, : n + t_new], buf_v[:, :, : n + t_new]
+        kv = buf[:b, : n + t_new]  # (B, T, 2, H, Dh)
+        return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
 
-    def reorder(self, index: Tensor) -> None:
-        """Keep batch rows ``index`` (a 1-D long tensor), in that order, in every cached tensor."""
-        for i, buf in enumerate(self._self_k):
-            if buf is not None:
-                n = self._len[i]
-                self._self_k[i] = buf[:, :, :n].index_select(0, index)
-                self._self_v[i] = self._self_v[i][:, :, :n].index_select(0, index)
-        self.cross = [
-            None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
-            for kv in self.cross
-        ]
+    def _grow(self, layer: int, k: Tensor, length: int) -> Tensor:
+        """A buffer for at least ``length`` positions holding this layer's cached ones (doubling, so
+        that appends beyond ``max_len`` stay amortised O(1))."""
+        b, h, _, dh = k.shape
+        old = self._kv[layer]
+        capacity = max(length, self.max_len or 16, 2 * old.size(1) if old is not None else 0)
+        buf = k.new_empty(b if old is None else old.size(0), capacity, 2, h, dh)
+        if old is not None:
+            buf[:, : self._len[layer]] = old[:, : self._len[layer]]
+        self._kv[layer], self._spare[layer] = buf, None
+        return buf
+
+    def reorder(self, index: Tensor, beams: int | None = None) -> None:
+        """Keep rows ``index`` (a 1-D long tensor of current rows), in that order.
+
+        Args:
+            index: (R,) the current row each new row continues.
+            beams: rows per source sentence from now on (default: unchanged). Each group of ``beams``
+                consecutive new rows must continue rows of one sentence; the sentences of the groups
+                (e.g. all but the finished ones) are kept, in that order, in the cross-attention state.
+        """
+        beams = self.beams if beams is None else beams
+        rows = index.numel()
+        if rows % beams:
+            raise ValueError(f"{rows} rows do not form groups of {beams} beams")
+        for layer, buf in enumerate(self._kv):
+            if buf is None:
+                continue
+            spare = self._spare[layer]
+            if spare is None or spare.size(0) < rows:
+                spare = buf.new_empty(max(rows, buf.size(0)), *buf.shape[1:])
+            n = self._len[layer]
+            if buf.requires_grad:  # autograd does not follow out=; decoding runs without it
+                spare[:rows, :n] = buf[: self.rows, :n][index]
+            else:
+                torch.index_select(buf[: self.rows, :n], 0, index, out=spare[:rows, :n])
+            self._kv[layer], self._spare[layer] = spare, buf
+        old_sentences = self.rows // self.beams if self.rows else len(index)
+        sentences = index[::beams] // self.beams  # (N,) the sentence of each new group
+        if not torch.equal(index.view(-1, beams) // self.beams, sentences[:, None].expand(-1, beams)):
+            raise ValueError("a group of beams continues rows of more than one sentence")
+        if sentences.numel() != old_sentences or not torch.equal(sentences, torch.arange(old_sentences, device=index.device)):
+            self.cross = [None if kv is None else (kv[0][sentences], kv[1][sentences]) for kv in self.cross]
+            if self.src_mask is not None:
+                self.src_mask = self.src_mask[sentences]
+        self.rows, self.beams = rows, beams
 
 
 class MultiHeadAttention(nn.Module):
@@ -114,32 +164,42 @@ class MultiHeadAttention(nn.Module):
 
         Args:
             x: queries' input, (B, T, D).
-            memory: encoder output (B, S, D); cross-attention only. Ignored when the cache already
+            memory: encoder output (N, S, D); cross-attention only. Ignored when the cache already
                 holds this layer's cross keys/values.
-            key_mask: (B, S) bool, True at keys that may be attended (padding mask).
+            key_mask: (N, S) bool, True at keys that may be attended (padding mask); for cross-attention
+                with a cache, the cache's ``src_mask``.
             causal: each query position attends only to itself and earlier positions.
             cache: decoding state; self-attention appends its keys/values to it, cross-attention
                 reads (or fills) its projected memory.
             layer: this layer's slot in ``cache``.
 
+        N is B, except in cross-attention with a cache of ``beams`` rows per sentence: N = B / beams.
+
         Returns:
             (B, T, D)
         """
         b, t, d = x.shape
-        q = self._split(self.q_proj(x))  # (B, H, T, Dh)
+        beams = 1
         if self.cross:
             kv = cache.cross[layer] if cache is not None else None
             if kv is None:
                 kv = self.project_kv(memory)
-                if cache is not None:
-                    cache.cross[layer] = kv
-            k, v = kv  # (B, H, S, Dh)
+                if cache is not None:  # read at every step: contiguous
+                    kv = cache.cross[layer] = (kv[0].contiguous(), kv[1].contiguous())
+            k, v = kv  # (N, H, S, Dh)
+            if cache is not None:
+                beams = cache.beams
         else:
             k, v = self.project_kv(x)  # (B, H, T, Dh)
             if cache is not None:
                 k, v = cache.append(layer, k, v)  # (B, H, T_past + T, Dh)
+        # A sentence's beams attend to the same keys: fold them into the query dimension, so that the
+        # keys/values stay one per sentence. With beams = 1 this is the usual (B, H, T, Dh).
+        n = b // beams
+        q = self.q_proj(x).view(n, beams, t, self.n_heads, self.d_head)
+        q = q.permute(0, 3, 1, 2, 4).reshape(n, self.n_heads, beams * t, self.d_head)  # (N, H, beams*T, Dh)
 
-        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, S)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # (N, 1, 1, S)
         is_causal = False
         if causal:
             t_past = k.size(2) - t
@@ -150,13 +210,18 @@ class MultiHeadAttention(nn.Module):
                 causal_mask = torch.ones(t, k.size(2), dtype=torch.bool, device=x.device).tril(t_past)
                 attn_mask = causal_mask if attn_mask is None else attn_mask & causal_mask
             # t == 1 with a cache: the single new position may attend to everything cached.
-        out = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=attn_mask,
-            dropout_p=self.dropout if self.training else 0.0,
-            is_causal=is_causal,
-        )  # (B, H, T, Dh)
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, d))
+        # SDPA's flash kernel for the CPU costs more per (sentence, head) block than the few queries
+        # of a decoding step's cross-attention need; its math kernel is about twice as fast there.
+        few_queries_on_cpu = self.cross and cache is not None and x.device.type == "cpu"
+        with sdpa_kernel(SDPBackend.MATH) if few_queries_on_cpu else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=attn_mask,
+                dropout_p=self.dropout if self.training else 0.0,
+                is_causal=is_causal,
+            )  # (N, H, beams*T, Dh)
+        out = out.view(n, self.n_heads, beams, t, self.d_head).permute(0, 2, 3, 1, 4)  # (N, beams, T, H, Dh)
+        return self.out_proj(out.reshape(b, t, d))
 
     def attention_weights(self, x: Tensor, memory: Tensor, key_mask: Tensor | None = None) -> Tensor:
         """Attention probabilities (B, H, T, S) of queries ``x`` over ``memory``, without causal

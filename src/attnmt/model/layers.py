@@ -78,7 +78,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: Tensor, memory: Tensor, src_mask: Tensor, cache: KVCache | None = None,
                 layer: int = 0) -> Tensor:
-        """x: (B, T, D) target states; memory: (B, S, D); src_mask: (B, S). Returns (B, T, D).
+        """x: (B, T, D) target states; memory: (N, S, D); src_mask: (N, S). Returns (B, T, D).
+
+        N = B, except with a cache of several beams per sentence (:class:`KVCache`): N = B / beams.
 
         Target padding needs no mask: it sits to the right of every real position, and the causal
         mask already keeps real positions from attending to anything on their right.

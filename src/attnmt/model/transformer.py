@@ -19,13 +19,34 @@ from attnmt.model.layers import DecoderLayer, EncoderLayer
 
 
 def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
-    """The fixed sin/cos table of Vaswani et al., (n_positions, d_model)."""
+    """The fixed sin/cos table of Vaswani et al., sines and cosines interleaved, (n_positions, d_model).
+
+    ``model.positions=sinusoidal``: the layout of checkpoints written before ``sinusoidal_fairseq``.
+    """
     position = torch.arange(n_positions, dtype=torch.float32)[:, None]
     inv_freq = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
     table = torch.zeros(n_positions, d_model)
     table[:, 0::2] = torch.sin(position * inv_freq)
     table[:, 1::2] = torch.cos(position * inv_freq[: d_model // 2])
     return table
+
+
+def fairseq_sinusoidal_positions(n_positions: int, d_model: int, pad_id: int) -> Tensor:
+    """fairseq's sin/cos table as M2M100 builds it, (n_positions, d_model).
+
+    ``model.positions=sinusoidal_fairseq``: all sines, then all cosines, with frequencies
+    ``10000 ** (-i / (d_model / 2 - 1))``; position ``p`` (from 0) takes fairseq's row
+    ``pad_id + 1 + p``, because fairseq numbers positions after the padding index. Computed with
+    the same float32 operations as ``transformers``' ``M2M100SinusoidalPositionalEmbedding``, so an
+    export to M2M100 sees the identical table.
+    """
+    half = d_model // 2
+    inv_freq = torch.exp(torch.arange(half, dtype=torch.int64).float() * -(math.log(10000) / (half - 1)))
+    angles = torch.arange(pad_id + 1 + n_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    if d_model % 2 == 1:
+        table = torch.cat([table, torch.zeros(table.size(0), 1)], dim=1)
+    return table[pad_id + 1 :]
 
 
 class Embedding(nn.Module):
@@ -39,10 +60,16 @@ class Embedding(nn.Module):
         if cfg.positions == "sinusoidal":
             self.register_buffer("sinusoids", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
             self.learned = None
+        elif cfg.positions == "sinusoidal_fairseq":
+            table = fairseq_sinusoidal_positions(cfg.max_positions, cfg.d_model, cfg.pad_id)
+            self.register_buffer("sinusoids", table, persistent=False)
+            self.learned = None
         elif cfg.positions == "learned":
             self.learned = nn.Embedding(cfg.max_positions, cfg.d_model)
         else:
-            raise ValueError(f"model.positions={cfg.positions!r} is unknown; use 'sinusoidal' or 'learned'")
+            raise ValueError(
+                f"model.positions={cfg.positions!r} is unknown; use 'sinusoidal_fairseq', 'sinusoidal' or 'learned'"
+            )
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, tokens: Tensor, offset: int = 0) -> Tensor:
@@ -53,11 +80,12 @@ class Embedding(nn.Module):
                 f"a sequence of {offset + t} tokens exceeds model.max_positions={self.max_positions}; "
                 "shorten the input or train a model with a larger max_positions"
             )
-        if self.learned is None:
-            pos = self.sinusoids[offset : offset + t]
-        else:
-            pos = self.learned.weight[offset : offset + t]
+        pos = self.position_table()[offset : offset + t]
         return self.dropout(self.tokens(tokens) * self.scale + pos)  # (B, T, D)
+
+    def position_table(self) -> Tensor:
+        """The vectors added at positions 0 .. max_positions-1, (max_positions, D): what exports copy."""
+        return self.sinusoids if self.learned is None else self.learned.weight
 
 
 class Transformer(nn.Module):
@@ -112,10 +140,17 @@ class Transformer(nn.Module):
 
         With a ``cache`` (from :meth:`new_cache`), ``tgt_tokens`` holds only the positions not yet
         decoded; their positions continue after the cached ones. The first call projects ``memory``
-        into each layer's cross-attention keys/values and stores them in the cache; later calls read
-        them from there, so ``memory`` need not follow the cache's reordering.
+        (N, S, D) into each layer's cross-attention keys/values and stores them, with ``src_mask``
+        (N, S), in the cache; later calls read them from there, so neither ``memory`` nor ``src_mask``
+        need follow the cache's reordering. A cache whose rows are beams (``cache.beams`` rows per
+        sentence, see :meth:`KVCache.reorder`) takes B = N * beams target rows.
         """
-        offset = 0 if cache is None else cache.seq_len
+        offset = 0
+        if cache is not None:
+            offset = cache.seq_len
+            if cache.src_mask is None:
+                cache.src_mask = src_mask
+            src_mask = cache.src_mask
         x = self.tgt_embed(tgt_tokens, offset)  # (B, T, D)
         for i, layer in enumerate(self.decoder_layers):
             x = layer(x, memory, src_mask, cache, i)
@@ -127,9 +162,10 @@ class Transformer(nn.Module):
         """Teacher-forced training path: logits (B, T, V) for ``tgt_in`` (BOS + target)."""
         return self.decode(tgt_in, self.encode(src_tokens, src_mask), src_mask)
 
-    def new_cache(self) -> KVCache:
-        """An empty key/value cache for incremental decoding with :meth:`decode`."""
-        return KVCache(len(self.decoder_layers))
+    def new_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty key/value cache for incremental decoding with :meth:`decode`, with room for
+        ``max_len`` target positions (BOS included) allocated at the first step."""
+        return KVCache(len(self.decoder_layers), max_len)
 
     @torch.no_grad()
     def cross_attention_weights(self, tgt_tokens: Tensor, memory: Tensor, src_mask: Tensor) -> Tensor:

@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Translation speed and BLEU of one checkpoint on every engine attnmt offers, as a markdown table.
+
+Engines, each with greedy search and beam search (``--beam``, 5):
+
+- ``attnmt native``: ``attnmt.evaluation.translate``, attnmt's own search (fp32 on the CPU, bf16 on GPUs);
+- ``attnmt ctranslate2 <type>``: ``engine=ctranslate2`` (``CTranslate2Engine``) with compute_type
+  float32 and int8 (and float16, bfloat16 on a GPU);
+- ``CTranslate2 raw <type>``: the same loaded CTranslate2 model called as its README says, one
+  ``translate_batch`` over the whole test set with SentencePiece around it: what attnmt's engine
+  costs on top of CTranslate2;
+- ``HF generate``: the ``attnmt-export to=hf`` folder through ``AutoModelForSeq2SeqLM.generate``
+  (``attnmt.export.hf.translate``), when the model exports (pre-norm with sinusoidal_fairseq
+  positions, or post-norm with sinusoidal ones).
+
+Every engine gets the same threads (``--threads``, 2: torch's intra-op threads and CTranslate2's
+``intra_threads``), the same batching limit (``--max-tokens`` source tokens) and attnmt's length
+limits, and every timed run translates the whole test set from raw lines to detokenized text
+(loading excluded). Runs are interleaved: repetition 1 of every row, then repetition 2 in reverse
+order, ..., each after a pause of a second (the engines' thread pools share the cores, and one that
+has just finished keeps spinning for a while); the table holds the median of ``--repeats`` runs. Target tokens are the SentencePiece tokens of the
+output, EOS included. BLEU is sacreBLEU's (attnmt.evaluation.corpus_scores) on the raw references.
+
+    python scripts/bench_translate.py --ckpt runs/quickstart/checkpoints/best.pt
+    python scripts/bench_translate.py --ckpt PATH --test-sets test2016 --repeats 5 --threads 2
+
+Needs ``pip install -e '.[ct2,hf]'``. See docs/BENCHMARKS.md for the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+from attnmt.checkpoint import load_for_inference
+from attnmt.config import DecodeConfig, compose
+from attnmt.data import read_lines
+from attnmt.decoding import max_length
+from attnmt.evaluation import corpus_scores, translate
+from attnmt.tokenizer import normalize
+
+REPO = Path(__file__).resolve().parents[1]
+PAUSE_S = 1.0  # idle time before each timed run (see main)
+# name -> (folder under the data root, file stem); the language suffix comes from the checkpoint.
+TEST_SETS = {"test2016": ("multi30k", "test2016"), "newstest2014": ("wmt14-en-de-test", "newstest2014")}
+
+
+@dataclass
+class Engine:
+    """One row of the table: an engine with one search, and its timed runs."""
+
+    name: str
+    search: str  # greedy | beam<k>
+    run: Callable[[list[str]], list[str]]  # raw source lines -> detokenized translations
+    seconds: list[float] = field(default_factory=list)
+    hypotheses: list[str] = field(default_factory=list)
+
+
+def native_engines(ckpt: Path, device: torch.device, configs: dict[str, DecodeConfig]) -> list[Engine]:
+    model, tokenizer, _ = load_for_inference(ckpt, device)
+    return [Engine("attnmt native", search, lambda lines, cfg=cfg: [t.texts[0] for t in translate(model, tokenizer, lines, cfg)])
+            for search, cfg in configs.items()]
+
+
+def ctranslate2_engines(ckpt: Path, device: torch.device, compute_type: str, threads: int,
+                        configs: dict[str, DecodeConfig]) -> list[Engine]:
+    """attnmt's engine=ctranslate2, and the same translator called directly (``raw``)."""
+    import sentencepiece as spm
+
+    from attnmt.export.ctranslate2 import JOINT_SPM, SOURCE_SPM, TARGET_SPM, CTranslate2Engine, cached_model, search_options
+
+    model_dir = cached_model([ckpt])
+    engine = CTranslate2Engine(model_dir, device.type, device.index or 0, compute_type, threads)
+    joint = (model_dir / JOINT_SPM).is_file()
+    source_sp = spm.SentencePieceProcessor(model_file=str(model_dir / (JOINT_SPM if joint else SOURCE_SPM)))
+    target_sp = spm.SentencePieceProcessor(model_file=str(model_dir / (JOINT_SPM if joint else TARGET_SPM)))
+
+    def raw(lines: list[str], cfg: DecodeConfig) -> list[str]:
+        pieces = [source_sp.encode(normalize(line), out_type=str) for line in lines]
+        limit = max(max_length(len(p) + 1, cfg.max_len_a, cfg.max_len_b, engine.max_positions) for p in pieces)
+        options = search_options(cfg, limit, engine.suppress)
+        options.update(num_hypotheses=1, return_scores=False, return_end_token=False)  # what a user would ask
+        results = engine.translator.translate_batch(pieces, max_batch_size=cfg.max_tokens, batch_type="tokens", **options)
+        return [target_sp.decode(result.hypotheses[0]) for result in results]
+
+    rows = []
+    for search, cfg in configs.items():
+        rows.append(Engine(f"attnmt ctranslate2 {compute_type}", search,
+                           lambda lines, cfg=cfg: [t.texts[0] for t in engine.translate(lines, cfg)]))
+        rows.append(Engine(f"CTranslate2 raw {compute_type}", search, lambda lines, cfg=cfg: raw(lines, cfg)))
+    return rows
+
+
+def hf_engines(ckpt: Path, device: torch.device, configs: dict[str, DecodeConfig], out: Path) -> list[Engine]:
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from attnmt.export import hf
+
+    model, tokenizer, _ = load_for_inference(ckpt)
+    hf.export(model, tokenizer, out)
+    hf_model = AutoModelForSeq2SeqLM.from_pretrained(out).to(device).eval()
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    return [Engine("HF generate", search, lambda lines, cfg=cfg: hf.translate(hf_model, hf_tok, lines, cfg))
+            for search, cfg in configs.items()]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").is_file():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}"
+
+
+def versions() -> str:
+    parts = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    for package in ("ctranslate2", "transformers"):
+        try:
+            parts.append(f"{package} {__import__(package).__version__}")
+        except ImportError:
+            pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        parts.append(f"attnmt {commit}")
+    except OSError:
+        pass
+    return ", ".join(parts)
+
+
+def print_table(test_set: str, rows: list[Engine], n_sentences: int, tgt_tokens: dict[str, int],
+                bleu: dict[str, float]) -> None:
+    baseline = {r.search: statistics.median(r.seconds) for r in rows if r.name == "attnmt ctranslate2 float32"}
+    print(f"\n{test_set}: {n_sentences} sentences, median of {len(rows[0].seconds)} runs\n")
+    print("| engine | search | sentences/s | target tokens/s | BLEU | speed / CT2 fp32 |")
+    print("|---|---|---:|---:|---:|---:|")
+    for r in rows:
+        seconds = statistics.median(r.seconds)
+        key = f"{r.name}/{r.search}"
+        ratio = f"{baseline[r.search] / seconds:.2f}x" if r.search in baseline else "n/a"
+        print(f"| {r.name} | {r.search} | {n_sentences / seconds:.1f} | {tgt_tokens[key] / seconds:.0f} | "
+              f"{bleu[key]:.2f} | {ratio} |")
+    for search in baseline:
+        raw = [statistics.median(r.seconds) for r in rows if r.name == "CTranslate2 raw float32" and r.search == search]
+        if raw:
+            print(f"\nattnmt engine=ctranslate2 over raw CTranslate2 (float32, {search}): "
+                  f"{100 * (baseline[search] / raw[0] - 1):+.1f}% time")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--ckpt", required=True, type=Path, help="an attnmt checkpoint")
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("ATTNMT_DATA", REPO.parent / "shared" / "data")),
+                        help="the folder holding multi30k/ and wmt14-en-de-test/ ($ATTNMT_DATA, else ../shared/data)")
+    parser.add_argument("--test-sets", default="test2016,newstest2014", help=f"comma-separated, of {', '.join(TEST_SETS)}")
+    parser.add_argument("--max-sentences", type=int, default=0, help="only the first N lines of each test set (0: all)")
+    parser.add_argument("--engines", default="native,ctranslate2,hf", help="comma-separated: native, ctranslate2, hf")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of every engine")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (interleaved); the median is reported")
+    parser.add_argument("--beam", type=int, default=5, help="beam size of the beam rows")
+    parser.add_argument("--max-tokens", type=int, default=4096, help="source tokens per batch, padding included")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available here")
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    engines = set(args.engines.split(","))
+
+    _, tokenizer, run_config = load_for_inference(args.ckpt)
+    src_lang, tgt_lang = run_config["data"]["src_lang"], run_config["data"]["tgt_lang"]
+    base = compose("translate", ["ckpt=unused", f"max_tokens={args.max_tokens}"])  # the shipped search settings
+    configs = {"greedy": replace(base, beam_size=1), f"beam{args.beam}": replace(base, beam_size=args.beam)}
+
+    rows: list[Engine] = []
+    if "native" in engines:
+        rows += native_engines(args.ckpt, device, configs)
+    if "ctranslate2" in engines:
+        compute_types = ["float32", "int8"] + (["float16", "bfloat16"] if device.type == "cuda" else [])
+        for compute_type in compute_types:
+            rows += ctranslate2_engines(args.ckpt, device, compute_type, args.threads, configs)
+    with tempfile.TemporaryDirectory(prefix="attnmt-bench-hf-") as hf_dir:
+        if "hf" in engines:
+            from attnmt.export import ExportError
+
+            try:
+                rows += hf_engines(args.ckpt, device, configs, Path(hf_dir) / "model")
+            except ExportError as err:
+                print(f"HF rows left out: {err}", file=sys.stderr)
+
+        print(f"date {datetime.now().isoformat(timespec='minutes')}; machine {machine()}; {args.threads} threads")
+        print(f"versions: {versions()}")
+        print(f"command: {' '.join(sys.argv)}")
+        print(f"checkpoint {args.ckpt} ({src_lang}->{tgt_lang}); max_tokens {args.max_tokens}, "
+              f"length limit {base.max_len_a} * source + {base.max_len_b}, len_penalty {base.len_penalty}")
+        for name in args.test_sets.split(","):
+            folder, stem = TEST_SETS[name]
+            sources = read_lines(args.data / folder / f"{stem}.{src_lang}")
+            references = read_lines(args.data / folder / f"{stem}.{tgt_lang}")
+            if args.max_sentences:
+                sources, references = sources[: args.max_sentences], references[: args.max_sentences]
+            for row in rows:  # warm-up: first calls allocate, load kernels, fill caches
+                row.run(sources[:16])
+                row.seconds.clear()
+            for repeat in range(args.repeats):
+                # Every other repetition backwards, so that no row always follows the same one.
+                for row in rows if repeat % 2 == 0 else rows[::-1]:
+                    # The previous engine's OpenMP threads spin for a while after it returns; on a few
+                    # cores they would slow whichever engine runs next. A pause lets them sleep.
+                    time.sleep(PAUSE_S)
+                    start = time.perf_counter()
+                    row.hypotheses = row.run(sources)
+                    row.seconds.append(time.perf_counter() - start)
+                    print(f"  {name} run {repeat + 1}/{args.repeats}: {row.name} {row.search} "
+                          f"{row.seconds[-1]:.1f} s", file=sys.stderr, flush=True)
+            tgt_tokens, bleu = {}, {}
+            for row in rows:
+                key = f"{row.name}/{row.search}"
+                tgt_tokens[key] = sum(len(ids) + 1 for ids in tokenizer.encode_tgt([normalize(h) for h in row.hypotheses]))
+                bleu[key] = corpus_scores(row.hypotheses, references, tgt_lang)["bleu"]
+            print_table(f"{name} ({src_lang}->{tgt_lang})", rows, len(sources), tgt_tokens, bleu)
+            for row in rows:
+                row.seconds = []
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""``attnmt-export``: write a checkpoint for another inference library.
+
+    attnmt-export ckpt=runs/quickstart/checkpoints/best.pt to=ctranslate2 out=quickstart-ct2 [quantization=int8]
+    attnmt-export ckpt=runs/quickstart/checkpoints/best.pt to=hf out=quickstart-hf
+
+``to=ctranslate2`` writes a CTranslate2 model directory (``attnmt.export.ctranslate2``), ``to=hf`` a
+folder that ``transformers``' ``AutoModelForSeq2SeqLM`` and ``AutoTokenizer`` load
+(``attnmt.export.hf``); each holds a README saying how to run it. A model option the target cannot
+express ends the command with one line naming it, before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from attnmt.checkpoint import CheckpointError, load_for_inference
+from attnmt.cli.common import UserError, run_command, setup_logging, to_config
+from attnmt.config import ExportConfig, config_dir, register_configs
+from attnmt.export import ExportError, check_new_directory
+
+log = logging.getLogger("attnmt.export")
+
+TARGETS = {"ctranslate2": ("ctranslate2", "ct2"), "hf": ("transformers", "hf")}  # to= -> (package, extra)
+
+
+def run(cfg: ExportConfig) -> None:
+    if cfg.to not in TARGETS:
+        raise UserError(f"to={cfg.to} is unknown; use to=ctranslate2 or to=hf")
+    if cfg.quantization is not None and cfg.to != "ctranslate2":
+        raise UserError(f"quantization={cfg.quantization} applies to to=ctranslate2 only")
+    package, extra = TARGETS[cfg.to]
+    try:
+        __import__(package)
+    except ImportError:
+        raise UserError(f"to={cfg.to} needs {package}: pip install 'attnmt[{extra}]'") from None
+    check_new_directory(cfg.out)  # before the checkpoint is read: a refusal should come at once
+    paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
+    model, tokenizer, run_config = load_for_inference(paths, "cpu")
+    if cfg.to == "ctranslate2":
+        from attnmt.export import ctranslate2
+
+        out = ctranslate2.export(model, tokenizer, cfg.out, cfg.quantization, checkpoints=paths, run_config=run_config)
+    else:
+        from attnmt.export import hf
+
+        out = hf.export(model, tokenizer, cfg.out)
+    log.info("wrote %s (see its README.md)", out)
+
+
+def export_config(cfg: DictConfig) -> ExportConfig:
+    for key, example in (("to", "to=ctranslate2"), ("out", "out=quickstart-ct2")):
+        if OmegaConf.is_missing(cfg, key):
+            raise UserError(f"{key}= is required, e.g. {example}")
+    return to_config(cfg)
+
+
+@hydra.main(config_path=str(config_dir()), config_name="export", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    setup_logging()
+    run_command("attnmt-export", lambda: run(export_config(cfg)), (CheckpointError, ExportError))
+
+
+register_configs()
+
+if __name__ == "__main__":
+    main()
