@@ -210,6 +210,11 @@ class DecodeConfig:
     max_len_b: int
     min_len: int
     max_tokens: int  # source tokens per batch, padding included
+    sampling: bool  # draw translations from the model instead of searching (nbest draws per line)
+    temperature: float  # sampling: softmax(logits / temperature); 0 = greedy
+    top_k: int  # sampling: only the k most probable tokens; 0 = all
+    top_p: float  # sampling: only the smallest set of tokens with this much probability; 1.0 = all
+    seed: int  # sampling: with the line number, fixes each line's draws (the same in any batch)
 
     def check(self, prefix: str = "") -> None:
         """Raise :class:`ConfigError` on settings that cannot work, keys named with ``prefix``."""
@@ -219,6 +224,9 @@ class DecodeConfig:
         if self.nbest > self.beam_size:
             raise ConfigError(f"{prefix}nbest={self.nbest} needs {prefix}beam_size >= {self.nbest} "
                               f"({prefix}beam_size={self.beam_size})")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"{prefix}temperature={self.temperature}, {prefix}top_k={self.top_k} and "
+                              f"{prefix}top_p={self.top_p}: temperature and top_k must not be negative, top_p in (0, 1]")
         if self.min_len < 0 or self.max_len_a < 0:
             raise ConfigError(f"{prefix}min_len={self.min_len} and {prefix}max_len_a={self.max_len_a} "
                               "must not be negative")

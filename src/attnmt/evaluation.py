@@ -19,7 +19,7 @@ from torch import Tensor
 
 from attnmt.batching import length_batches, pad
 from attnmt.config import DecodeConfig
-from attnmt.decoding import Hypothesis, beam_search, greedy_search
+from attnmt.decoding import Hypothesis, beam_search, greedy_search, sample_search
 from attnmt.device import autocast, inference_dtype
 from attnmt.model import Transformer
 from attnmt.tokenizer import BOS_ID, EOS_ID, Tokenizer, TokenizerError, normalize
@@ -82,10 +82,21 @@ def target_prefix(tokenizer: Tokenizer, run_config: dict, tgt_lang: str | None) 
     return [tokenizer.tag_id(f"<2{tgt_lang}>")]
 
 
-def search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: DecodeConfig) -> list[list[Hypothesis]]:
-    """Greedy search for ``beam_size=1, nbest=1`` (its hypotheses have no score: NaN); beam search
-    otherwise."""
+def search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: DecodeConfig,
+           line_numbers: Tensor | None = None) -> list[list[Hypothesis]]:
+    """``nbest`` draws per source with ``sampling`` (their random numbers fixed by ``cfg.seed`` and each
+    source's ``line_numbers``, (B,)), best first; else greedy search for ``beam_size=1, nbest=1`` (its
+    hypotheses have no score: NaN), else beam search."""
     lengths = dict(max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, min_len=cfg.min_len)
+    if cfg.sampling:
+        if line_numbers is None:
+            line_numbers = torch.arange(src_tokens.size(0), device=src_tokens.device)
+        k = cfg.nbest
+        draws = sample_search(model, src_tokens.repeat_interleave(k, 0), src_mask.repeat_interleave(k, 0),
+                              line_numbers.repeat_interleave(k) * k + torch.arange(k, device=src_tokens.device).repeat(
+                                  src_tokens.size(0)), seed=cfg.seed, temperature=cfg.temperature, top_k=cfg.top_k,
+                              top_p=cfg.top_p, **lengths)
+        return [sorted(draws[i * k : (i + 1) * k], key=lambda h: h.score, reverse=True) for i in range(src_tokens.size(0))]
     if cfg.beam_size == 1 and cfg.nbest == 1:
         return [[Hypothesis(tokens, math.nan)] for tokens in greedy_search(model, src_tokens, src_mask, **lengths)]
     return beam_search(model, src_tokens, src_mask, beam_size=cfg.beam_size, len_penalty=cfg.len_penalty,
@@ -119,7 +130,8 @@ def translate(
     for batch in length_batches([len(s) for s in sources], cfg.max_tokens):
         src_tokens, src_mask = (t.to(device) for t in pad([sources[i] for i in batch]))
         with autocast(device, inference_dtype(device)):
-            results = search(model, src_tokens, src_mask, cfg)
+            # Line numbers in the input (as first_line counts them) fix a line's draws when sampling.
+            results = search(model, src_tokens, src_mask, cfg, torch.tensor(batch, device=device) + first_line)
         for i, hyps in zip(batch, results):
             hypotheses[i] = hyps
         if on_batch is not None:
