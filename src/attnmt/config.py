@@ -33,6 +33,7 @@ SCHEDULES = ("inverse_sqrt", "cosine")
 TOKENIZER_TYPES = ("unigram", "bpe")
 DATA_FORMATS = ("folder", "tsv", "jsonl", "hub", "disk")
 PRECISION_NAMES = ("auto", "fp32", "bf16", "fp16")
+BEAM_STOPS = ("exact", "finished")
 
 
 @dataclass
@@ -162,6 +163,10 @@ class DecodeConfig:
     max_len_b: int
     min_len: int
     max_tokens: int  # source tokens per batch, padding included
+    beam_stop: str  # exact (no live beam could still win) | finished (beam_size hypotheses ended: faster)
+
+    def __post_init__(self) -> None:
+        _check_choice("beam_stop", self.beam_stop, BEAM_STOPS)
 
     def check(self, prefix: str = "") -> None:
         """Raise :class:`ConfigError` on settings that cannot work, keys named with ``prefix``."""
