@@ -175,7 +175,7 @@ def test_bad_input_is_one_line_and_nonzero_exit(case: str, trained_checkpoint, t
     elif case == "output_is_a_folder":
         result, expected = run("translate", f"ckpt={trained_checkpoint}", "text=Hallo", f"output={tmp_path}"), str(tmp_path)
     elif case == "misspelt_key":
-        result, expected = run("translate", f"ckpt={trained_checkpoint}", "text=Hallo", "beam_sise=2"), "did you mean beam_size?"
+        result, expected = run("translate", f"ckpt={trained_checkpoint}", "text=Hallo", "beamsize=2"), "did you mean beam_size?"
     elif case == "wrong_type":
         result, expected = run("translate", f"ckpt={trained_checkpoint}", "text=Hallo", "nbest=two"), "nbest=two: Value 'two'"
     elif case == "empty_test_set":

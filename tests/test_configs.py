@@ -228,7 +228,7 @@ def test_command_lines_for_hydra_itself_are_left_to_hydra(argv):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("beam_sise=3", r"beam_sise=3: translate.yaml has no key 'beam_sise'; did you mean beam_size\?"),
+    ("beamsize=3", r"beamsize=3: translate.yaml has no key 'beamsize'; did you mean beam_size\?"),
     ("beam_size=many", r"beam_size=many: Value 'many' of type 'str' could not be converted to Integer"),
     ("max_tokens=[1", r"max_tokens=\[1: "),
     ("nbest=1,2", r"nbest=1,2: one value per key"),

@@ -146,3 +146,31 @@ def test_decoding_never_exceeds_model_positions() -> None:
     assert len(out[0]) == 11  # BOS + 11 tokens fill the 12 positions; EOS is implied at the limit
     hyp = beam_search(model, src, src_mask, beam_size=2, max_len_a=5.0, max_len_b=50, min_len=100)[0][0]
     assert len(hyp.tokens) == 11
+
+
+def test_stopping_once_beam_size_have_ended_never_beats_the_exact_stop(trained_checkpoint, monkeypatch) -> None:
+    from attnmt.batching import pad
+    from attnmt.checkpoint import load_for_inference
+    from attnmt.evaluation import encode_sources
+    from attnmt.model import Transformer
+    from conftest import FIXTURE_CORPUS
+
+    model, tokenizer, _ = load_for_inference(trained_checkpoint)
+    lines = (FIXTURE_CORPUS / "valid.de").read_text(encoding="utf-8").splitlines()
+    src, src_mask = pad(encode_sources(tokenizer, lines, model.cfg.max_positions))
+    steps, results = {}, {}
+    real_decode = Transformer.decode
+
+    def counted(self, *args, **kwargs):
+        steps[mode] = steps.get(mode, 0) + 1
+        return real_decode(self, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "decode", counted)
+    for mode in ("exact", "finished"):
+        results[mode] = beam_search(model, src, src_mask, beam_size=4, len_penalty=1.0, nbest=2, stop=mode)
+    for exact, early in zip(results["exact"], results["finished"]):
+        assert len(early) == 2 and early[0].score <= exact[0].score + 1e-6  # the exact stop searched on from there
+    # A trained model ends its best beams early; only the exact bound keeps the others going.
+    assert steps["finished"] < steps["exact"], steps
+    with pytest.raises(ValueError, match="stop='soon' is unknown"):
+        beam_search(model, src, src_mask, stop="soon")

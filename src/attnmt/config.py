@@ -33,6 +33,7 @@ SCHEDULES = ("inverse_sqrt", "cosine")
 TOKENIZER_TYPES = ("unigram", "bpe")
 DATA_FORMATS = ("folder", "tsv", "jsonl", "hub", "disk")
 PRECISION_NAMES = ("auto", "fp32", "bf16", "fp16")
+BEAM_STOPS = ("exact", "finished")
 
 
 @dataclass
@@ -210,18 +211,22 @@ class DecodeConfig:
     max_len_b: int
     min_len: int
     max_tokens: int  # source tokens per batch, padding included
+    beam_stop: str  # exact (no live beam could still win) | finished (beam_size hypotheses ended: faster)
     sampling: bool  # draw translations from the model instead of searching (nbest draws per line)
     temperature: float  # sampling: softmax(logits / temperature); 0 = greedy
     top_k: int  # sampling: only the k most probable tokens; 0 = all
     top_p: float  # sampling: only the smallest set of tokens with this much probability; 1.0 = all
     seed: int  # sampling: with the line number, fixes each line's draws (the same in any batch)
 
+    def __post_init__(self) -> None:
+        _check_choice("beam_stop", self.beam_stop, BEAM_STOPS)
+
     def check(self, prefix: str = "") -> None:
         """Raise :class:`ConfigError` on settings that cannot work, keys named with ``prefix``."""
         for key in ("beam_size", "nbest", "max_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{prefix}{key}={getattr(self, key)} must be at least 1")
-        if self.nbest > self.beam_size:
+        if self.nbest > self.beam_size and not self.sampling:
             raise ConfigError(f"{prefix}nbest={self.nbest} needs {prefix}beam_size >= {self.nbest} "
                               f"({prefix}beam_size={self.beam_size})")
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:

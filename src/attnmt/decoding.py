@@ -239,13 +239,17 @@ def beam_search(
     max_len_b: int = 10,
     min_len: int = 0,
     nbest: int = 1,
+    stop: str = "exact",
 ) -> list[list[Hypothesis]]:
     """Batched beam search with the GNMT length penalty.
 
-    Hypotheses are ranked by ``sum(log p) / length_penalty(len, len_penalty)``. A sentence stops
-    only when its ``nbest`` best finished hypotheses cannot be beaten by any live beam, even if that
-    beam grew to the maximum length (log-probabilities only fall as a hypothesis grows, so the bound
-    is exact): no premature stop.
+    Hypotheses are ranked by ``sum(log p) / length_penalty(len, len_penalty)``. With ``stop="exact"``
+    a sentence stops only when its ``nbest`` best finished hypotheses cannot be beaten by any live
+    beam, even if that beam grew to the maximum length (log-probabilities only fall as a hypothesis
+    grows, so the bound is exact): no premature stop. With ``stop="finished"`` it stops as soon as
+    ``beam_size`` of its hypotheses have finished, as fairseq, CTranslate2 and transformers'
+    ``early_stopping=True`` do: a live beam that might still have won is dropped, and the search ends
+    far earlier (the exact bound keeps most sentences going to their length limit).
 
     The bookkeeping is on tensors, for all sentences at once: each live sentence has ``beam_size``
     consecutive rows in the cache, and keeps its ``nbest`` best finished hypotheses so far.
@@ -264,6 +268,8 @@ def beam_search(
     """
     if not 1 <= nbest <= beam_size:
         raise ValueError(f"nbest={nbest} must be between 1 and beam_size={beam_size}")
+    if stop not in ("exact", "finished"):
+        raise ValueError(f"stop={stop!r} is unknown; use exact or finished")
     n, k = src_tokens.size(0), beam_size
     device = src_tokens.device
     sent_limits = max_lengths(model, src_mask, max_len_a, max_len_b)
@@ -287,6 +293,7 @@ def beam_search(
     best_scores = torch.full((n, nbest), -math.inf, dtype=torch.float64, device=device)  # (B, nbest) finished, best first
     best_tokens = torch.full((n, nbest, max_tokens), PAD_ID, dtype=torch.long, device=device)
     best_lens = torch.zeros(n, nbest, dtype=torch.long, device=device)
+    n_finished = torch.zeros(n, dtype=torch.long, device=device)  # hypotheses that have ended, per sentence
     step = 0
     while True:
         a, beams = active.numel(), cache.beams  # beams: cache rows per sentence (1 at the first step)
@@ -303,6 +310,7 @@ def beam_search(
         # EOS among the k best candidates finishes a hypothesis: it joins the sentence's nbest best.
         is_eos = top_token == EOS_ID
         ends = is_eos[:, :k] & torch.isfinite(top_scores[:, :k])  # (A, k)
+        n_finished[active] += ends.sum(dim=1)
         if ends.any():
             ended = torch.where(ends, top_scores[:, :k].double() / lp(step + 1), -math.inf)
             pool_scores = torch.cat([best_scores[active], ended], dim=1)  # (A, nbest + k)
@@ -327,6 +335,8 @@ def beam_search(
         longest = (limits[active] + 1).clamp(min=step + 1)
         bound = best_live / torch.maximum(lp(step + 1), lp(longest))
         done = torch.isinf(best_live) | (best_scores[active, nbest - 1] >= bound)  # -inf while < nbest finished
+        if stop == "finished":
+            done |= n_finished[active] >= k
         keep = (~done).nonzero().squeeze(1)
         if keep.numel() == 0:
             break

@@ -100,7 +100,7 @@ def search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: Decode
     if cfg.beam_size == 1 and cfg.nbest == 1:
         return [[Hypothesis(tokens, math.nan)] for tokens in greedy_search(model, src_tokens, src_mask, **lengths)]
     return beam_search(model, src_tokens, src_mask, beam_size=cfg.beam_size, len_penalty=cfg.len_penalty,
-                       nbest=cfg.nbest, **lengths)
+                       nbest=cfg.nbest, stop=cfg.beam_stop, **lengths)
 
 
 @torch.inference_mode()

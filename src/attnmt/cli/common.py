@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import queue
 import sys
 import threading
@@ -41,6 +42,30 @@ def run_command(name: str, body: Callable[[], None], user_errors: tuple[type[Bas
     except (UserError, OSError, UnicodeDecodeError, *user_errors) as err:  # OSError: a path that cannot be opened
         print(f"{name}: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def exit_at_once(main: Callable[[], None]) -> Callable[[], None]:
+    """``main`` for a console script, which ends the process as soon as ``main`` has returned: the
+    output flushed and closed, without the interpreter's teardown, which after ``import torch`` takes
+    half a second a command (measured: 1.95 s for ``python -c "import torch"``, 1.5 s with this)."""
+
+    def run() -> None:
+        code = 0
+        try:
+            main()
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+            if not isinstance(stop.code, (int, type(None))):
+                print(stop.code, file=sys.stderr)
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe (| head): nothing left to say
+                pass
+        os._exit(code)
+
+    return run
 
 
 def compose_cli(name: str, schema: type, overrides: list[str]) -> DictConfig | None:

@@ -17,8 +17,8 @@ from omegaconf import DictConfig
 
 from attnmt.checkpoint import CheckpointError, load_for_inference
 from attnmt.cli.common import (
-    UserError, available_chunks, check_engine, compose_cli, ctranslate2_engine, iter_lines, open_input, run_command,
-    setup_logging, take_arguments, to_config,
+    UserError, available_chunks, check_engine, compose_cli, ctranslate2_engine, exit_at_once, iter_lines, open_input,
+    run_command, setup_logging, take_arguments, to_config,
 )
 from attnmt.config import ConfigError, TranslateConfig, config_dir
 from attnmt.device import resolve_device
@@ -164,5 +164,7 @@ def hydra_main(argv: list[str], texts: list[str]) -> None:
     _main()
 
 
+console_main = exit_at_once(main)  # attnmt-translate; tests call main() in-process
+
 if __name__ == "__main__":
-    main()
+    console_main()
