@@ -268,11 +268,11 @@ def _prepare_on_rank(rank: int, port: int, cache: str, out: str) -> None:
             for module, name in ((data, "_write_pairs"), (data, "_clean"), (data, "_encode"), (tokenizer, "_train_model")):
                 setattr(module, name, written_twice)
         cfg = data_config(root=str(TINY), cache_dir=cache, num_proc=1, tokenizer=tokenizer_config(vocab_size=400))
-        tok, train, valid = training.prepare_data(cfg, Path(out) / f"run{rank}" / "tokenizer")
+        tok, train, _, valid = training.prepare_data(cfg, Path(out) / f"run{rank}" / "tokenizer")
         src_len, tgt_len = token_lengths(train)
         with open(Path(out) / f"rank{rank}.json", "w") as f:
             json.dump({"fingerprint": tok.fingerprint, "src": src_len.tolist(), "tgt": tgt_len.tolist(),
-                       "valid": len(valid)}, f)
+                       "valid": sum(len(ds) for _, ds, _ in valid)}, f)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -211,7 +211,7 @@ class TokenBucketSampler:
                           ("seed", self.seed), ("shuffle", self.shuffle), ("streams", self.streams),
                           ("shares", self.shares)):
             if state.get(key) != mine:
-                raise ValueError(f"cannot resume the batch order: the checkpoint's sampler has {key}={state[key]}, "
+                raise ValueError(f"cannot resume the batch order: the checkpoint's sampler has {key}={state.get(key)}, "
                                  f"this run has {mine}; resume with the same data and batching settings")
         consumed = state["batches_consumed"]
         if state["world_size"] != self.world_size:

@@ -232,6 +232,8 @@ class DecodeConfig:
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise ConfigError(f"{prefix}temperature={self.temperature}, {prefix}top_k={self.top_k} and "
                               f"{prefix}top_p={self.top_p}: temperature and top_k must not be negative, top_p in (0, 1]")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"{prefix}seed={self.seed} must be between 0 and 2**63 - 1")
         if self.min_len < 0 or self.max_len_a < 0:
             raise ConfigError(f"{prefix}min_len={self.min_len} and {prefix}max_len_a={self.max_len_a} "
                               "must not be negative")

@@ -125,7 +125,7 @@ def greedy_search(
 
 
 # splitmix64's constants as signed 64-bit integers (torch's int64 arithmetic wraps like C's unsigned).
-_MIX = [c - 2**64 if c >= 2**63 else c for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)]
+_GOLDEN, _MUL1, _MUL2 = (c - 2**64 if c >= 2**63 else c for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 
 
 def _shift(x: Tensor, bits: int) -> Tensor:
@@ -133,15 +133,22 @@ def _shift(x: Tensor, bits: int) -> Tensor:
     return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
+def _mix(x: Tensor) -> Tensor:
+    """splitmix64's finaliser of ``x + golden``: int64 to well-spread int64, element by element."""
+    x = x + _GOLDEN
+    x = (x ^ _shift(x, 30)) * _MUL1
+    x = (x ^ _shift(x, 27)) * _MUL2
+    return x ^ _shift(x, 31)
+
+
 def uniform_noise(seed: int, sentence_ids: Tensor, step: int, vocab: int) -> Tensor:
     """Uniform numbers in (0, 1), (N, V) float64, that depend on (seed, sentence, step, token) alone:
-    splitmix64 over a counter, so a sentence's sample is the same whatever its batch, its position in
-    it or the device."""
-    x = (sentence_ids[:, None].long() * _MIX[1] + step * _MIX[2] + seed * _MIX[0]
-         + torch.arange(vocab, device=sentence_ids.device) * _MIX[0])
-    for bits, factor in ((30, _MIX[1]), (27, _MIX[2])):
-        x = (x ^ _shift(x, bits)) * factor
-    x = x ^ _shift(x, 31)
+    a splitmix64 hash of each in turn, so a sentence's draws are the same whatever its batch, its
+    position in it or the device, and no two counters share their numbers."""
+    device = sentence_ids.device
+    x = _mix(torch.tensor(seed, dtype=torch.long, device=device))
+    x = _mix(_mix(x + sentence_ids.long()) + step)  # (N,)
+    x = _mix(x[:, None] + torch.arange(vocab, device=device))  # (N, V)
     return (_shift(x, 11).double() + 0.5) * 2.0**-53
 
 
@@ -206,6 +213,7 @@ def sample_search(
     step = 0
     while active.numel() > 0:
         logits = model.decode(tokens, memory, src_mask, cache)[:, -1].float()  # (A, V)
+        log_probs = logits.log_softmax(dim=-1)  # the score, as beam search's: before the length rules
         _forbid(logits, step, min_len)
         if temperature > 0:
             gumbel = -torch.log(-torch.log(uniform_noise(seed, sentence_ids[active], step, logits.size(-1))))
@@ -214,9 +222,9 @@ def sample_search(
             next_tokens = logits.argmax(dim=-1)
         forced = limits[active] <= step
         next_tokens[forced] = EOS_ID
-        logp = logits.log_softmax(dim=-1).gather(1, next_tokens[:, None])[:, 0].double()
-        # Where min_len had ruled EOS out, the length limit still ends the sentence, at no cost.
-        scores[active] += torch.where(forced & torch.isinf(logp), 0.0, logp)
+        logp = log_probs.gather(1, next_tokens[:, None])[:, 0].double()
+        # Where min_len had ruled EOS out, the length limit still ends the sentence, at no cost (as in beam search).
+        scores[active] += logp.masked_fill(forced, 0.0) if step < min_len else logp
         outputs[active, step] = next_tokens
         step += 1
         ended = next_tokens == EOS_ID

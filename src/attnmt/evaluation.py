@@ -91,12 +91,11 @@ def search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: Decode
     if cfg.sampling:
         if line_numbers is None:
             line_numbers = torch.arange(src_tokens.size(0), device=src_tokens.device)
-        k = cfg.nbest
-        draws = sample_search(model, src_tokens.repeat_interleave(k, 0), src_mask.repeat_interleave(k, 0),
-                              line_numbers.repeat_interleave(k) * k + torch.arange(k, device=src_tokens.device).repeat(
-                                  src_tokens.size(0)), seed=cfg.seed, temperature=cfg.temperature, top_k=cfg.top_k,
-                              top_p=cfg.top_p, **lengths)
-        return [sorted(draws[i * k : (i + 1) * k], key=lambda h: h.score, reverse=True) for i in range(src_tokens.size(0))]
+        n, k = src_tokens.size(0), cfg.nbest
+        draw_ids = line_numbers.repeat_interleave(k) * k + torch.arange(k, device=src_tokens.device).repeat(n)
+        draws = sample_search(model, src_tokens.repeat_interleave(k, 0), src_mask.repeat_interleave(k, 0), draw_ids,
+                              seed=cfg.seed, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, **lengths)
+        return [sorted(draws[i * k : (i + 1) * k], key=lambda h: h.score, reverse=True) for i in range(n)]
     if cfg.beam_size == 1 and cfg.nbest == 1:
         return [[Hypothesis(tokens, math.nan)] for tokens in greedy_search(model, src_tokens, src_mask, **lengths)]
     return beam_search(model, src_tokens, src_mask, beam_size=cfg.beam_size, len_penalty=cfg.len_penalty,
