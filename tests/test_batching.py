@@ -90,7 +90,9 @@ def test_resume_mid_epoch_yields_exactly_the_remaining_batches(world_size):
         it = iter(interrupted)
         taken = [next(it) for _ in range(5)]
         state = interrupted.state_dict()
-        assert all(isinstance(v, (int, bool)) for v in state.values())  # checkpoint-safe
+        # Checkpoint-safe (weights_only loads it): numbers, and None or lists of numbers for the mixing.
+        assert all(isinstance(v, (int, bool)) or v is None or all(isinstance(x, (int, float)) for x in v)
+                   for v in state.values()), state
         resumed = TokenBucketSampler(src, tgt, 1024, seed=7, rank=rank, world_size=world_size)
         resumed.load_state_dict(state)
         assert len(resumed) == len(expected)
@@ -184,3 +186,39 @@ def test_multi30k_padding_under_ten_percent(multi30k, tmp_path):
     fraction = padding_fraction(list(sampler), src_lens, tgt_lens)
     print(f"\nMulti30k train, max_tokens=4096: {len(sampler)} batches, padding {fraction:.2%}")
     assert fraction < 0.10
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mixing streams (corpora, directions)
+
+
+def test_mixed_epochs_take_each_stream_by_its_share_and_resume_exactly():
+    rng = np.random.default_rng(4)
+    sizes = [300, 1200, 60]
+    src = rng.integers(2, 40, sum(sizes))
+    tgt = np.clip(src + rng.integers(-3, 4, len(src)), 2, 45)
+    shares = [0.5, 0.3, 0.2]
+    sampler = TokenBucketSampler(src, tgt, 512, seed=7, streams=sizes, shares=shares)
+    offsets = np.cumsum([0] + sizes)
+    for epoch in (1, 2):
+        sampler.set_epoch(epoch)
+        rows = np.concatenate([np.asarray(b) for b in sampler])
+        assert len(rows) == sum(sizes)  # an epoch is as long as the streams together
+        counts = [int(((rows >= a) & (rows < b)).sum()) for a, b in zip(offsets[:-1], offsets[1:])]
+        assert counts == [780, 468, 312]  # round(share * 1560)
+        # A stream smaller than its share repeats whole (60 x 5 = 300) before sampling the rest.
+        small = rows[rows >= offsets[2]]
+        assert np.bincount(small - offsets[2], minlength=60).min() >= 5
+        for batch in sampler._rank_batches():
+            assert len(batch) * max(src[batch].max(), tgt[batch].max()) <= 512
+    sampler.set_epoch(1)
+    first = [list(b) for b in sampler]
+    sampler.set_epoch(2)
+    assert [list(b) for b in sampler] != first  # another epoch, another sample
+    # Resume in the middle of an epoch: the rest of the same batches.
+    resumed = TokenBucketSampler(src, tgt, 512, seed=7, streams=sizes, shares=shares)
+    resumed.load_state_dict({**sampler.state_dict(5), "epoch": 1})
+    assert [list(b) for b in resumed] == first[5:]
+    with pytest.raises(ValueError, match="shares"):
+        TokenBucketSampler(src, tgt, 512, seed=7, streams=sizes, shares=[0.6, 0.2, 0.2]).load_state_dict(
+            sampler.state_dict(5))

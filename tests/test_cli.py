@@ -8,6 +8,7 @@ import random
 import select
 import subprocess
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -223,11 +224,12 @@ def test_any_text_argument_reaches_the_model_verbatim(monkeypatch, capsys, resto
 
     received: list[list[str]] = []
 
-    def fake_translate(model, tokenizer, lines, cfg, first_line=1, on_batch=None):
+    def fake_translate(model, tokenizer, lines, cfg, first_line=1, on_batch=None, prefix=()):
         received.append(list(lines))
         return [Translation([f"out{first_line + i}"], [0.0], [[]]) for i in range(len(lines))]
 
-    monkeypatch.setattr(command, "load_for_inference", lambda paths, device: (None, None, {}))
+    tokenizer = SimpleNamespace(tags=[])  # a model of one language pair: no tags
+    monkeypatch.setattr(command, "load_for_inference", lambda paths, device: (None, tokenizer, {}))
     monkeypatch.setattr(command, "translate", fake_translate)
     for text in hostile_sentences(120):
         monkeypatch.setattr(sys, "argv", ["attnmt-translate", "ckpt=model.pt", f"text={text}", "beam_size=2"])

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -267,11 +268,11 @@ def _prepare_on_rank(rank: int, port: int, cache: str, out: str) -> None:
             for module, name in ((data, "_write_pairs"), (data, "_clean"), (data, "_encode"), (tokenizer, "_train_model")):
                 setattr(module, name, written_twice)
         cfg = data_config(root=str(TINY), cache_dir=cache, num_proc=1, tokenizer=tokenizer_config(vocab_size=400))
-        tok, train, valid = training.prepare_data(cfg, Path(out) / f"run{rank}" / "tokenizer")
+        tok, train, _, valid = training.prepare_data(cfg, Path(out) / f"run{rank}" / "tokenizer")
         src_len, tgt_len = token_lengths(train)
         with open(Path(out) / f"rank{rank}.json", "w") as f:
             json.dump({"fingerprint": tok.fingerprint, "src": src_len.tolist(), "tgt": tgt_len.tolist(),
-                       "valid": len(valid)}, f)
+                       "valid": sum(len(ds) for _, ds, _ in valid)}, f)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -292,3 +293,42 @@ def test_two_ranks_prepare_the_data_once(tmp_path):
     assert len(list(cache.glob("raw-*.arrow"))) == 2  # train and valid, once each
     assert len(list(cache.glob("tokenized-*.arrow"))) == 2
     assert len(list((cache / "tokenizers").iterdir())) == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Directions, corpora, tags
+
+
+def test_an_aligned_corpus_gives_its_directions_with_target_tags(tmp_path):
+    from attnmt.data import direction, shares, streams, tags
+
+    cfg = data_config(root=str(tmp_path), langs=["en", "de", "fr"], directions=["en-de", "en-fr"])
+    assert [(s.name, s.cfg.src_lang, s.cfg.tgt_lang, s.tags) for s in streams(cfg)] == [
+        ("en-de", "en", "de", ("<2de>",)), ("en-fr", "en", "fr", ("<2fr>",))]
+    every = data_config(root=str(tmp_path), langs=["en", "de", "fr"])
+    assert len(streams(every)) == 6 and tags(every) == ["<2de>", "<2en>", "<2fr>"]
+    one = data_config(root=str(tmp_path), src_lang="de", tgt_lang="en")
+    assert [(s.name, s.tags) for s in streams(one)] == [("de-en", ())]  # one target language: no tags
+    assert direction(cfg, "en", "fr").name == "en-fr" and direction(cfg, None, "de").name == "en-de"
+    with pytest.raises(DataError, match=r"directions en-de, en-fr; de-en names none"):
+        direction(cfg, "de", "en")
+    with pytest.raises(DataError, match="names several"):
+        direction(cfg, "en", None)
+    # A back-translated corpus mixed in: its own tag, before the language tag; temperature flattens.
+    from attnmt.config import CorpusConfig
+
+    bt = CorpusConfig("folder", str(tmp_path), None, None, "bt", "en", "de", 0.5, "bt")
+    mixed = data_config(root=str(tmp_path), langs=["en", "de", "fr"], directions=["en-de", "en-fr"], mix=[bt])
+    assert [s.tags for s in streams(mixed)][-1] == ("<bt>", "<2de>") and "<bt>" in tags(mixed)
+    np.testing.assert_allclose(shares([100, 400], [1, 1], 1.0), [0.2, 0.8])
+    np.testing.assert_allclose(shares([100, 400], [1, 1], 2.0), [1 / 3, 2 / 3])
+    np.testing.assert_allclose(shares([100, 400], [2, 1], 1.0), [1 / 3, 2 / 3])
+
+
+def test_directions_must_name_two_of_the_languages(tmp_path):
+    from attnmt.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'en-es' is not SRC-TGT with two of data.langs"):
+        data_config(root=str(tmp_path), langs=["en", "de"], directions=["en-es"])
+    with pytest.raises(ConfigError, match="data.directions needs data.langs"):
+        data_config(root=str(tmp_path), directions=["en-de"])

@@ -178,7 +178,7 @@ def test_non_finite_loss_skips_the_update():
         ({}, dict(max_steps=0), {}, r"no stopping rule"),
         ({}, {}, dict(schedule="linear"), r"optim.schedule='linear' is unknown"),
         ({}, dict(max_steps=0, max_epochs=2), dict(schedule="cosine"), r"optim.schedule=cosine .* train.max_steps"),
-        ({}, dict(valid_decode=DecodeConfig(0, 1.0, 1, 1.5, 10, 0, 4096, "exact")), {}, r"train.valid_decode.beam_size=0"),
+        ({}, dict(valid_decode=DecodeConfig(0, 1.0, 1, 1.5, 10, 0, 4096, "exact", False, 1.0, 0, 1.0, 1)), {}, r"train.valid_decode.beam_size=0"),
         ({}, dict(init_from="a.pt", resume="auto"), {}, r"train.init_from=a.pt .* set only one"),
     ],
 )

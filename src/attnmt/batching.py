@@ -123,6 +123,12 @@ class TokenBucketSampler:
     with ``num_workers=0``.) After :meth:`load_state_dict`, the next iteration yields exactly the
     remaining batches of that epoch; call :meth:`set_epoch` before each later epoch.
 
+    Mixing (``streams``): the sentences are consecutive runs of several streams (corpora, directions)
+    of the given sizes, and each epoch takes ``round(share * total)`` sentences of each: all of a
+    stream as often as that fits, then a seeded sample of the rest. An epoch thus holds as many
+    sentences as the streams together, in the proportions of ``shares``, as a function of
+    ``(seed, epoch)`` alone, so resuming stays exact.
+
     Args:
         src_lens: length of each source sentence in tokens (EOS included).
         tgt_lens: length of each target sentence in tokens (EOS included).
@@ -132,10 +138,14 @@ class TokenBucketSampler:
         rank: this process's rank.
         world_size: the number of ranks.
         window: sentences sorted together; larger means less padding and less randomness.
+        streams: the sizes of the consecutive runs of sentences that are mixed; None = every sentence
+            once per epoch.
+        shares: each stream's share of an epoch (they sum to 1), e.g. :func:`attnmt.data.shares`.
     """
 
     def __init__(self, src_lens: Sequence[int], tgt_lens: Sequence[int], max_tokens: int, shuffle: bool = True,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, window: int = 100_000):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, window: int = 100_000,
+                 streams: Sequence[int] | None = None, shares: Sequence[float] | None = None):
         # int32: with the int32 order below, 16 bytes per sentence pair at any corpus size.
         self.src_lens = np.asarray(src_lens, dtype=np.int32)
         self.tgt_lens = np.asarray(tgt_lens, dtype=np.int32)
@@ -154,6 +164,14 @@ class TokenBucketSampler:
             )
         self.max_tokens, self.shuffle, self.seed = max_tokens, shuffle, seed
         self.rank, self.world_size, self.window = rank, world_size, window
+        if streams is not None:
+            if sum(streams) != len(self.src_lens) or shares is None or len(shares) != len(streams):
+                raise ValueError(f"streams {list(streams)} must cover the {len(self.src_lens)} sentences, with one "
+                                 "share each")
+            if not shuffle:
+                raise ValueError("mixing streams needs shuffle=True")
+        self.streams = None if streams is None else [int(n) for n in streams]
+        self.shares = None if shares is None else [float(x) for x in shares]
         self.epoch = 0
         self._resume_at = 0  # batches of self.epoch to skip on the next iteration
         self._yielded = 0  # batches of self.epoch handed out so far
@@ -184,14 +202,16 @@ class TokenBucketSampler:
         """
         consumed = self._yielded if batches_consumed is None else batches_consumed
         return {"epoch": self.epoch, "batches_consumed": int(consumed), "seed": self.seed, "shuffle": self.shuffle,
-                "max_tokens": self.max_tokens, "n_sentences": len(self.src_lens), "world_size": self.world_size}
+                "max_tokens": self.max_tokens, "n_sentences": len(self.src_lens), "world_size": self.world_size,
+                "streams": self.streams, "shares": self.shares}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`: the next iteration yields the rest of that epoch."""
         for key, mine in (("n_sentences", len(self.src_lens)), ("max_tokens", self.max_tokens),
-                          ("seed", self.seed), ("shuffle", self.shuffle)):
-            if state[key] != mine:
-                raise ValueError(f"cannot resume the batch order: the checkpoint's sampler has {key}={state[key]}, "
+                          ("seed", self.seed), ("shuffle", self.shuffle), ("streams", self.streams),
+                          ("shares", self.shares)):
+            if state.get(key) != mine:
+                raise ValueError(f"cannot resume the batch order: the checkpoint's sampler has {key}={state.get(key)}, "
                                  f"this run has {mine}; resume with the same data and batching settings")
         consumed = state["batches_consumed"]
         if state["world_size"] != self.world_size:
@@ -213,11 +233,31 @@ class TokenBucketSampler:
             self._cache = (self.epoch, self._epoch_batches(self.epoch)[self.rank :: self.world_size])
         return self._cache[1]
 
+    def _mixed_rows(self, rng: np.random.Generator) -> np.ndarray:
+        """This epoch's sentences of every stream, by their shares, shuffled (int32 row ids)."""
+        total = len(self.src_lens)
+        wanted = np.asarray(self.shares) * total
+        counts = np.floor(wanted).astype(np.int64)
+        counts[np.argsort(counts - wanted)[: total - counts.sum()]] += 1  # largest remainders: the counts sum to total
+        rows, offset = [], 0
+        for size, count in zip(self.streams, counts.tolist()):
+            full, rest = divmod(count, size) if size else (0, 0)
+            rows.append(np.tile(np.arange(size, dtype=np.int32), full) + offset)
+            rows.append(np.sort(rng.choice(size, rest, replace=False)).astype(np.int32) + offset if rest else
+                        np.empty(0, np.int32))
+            offset += size
+        order = np.concatenate(rows)
+        return order[rng.permutation(len(order))]
+
     def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """All ranks' batches of ``epoch``, in order: the same on every rank."""
         n = len(self.src_lens)
         rng = np.random.default_rng([self.seed, epoch])
-        order = (rng.permutation(n) if self.shuffle else np.arange(n)).astype(np.int32)
+        if self.streams is not None:
+            order = self._mixed_rows(rng)
+            n = len(order)
+        else:
+            order = (rng.permutation(n) if self.shuffle else np.arange(n)).astype(np.int32)
         window = self.window if self.shuffle else max(n, 1)
         # Sort by the longer side, then by each side, so both source and target padding stay small;
         # the stable sort keeps the shuffled order among equal lengths.

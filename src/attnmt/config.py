@@ -118,6 +118,28 @@ class TokenizerConfig:
 
 
 @dataclass
+class CorpusConfig:
+    """A further training corpus mixed into the main one (``data.mix``), read as the main corpus is read
+    and cleaned by the main corpus's rules: a second parallel corpus, or synthetic pairs from
+    back-translation."""
+
+    format: str  # folder | tsv | jsonl | hub | disk
+    root: str | None
+    hub_id: str | None
+    hub_config: str | None
+    split: str  # the split of this source that is trained on
+    src_lang: str
+    tgt_lang: str
+    weight: float  # multiplies its share of each epoch (1.0: as its size and data.temperature give)
+    tag: str | None  # a tag token <TAG> before its sources, e.g. bt for tagged back-translation
+
+    def __post_init__(self) -> None:
+        _check_choice("data.mix[].format", self.format, DATA_FORMATS)
+        if self.weight < 0:
+            raise ConfigError(f"data.mix[].weight={self.weight} must not be negative")
+
+
+@dataclass
 class DataConfig:
     """Where the parallel corpus comes from and how it is cleaned (:mod:`attnmt.data`, ``configs/data/``).
 
@@ -136,16 +158,42 @@ class DataConfig:
     hub_config: str | None
     src_lang: str
     tgt_lang: str
+    langs: list[str] | None  # the languages of an aligned corpus: one model for several directions
+    directions: list[str] | None  # with langs: e.g. [en-de, en-fr]; null = every ordered pair of langs
     splits: dict[str, str]
     max_len: int  # train pairs with a side longer than this many tokens are dropped; 0 = no limit
     max_len_ratio: float  # train pairs whose longer side has more than r times the tokens of the other; 0 = off
     dedup: bool  # drop exact duplicate train pairs (after normalisation)
-    num_proc: int  # processes for datasets.map (tokenization)
-    cache_dir: str | None  # tokenized datasets are cached here; None = in memory only
+    num_proc: int  # processes for cleaning and tokenizing; 0 = every core
+    cache_dir: str | None  # prepared data are cached here; None = a temporary folder
+    mix: list[CorpusConfig]  # further training corpora, mixed into the main corpus's directions
+    temperature: float  # an epoch's share of each direction and corpus: size ** (1 / T) * weight; 1 = as sizes
     tokenizer: TokenizerConfig
 
     def __post_init__(self) -> None:
         _check_choice("data.format", self.format, DATA_FORMATS)
+        if self.temperature <= 0:
+            raise ConfigError(f"data.temperature={self.temperature} must be positive (1 = proportional to sizes)")
+        for direction in self.directions or []:
+            src, _, tgt = direction.partition("-")
+            if not src or not tgt or src == tgt or (self.langs and not {src, tgt} <= set(self.langs)):
+                raise ConfigError(f"data.directions: {direction!r} is not SRC-TGT with two of data.langs={self.langs}")
+        if self.directions and not self.langs:
+            raise ConfigError("data.directions needs data.langs (the languages of the aligned corpus)")
+
+    def pairs(self) -> list[tuple[str, str]]:
+        """The main corpus's directions: (src, tgt) for each of ``directions``, every ordered pair of
+        ``langs``, or ``(src_lang, tgt_lang)``."""
+        if not self.langs:
+            return [(self.src_lang, self.tgt_lang)]
+        if self.directions:
+            return [tuple(d.split("-", 1)) for d in self.directions]
+        return [(a, b) for a in self.langs for b in self.langs if a != b]
+
+
+# Data-config keys added after checkpoints were written, with the value that reproduces what those
+# were trained with; commands that rebuild a checkpoint's data config merge these first.
+DATA_KEYS_ADDED = {"langs": None, "directions": None, "mix": [], "temperature": 1.0}
 
 
 @dataclass
@@ -164,6 +212,11 @@ class DecodeConfig:
     min_len: int
     max_tokens: int  # source tokens per batch, padding included
     beam_stop: str  # exact (no live beam could still win) | finished (beam_size hypotheses ended: faster)
+    sampling: bool  # draw translations from the model instead of searching (nbest draws per line)
+    temperature: float  # sampling: softmax(logits / temperature); 0 = greedy
+    top_k: int  # sampling: only the k most probable tokens; 0 = all
+    top_p: float  # sampling: only the smallest set of tokens with this much probability; 1.0 = all
+    seed: int  # sampling: with the line number, fixes each line's draws (the same in any batch)
 
     def __post_init__(self) -> None:
         _check_choice("beam_stop", self.beam_stop, BEAM_STOPS)
@@ -173,9 +226,14 @@ class DecodeConfig:
         for key in ("beam_size", "nbest", "max_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{prefix}{key}={getattr(self, key)} must be at least 1")
-        if self.nbest > self.beam_size:
+        if self.nbest > self.beam_size and not self.sampling:
             raise ConfigError(f"{prefix}nbest={self.nbest} needs {prefix}beam_size >= {self.nbest} "
                               f"({prefix}beam_size={self.beam_size})")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"{prefix}temperature={self.temperature}, {prefix}top_k={self.top_k} and "
+                              f"{prefix}top_p={self.top_p}: temperature and top_k must not be negative, top_p in (0, 1]")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"{prefix}seed={self.seed} must be between 0 and 2**63 - 1")
         if self.min_len < 0 or self.max_len_a < 0:
             raise ConfigError(f"{prefix}min_len={self.min_len} and {prefix}max_len_a={self.max_len_a} "
                               "must not be negative")
@@ -200,6 +258,7 @@ class TrainConfig:
     valid_every: int  # updates between validations (and checkpoints)
     valid_decode: DecodeConfig  # the search whose output valid BLEU/chrF score, as attnmt-evaluate's
     valid_max_sentences: int  # translate only the first N valid sentences for BLEU; 0 = all
+    best_metric: str  # the BLEU that picks best.pt and patience: mean (over directions) or a direction, e.g. en-de
     patience: int  # stop after this many validations without a better BLEU; 0 = never
     log_every: int  # updates between TensorBoard/log lines
     keep_last: int  # numbered checkpoints kept besides last and best
@@ -238,6 +297,7 @@ class TranslateConfig(DecodeConfig):
     attention_layer: int | None  # the decoder layer to plot; None = mean over layers (and heads)
     engine: str  # native | ctranslate2 (attnmt.export.ctranslate2)
     compute_type: str  # engine=ctranslate2: CTranslate2's compute_type (default, auto, int8, float16, ...)
+    tgt_lang: str | None  # the language to translate into; None = the model's only one
 
 
 @dataclass
@@ -252,9 +312,10 @@ class EvaluateConfig(DecodeConfig):
     src: str | None
     ref: str | None
     split: str | None  # a split of the checkpoint's data config, e.g. test (or test2016)
+    src_lang: str | None  # with split=: the direction's source language, where the data has several
     hyp: str | None  # write the hypotheses here, one line per source line
     device: str
-    tgt_lang: str | None  # picks sacreBLEU's tokenizer (zh, ja, ko); default: the checkpoint's
+    tgt_lang: str | None  # the language to translate into (its tag, the split's direction, sacreBLEU's tokenizer)
     bleu_tokenize: str | None  # overrides sacreBLEU's tokenizer, e.g. 13a, intl, zh, char
     engine: str  # native | ctranslate2 (attnmt.export.ctranslate2)
     compute_type: str  # engine=ctranslate2: CTranslate2's compute_type (default, auto, int8, float16, ...)

@@ -38,8 +38,8 @@ import os
 import shutil
 import tempfile
 import unicodedata
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import datasets
@@ -66,8 +66,8 @@ _PARALLEL_FROM = 10_000  # splits with fewer rows are processed in one process
 # Per-row flags of load_split, one bit each.
 _SRC_CHANGED, _TGT_CHANGED, _SRC_NOT_NFKC, _TGT_NOT_NFKC, _EMPTY = 1, 2, 4, 8, 16
 
-__all__ = ["DataError", "load_references", "load_split", "read_lines", "read_split", "token_lengths", "tokenize",
-           "train_tokenizer"]
+__all__ = ["DataError", "Stream", "direction", "load_references", "load_split", "read_lines", "read_split", "shares",
+           "streams", "tags", "target_languages", "token_lengths", "tokenize", "train_tokenizer"]
 
 
 class DataError(ValueError):
@@ -389,7 +389,7 @@ def _read(cfg: DataConfig, split: str) -> tuple[datasets.Dataset, str]:
     name = _source_name(cfg, split)
     identity, batches = _READERS[cfg.format](cfg, name)
     where = cfg.hub_id if cfg.format == "hub" else cfg.root
-    origin = f"{split} split ({name!r} in {where})"
+    origin = f"{split} split ({name!r}, {cfg.src_lang}-{cfg.tgt_lang}, in {where})"
     key = _key("raw", cfg.format, identity, cfg.src_lang, cfg.tgt_lang)
     path = cache_root(cfg) / f"raw-{key}.arrow"
     if not path.is_file():
@@ -498,21 +498,95 @@ def _keep(ds: datasets.Dataset, keep: np.ndarray, key: str) -> datasets.Dataset:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Directions and corpora
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One direction of one corpus: the unit an epoch mixes and validation scores.
+
+    ``cfg`` reads it (the data config with this corpus's source and these two languages); ``tags``
+    go before each of its sources: ``<2de>`` when the model translates into several languages
+    (Johnson et al., 2017), ``<bt>`` for a corpus tagged so (Caswell et al., 2019).
+    """
+
+    name: str  # "en-de", or "en-de (data.mix[0], bt)"
+    cfg: DataConfig
+    tags: tuple[str, ...]
+    weight: float
+
+
+def streams(cfg: DataConfig) -> list[Stream]:
+    """The training streams: each direction of the main corpus (``data.langs``/``data.directions``, or
+    ``data.src_lang``-``data.tgt_lang``), then each corpus of ``data.mix``."""
+    one = dict(langs=None, directions=None, mix=[])
+    lang_tags = len(target_languages(cfg)) > 1
+    out = [Stream(f"{src}-{tgt}", replace(cfg, src_lang=src, tgt_lang=tgt, **one),
+                  (f"<2{tgt}>",) if lang_tags else (), 1.0) for src, tgt in cfg.pairs()]
+    for i, corpus in enumerate(cfg.mix):
+        corpus_cfg = replace(cfg, format=corpus.format, root=corpus.root, hub_id=corpus.hub_id,
+                             hub_config=corpus.hub_config, src_lang=corpus.src_lang, tgt_lang=corpus.tgt_lang,
+                             splits={"train": corpus.split}, **one)
+        tags = ((f"<{corpus.tag}>",) if corpus.tag else ()) + ((f"<2{corpus.tgt_lang}>",) if lang_tags else ())
+        name = f"{corpus.src_lang}-{corpus.tgt_lang} (data.mix[{i}]{', ' + corpus.tag if corpus.tag else ''})"
+        out.append(Stream(name, corpus_cfg, tags, corpus.weight))
+    return out
+
+
+def target_languages(cfg: DataConfig) -> list[str]:
+    """The languages a model trained on ``cfg`` translates into; two or more need target-language tags."""
+    return sorted({tgt for _, tgt in cfg.pairs()} | {corpus.tgt_lang for corpus in cfg.mix})
+
+
+def tags(cfg: DataConfig) -> list[str]:
+    """Every tag token of the streams of ``cfg``, for the tokenizer's vocabulary."""
+    return sorted({tag for stream in streams(cfg) for tag in stream.tags})
+
+
+def direction(cfg: DataConfig, src: str | None, tgt: str | None) -> Stream:
+    """The main corpus's direction ``src``-``tgt`` as a stream (to evaluate or validate it); either
+    language may be left out where the corpus has one direction that fits.
+
+    Raises:
+        DataError: the corpus has no such direction; the message lists the ones it has.
+    """
+    main = streams(cfg)[: len(cfg.pairs())]  # the data.mix corpora come after the main corpus's directions
+    fitting = [s for s in main if (src is None or s.cfg.src_lang == src) and (tgt is None or s.cfg.tgt_lang == tgt)]
+    if len(fitting) != 1:
+        have = ", ".join(s.name for s in main)
+        asked = f"{src or '?'}-{tgt or '?'}"
+        raise DataError(f"the data config has directions {have}; {asked} names "
+                        f"{'none' if not fitting else 'several'} of them: give src_lang= and tgt_lang=")
+    return fitting[0]
+
+
+def shares(sizes: Sequence[int], weights: Sequence[float], temperature: float) -> np.ndarray:
+    """Each stream's share of an epoch: ``size ** (1 / temperature) * weight``, normalised (M2M-100's
+    temperature sampling: 1 = proportional to sizes, larger = flatter)."""
+    raw = np.asarray(sizes, dtype=np.float64) ** (1.0 / temperature) * np.asarray(weights, dtype=np.float64)
+    if raw.sum() <= 0:
+        raise DataError("every corpus in the mix has weight 0 or no pairs; give one a positive data.mix[].weight")
+    return raw / raw.sum()
+
+
+# ----------------------------------------------------------------------------------------------------
 # The tokenizer
 
 
-def train_tokenizer(train: datasets.Dataset, cfg: DataConfig, run_copy: Path | None = None) -> Tokenizer:
-    """The SentencePiece tokenizer of a cleaned train split (:func:`load_split`).
+def train_tokenizer(splits: list[datasets.Dataset], cfg: DataConfig, run_copy: Path | None = None,
+                    tags: Sequence[str] = ()) -> Tokenizer:
+    """The SentencePiece tokenizer of the cleaned train splits (:func:`load_split`) of every stream.
 
-    Trained on a seeded sample of at most ``data.tokenizer.sample_size`` pairs (its time does not
-    grow with the corpus past the sample) into ``data.cache_dir/tokenizers/``, named by the split and
-    the settings: a later run on the same data with the same settings, in any run directory, reuses
-    it, as it reuses ``run_copy`` (a run's own ``tokenizer/``) when that was made the same way.
+    Trained on a seeded sample of at most ``data.tokenizer.sample_size`` pairs of them all (its time
+    does not grow with the corpus past the sample), with ``tags`` as pieces of their own, into
+    ``data.cache_dir/tokenizers/``, named by the splits and the settings: a later run on the same data
+    with the same settings, in any run directory, reuses it, as it reuses ``run_copy`` (a run's own
+    ``tokenizer/``) when that was made the same way.
 
     Raises:
         TokenizerError: settings SentencePiece rejects, or an unusable ``data.tokenizer.model``.
     """
-    key = _key("spm", train._fingerprint, asdict(cfg.tokenizer))
+    key = _key("spm", [ds._fingerprint for ds in splits], asdict(cfg.tokenizer), list(tags))
     cached = cache_root(cfg) / "tokenizers" / key
     for folder in (run_copy, cached):
         if folder is not None and saved_fingerprint(folder) == key:
@@ -520,11 +594,12 @@ def train_tokenizer(train: datasets.Dataset, cfg: DataConfig, run_copy: Path | N
             return Tokenizer.load(folder)
     src = tgt = []
     if not cfg.tokenizer.model:
+        train = splits[0] if len(splits) == 1 else datasets.concatenate_datasets(splits)
         rows = _sample(len(train), cfg.tokenizer.sample_size, cfg.tokenizer.seed)
         sample = train.select(rows).select_columns(["src", "tgt"]).to_dict()
         src, tgt = sample["src"], sample["tgt"]
         logger.info("training the tokenizer on %d of %d sentence pairs into %s", len(rows), len(train), cached)
-    return Tokenizer.train(src, tgt, cfg.tokenizer, cached, fingerprint=key)
+    return Tokenizer.train(src, tgt, cfg.tokenizer, cached, fingerprint=key, tags=tags)
 
 
 _SAMPLE_BLOCK = 256  # consecutive pairs drawn together into the tokenizer's sample
@@ -547,15 +622,16 @@ def _sample(n: int, size: int, seed: int) -> np.ndarray:
 # Tokenization
 
 
-def _encode(batch: dict, tokenizer: Tokenizer) -> dict:
-    src = [ids + [EOS_ID] for ids in tokenizer.encode_src(batch["src"])]
+def _encode(batch: dict, tokenizer: Tokenizer, prefix: list[int]) -> dict:
+    src = [prefix + ids + [EOS_ID] for ids in tokenizer.encode_src(batch["src"])]
     tgt = [ids + [EOS_ID] for ids in tokenizer.encode_tgt(batch["tgt"])]
     return {"src_ids": src, "tgt_ids": tgt, "src_len": [len(x) for x in src], "tgt_len": [len(x) for x in tgt]}
 
 
-def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, cfg: DataConfig, train: bool) -> datasets.Dataset:
+def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, cfg: DataConfig, train: bool,
+             prefix: Sequence[int] = ()) -> datasets.Dataset:
     """Add ``src_ids`` and ``tgt_ids`` (token ids + EOS, int16 where the vocabulary fits) and their
-    lengths ``src_len`` and ``tgt_len`` to a split.
+    lengths ``src_len`` and ``tgt_len`` to a split; ``prefix`` (tag ids) goes before every source.
 
     The result is cached under ``cfg.cache_dir`` by the split, the tokenizer and the settings, so a
     second run does not tokenize again. On a training split (``train``) pairs with a side over
@@ -567,8 +643,9 @@ def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, cfg: DataConfig, train:
     features["src_ids"] = datasets.Sequence(datasets.Value(dtype))
     features["tgt_ids"] = datasets.Sequence(datasets.Value(dtype))
     features["src_len"] = features["tgt_len"] = datasets.Value("int32")
-    key = _key("tok", ds._fingerprint, tokenizer.fingerprint, dtype)
-    ds = ds.map(_encode, batched=True, batch_size=_MAP_ROWS, writer_batch_size=_MAP_ROWS, fn_kwargs={"tokenizer": tokenizer},
+    key = _key("tok", ds._fingerprint, tokenizer.fingerprint, dtype, list(prefix))
+    ds = ds.map(_encode, batched=True, batch_size=_MAP_ROWS, writer_batch_size=_MAP_ROWS,
+                fn_kwargs={"tokenizer": tokenizer, "prefix": list(prefix)},
                 features=features,
                 num_proc=_procs(cfg, len(ds)), cache_file_name=str(cache_root(cfg) / f"tokenized-{key}.arrow"),
                 new_fingerprint=key, desc="tokenizing")

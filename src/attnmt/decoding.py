@@ -1,6 +1,6 @@
-"""Batched greedy and beam search over ``encode`` + cached ``decode``.
+"""Batched greedy search, beam search and sampling over ``encode`` + cached ``decode``.
 
-Both return token ids without BOS, EOS or PAD. A sentence's result does not depend on the other
+All return token ids without BOS, EOS or PAD. A sentence's result does not depend on the other
 sentences in its batch: each has its own length limits, and a sentence leaves the batch (its rows
 are dropped from the cache) as soon as it is finished.
 
@@ -122,6 +122,118 @@ def greedy_search(
             active, next_tokens = active[keep], next_tokens[keep]
         tokens = next_tokens[:, None]
     return [row[: row.index(EOS_ID)] for row in outputs.tolist()]
+
+
+# splitmix64's constants as signed 64-bit integers (torch's int64 arithmetic wraps like C's unsigned).
+_GOLDEN, _MUL1, _MUL2 = (c - 2**64 if c >= 2**63 else c for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shift(x: Tensor, bits: int) -> Tensor:
+    """Logical right shift of int64 ``x`` (torch's ``>>`` keeps the sign)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(x: Tensor) -> Tensor:
+    """splitmix64's finaliser of ``x + golden``: int64 to well-spread int64, element by element."""
+    x = x + _GOLDEN
+    x = (x ^ _shift(x, 30)) * _MUL1
+    x = (x ^ _shift(x, 27)) * _MUL2
+    return x ^ _shift(x, 31)
+
+
+def uniform_noise(seed: int, sentence_ids: Tensor, step: int, vocab: int) -> Tensor:
+    """Uniform numbers in (0, 1), (N, V) float64, that depend on (seed, sentence, step, token) alone:
+    a splitmix64 hash of each in turn, so a sentence's draws are the same whatever its batch, its
+    position in it or the device, and no two counters share their numbers."""
+    device = sentence_ids.device
+    x = _mix(torch.tensor(seed, dtype=torch.long, device=device))
+    x = _mix(_mix(x + sentence_ids.long()) + step)  # (N,)
+    x = _mix(x[:, None] + torch.arange(vocab, device=device))  # (N, V)
+    return (_shift(x, 11).double() + 0.5) * 2.0**-53
+
+
+def _filter(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """``logits / temperature`` with all but the ``top_k`` best tokens, and all past the smallest set whose
+    probability reaches ``top_p``, set to -inf (0 and 1.0 turn either off)."""
+    logits = logits / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        beyond = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reached top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(beyond, -math.inf))
+    return logits
+
+
+@torch.no_grad()
+def sample_search(
+    model: Transformer,
+    src_tokens: Tensor,
+    src_mask: Tensor,
+    sentence_ids: Tensor,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    max_len_a: float = 1.5,
+    max_len_b: int = 10,
+    min_len: int = 0,
+) -> list[Hypothesis]:
+    """One translation per source drawn from the model: each next token from ``softmax(logits /
+    temperature)``, restricted to the ``top_k`` most probable tokens and to the nucleus of mass
+    ``top_p`` (Holtzman et al., 2020), under the length rules.
+
+    Reproducible: the draw of a sentence at a step is a Gumbel-max over :func:`uniform_noise` of
+    ``(seed, sentence_ids[i], step)``, so a sentence's sample does not depend on its batch.
+    ``temperature=0`` is greedy search.
+
+    Args:
+        model: the translation model (put it in eval mode first).
+        src_tokens: (B, S) source ids ending with EOS, right-padded.
+        src_mask: (B, S) bool, True at real tokens.
+        sentence_ids: (B,) a number per source that, with ``seed``, fixes its random draws.
+        seed, temperature, top_k, top_p: the sampling settings.
+        max_len_a, max_len_b, min_len: length rules (see the module docstring).
+
+    Returns:
+        B hypotheses, each scored by its log-probability under the model (no temperature, no penalty).
+    """
+    n = src_tokens.size(0)
+    device = src_tokens.device
+    sent_limits = max_lengths(model, src_mask, max_len_a, max_len_b)
+    limits = torch.tensor(sent_limits, device=device)
+    memory = model.encode(src_tokens, src_mask)
+    cache = model.new_cache(max_len=max(sent_limits) + 1)
+    outputs = torch.full((n, max(sent_limits) + 1), EOS_ID, device=device)
+    scores = torch.zeros(n, dtype=torch.float64, device=device)
+    active = torch.arange(n, device=device)
+    tokens = torch.full((n, 1), BOS_ID, dtype=torch.long, device=device)
+    step = 0
+    while active.numel() > 0:
+        logits = model.decode(tokens, memory, src_mask, cache)[:, -1].float()  # (A, V)
+        log_probs = logits.log_softmax(dim=-1)  # the score, as beam search's: before the length rules
+        _forbid(logits, step, min_len)
+        if temperature > 0:
+            gumbel = -torch.log(-torch.log(uniform_noise(seed, sentence_ids[active], step, logits.size(-1))))
+            next_tokens = (_filter(logits, temperature, top_k, top_p).double() + gumbel).argmax(dim=-1)
+        else:
+            next_tokens = logits.argmax(dim=-1)
+        forced = limits[active] <= step
+        next_tokens[forced] = EOS_ID
+        logp = log_probs.gather(1, next_tokens[:, None])[:, 0].double()
+        # Where min_len had ruled EOS out, the length limit still ends the sentence, at no cost (as in beam search).
+        scores[active] += logp.masked_fill(forced, 0.0) if step < min_len else logp
+        outputs[active, step] = next_tokens
+        step += 1
+        ended = next_tokens == EOS_ID
+        if ended.any():
+            keep = (~ended).nonzero().squeeze(1)
+            cache.reorder(keep)
+            active, next_tokens = active[keep], next_tokens[keep]
+        tokens = next_tokens[:, None]
+    return [Hypothesis(row[: row.index(EOS_ID)], score) for row, score in zip(outputs.tolist(), scores.tolist())]
 
 
 @torch.no_grad()

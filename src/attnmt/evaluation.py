@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,10 +19,10 @@ from torch import Tensor
 
 from attnmt.batching import length_batches, pad
 from attnmt.config import DecodeConfig
-from attnmt.decoding import Hypothesis, beam_search, greedy_search
+from attnmt.decoding import Hypothesis, beam_search, greedy_search, sample_search
 from attnmt.device import autocast, inference_dtype
 from attnmt.model import Transformer
-from attnmt.tokenizer import BOS_ID, EOS_ID, Tokenizer, normalize
+from attnmt.tokenizer import BOS_ID, EOS_ID, Tokenizer, TokenizerError, normalize
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +36,12 @@ class Translation:
     tokens: list[list[int]]
 
 
-def encode_sources(tokenizer: Tokenizer, lines: list[str], max_len: int, first_line: int = 1) -> list[list[int]]:
-    """Source ids (EOS-terminated) of each line; an empty line gives ``[]``.
+def encode_sources(tokenizer: Tokenizer, lines: list[str], max_len: int, first_line: int = 1,
+                   prefix: Sequence[int] = ()) -> list[list[int]]:
+    """Source ids (``prefix``, the pieces, EOS) of each line; an empty line gives ``[]``.
 
-    A line with more than ``max_len`` ids (EOS included) is truncated to fit, with a warning that
-    names its line number (``first_line`` is the number of ``lines[0]``): never dropped.
+    A line with more than ``max_len`` ids (prefix and EOS included) is truncated to fit, with a
+    warning that names its line number (``first_line`` is the number of ``lines[0]``): never dropped.
     """
     texts = [normalize(line) for line in lines]
     ids = tokenizer.encode_src(texts)
@@ -49,18 +50,52 @@ def encode_sources(tokenizer: Tokenizer, lines: list[str], max_len: int, first_l
         if not text:
             sources.append([])
             continue
-        if len(piece_ids) + 1 > max_len:
+        room = max_len - len(prefix) - 1
+        if len(piece_ids) > room:
             log.warning("line %d: %d source tokens exceed the model's limit of %d; truncated",
-                        first_line + i, len(piece_ids) + 1, max_len)
-            piece_ids = piece_ids[: max_len - 1]
-        sources.append(list(piece_ids) + [EOS_ID])
+                        first_line + i, len(prefix) + len(piece_ids) + 1, max_len)
+            piece_ids = piece_ids[:room]
+        sources.append([*prefix, *piece_ids, EOS_ID])
     return sources
 
 
-def search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: DecodeConfig) -> list[list[Hypothesis]]:
-    """Greedy search for ``beam_size=1, nbest=1`` (its hypotheses have no score: NaN); beam search
-    otherwise."""
+def target_prefix(tokenizer: Tokenizer, run_config: dict, tgt_lang: str | None) -> list[int]:
+    """The tag ids that ask a model for ``tgt_lang``: ``[<2xx>]`` for a model of several target
+    languages, none for a model of one (whose language ``tgt_lang``, if given, must be).
+
+    Raises:
+        TokenizerError: the model does not translate into ``tgt_lang`` (or, with several target
+            languages, none was given); the message names the languages it knows.
+    """
+    languages = sorted(tag[2:-1] for tag in tokenizer.tags if tag.startswith("<2"))
+    if not languages:
+        own = run_config.get("data", {}).get("tgt_lang")
+        if tgt_lang is not None and own is not None and tgt_lang != own:
+            raise TokenizerError(f"tgt_lang={tgt_lang}: this model translates into {own} only")
+        return []
+    if tgt_lang is None:
+        if len(languages) > 1:
+            raise TokenizerError(f"this model translates into {', '.join(languages)}: choose one with tgt_lang=")
+        tgt_lang = languages[0]
+    if tgt_lang not in languages:
+        raise TokenizerError(f"tgt_lang={tgt_lang}: this model translates into {', '.join(languages)} only")
+    return [tokenizer.tag_id(f"<2{tgt_lang}>")]
+
+
+def search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: DecodeConfig,
+           line_numbers: Tensor | None = None) -> list[list[Hypothesis]]:
+    """``nbest`` draws per source with ``sampling`` (their random numbers fixed by ``cfg.seed`` and each
+    source's ``line_numbers``, (B,)), best first; else greedy search for ``beam_size=1, nbest=1`` (its
+    hypotheses have no score: NaN), else beam search."""
     lengths = dict(max_len_a=cfg.max_len_a, max_len_b=cfg.max_len_b, min_len=cfg.min_len)
+    if cfg.sampling:
+        if line_numbers is None:
+            line_numbers = torch.arange(src_tokens.size(0), device=src_tokens.device)
+        n, k = src_tokens.size(0), cfg.nbest
+        draw_ids = line_numbers.repeat_interleave(k) * k + torch.arange(k, device=src_tokens.device).repeat(n)
+        draws = sample_search(model, src_tokens.repeat_interleave(k, 0), src_mask.repeat_interleave(k, 0), draw_ids,
+                              seed=cfg.seed, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, **lengths)
+        return [sorted(draws[i * k : (i + 1) * k], key=lambda h: h.score, reverse=True) for i in range(n)]
     if cfg.beam_size == 1 and cfg.nbest == 1:
         return [[Hypothesis(tokens, math.nan)] for tokens in greedy_search(model, src_tokens, src_mask, **lengths)]
     return beam_search(model, src_tokens, src_mask, beam_size=cfg.beam_size, len_penalty=cfg.len_penalty,
@@ -75,6 +110,7 @@ def translate(
     cfg: DecodeConfig,
     first_line: int = 1,
     on_batch: Callable[[int], None] | None = None,
+    prefix: Sequence[int] = (),
 ) -> list[Translation]:
     """Translate ``lines``; one :class:`Translation` per line, in input order.
 
@@ -85,14 +121,16 @@ def translate(
         cfg: search and batching settings.
         first_line: the line number of ``lines[0]`` in its file, for warnings.
         on_batch: called with the number of sentences of each decoded batch (progress bars).
+        prefix: tag ids put before every source (:func:`target_prefix`).
     """
     device = next(model.parameters()).device
-    sources = encode_sources(tokenizer, lines, model.cfg.max_positions, first_line)
+    sources = encode_sources(tokenizer, lines, model.cfg.max_positions, first_line, prefix)
     hypotheses: list[list[Hypothesis]] = [[] for _ in lines]
     for batch in length_batches([len(s) for s in sources], cfg.max_tokens):
         src_tokens, src_mask = (t.to(device) for t in pad([sources[i] for i in batch]))
         with autocast(device, inference_dtype(device)):
-            results = search(model, src_tokens, src_mask, cfg)
+            # Line numbers in the input (as first_line counts them) fix a line's draws when sampling.
+            results = search(model, src_tokens, src_mask, cfg, torch.tensor(batch, device=device) + first_line)
         for i, hyps in zip(batch, results):
             hypotheses[i] = hyps
         if on_batch is not None:

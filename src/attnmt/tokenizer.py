@@ -81,7 +81,7 @@ class Tokenizer:
 
     @classmethod
     def train(cls, src_texts: Sequence[str], tgt_texts: Sequence[str], cfg: TokenizerConfig,
-              out_dir: str | Path, fingerprint: str | None = None) -> Tokenizer:
+              out_dir: str | Path, fingerprint: str | None = None, tags: Sequence[str] = ()) -> Tokenizer:
         """Train SentencePiece on (a sample of) the training pairs and save it in ``out_dir``.
 
         If ``out_dir`` already holds a tokenizer trained on the same texts with the same settings (the
@@ -96,6 +96,9 @@ class Tokenizer:
             fingerprint: what identifies the training data and settings, when the caller knows it
                 (:func:`attnmt.data.train_tokenizer` names its cached splits); by default a hash of
                 the texts and the settings.
+            tags: tag tokens placed before sources (``<2de>`` for a target language, ``<bt>`` for a
+                corpus), given pieces of their own in the source vocabulary as SentencePiece control
+                symbols: found by :meth:`tag_id`, never produced from text, dropped when decoding.
         """
         out_dir = Path(out_dir)
         if cfg.model:
@@ -104,7 +107,7 @@ class Tokenizer:
             return tokenizer
         if len(src_texts) != len(tgt_texts):
             raise ValueError(f"{len(src_texts)} source but {len(tgt_texts)} target sentences; they must be aligned")
-        settings = tokenizer_settings(cfg)
+        settings = tokenizer_settings(cfg) | ({"tags": list(tags)} if tags else {})
         fingerprint = fingerprint or _data_hash(src_texts, tgt_texts, settings)
         if saved_fingerprint(out_dir) == fingerprint:
             logger.info("reusing the tokenizer in %s (same data and settings)", out_dir)
@@ -116,9 +119,9 @@ class Tokenizer:
         sample = _sample_indices(len(src_texts), cfg.sample_size, cfg.seed)
         if cfg.joint:
             texts = [src_texts[i] for i in sample] + [tgt_texts[i] for i in sample]
-            tokenizer = cls(_train_model(texts, cfg), None, settings, fingerprint)
+            tokenizer = cls(_train_model(texts, cfg, tags), None, settings, fingerprint)
         else:
-            src_model = _train_model([src_texts[i] for i in sample], cfg)
+            src_model = _train_model([src_texts[i] for i in sample], cfg, tags)
             tgt_model = _train_model([tgt_texts[i] for i in sample], cfg)
             tokenizer = cls(src_model, tgt_model, settings, fingerprint)
         tokenizer.save(out_dir)
@@ -228,6 +231,21 @@ class Tokenizer:
         """
         return [text.translate(_LINE_BREAKS) for text in self._tgt_sp.decode([_strip_special(x) for x in ids])]
 
+    @property
+    def tags(self) -> list[str]:
+        """The tag tokens this tokenizer was trained with (e.g. ``["<2de>", "<2fr>", "<bt>"]``)."""
+        return list(self.settings.get("tags", []))
+
+    def tag_id(self, tag: str) -> int:
+        """The source id of ``tag`` (one of :attr:`tags`).
+
+        Raises:
+            TokenizerError: the tokenizer has no such tag; the message lists the ones it has.
+        """
+        if tag not in self.tags:
+            raise TokenizerError(f"this model has no tag {tag}; its tags are {', '.join(self.tags) or 'none'}")
+        return self._src_sp.piece_to_id(tag)
+
     def src_pieces(self, ids: list[int]) -> list[str]:
         """The source pieces of an id sequence, e.g. ``['▁Ein', '▁Hund', '</s>']`` (special ids as in
         :meth:`tgt_pieces`)."""
@@ -290,7 +308,7 @@ def _sample_indices(n: int, sample_size: int, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n), sample_size))
 
 
-def _train_model(texts: list[str], cfg: TokenizerConfig) -> bytes:
+def _train_model(texts: list[str], cfg: TokenizerConfig, tags: Sequence[str] = ()) -> bytes:
     """Train one SentencePiece model on ``texts`` and return its serialized bytes."""
     texts = [t for t in texts if t]
     if not texts:
@@ -301,7 +319,7 @@ def _train_model(texts: list[str], cfg: TokenizerConfig) -> bytes:
         corpus.write_text("".join(t.replace("\n", " ") + "\n" for t in texts), encoding="utf-8")
         prefix = Path(tmp) / "spm"
         try:
-            _run_trainer(corpus, prefix, cfg)
+            _run_trainer(corpus, prefix, cfg, tags)
         except RuntimeError as err:
             reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             extra = " (byte_fallback adds 256 byte pieces)" if cfg.byte_fallback else ""
@@ -314,7 +332,7 @@ def _train_model(texts: list[str], cfg: TokenizerConfig) -> bytes:
 _TRAINER = "import json, sys, sentencepiece as spm; spm.SentencePieceTrainer.train(**json.loads(sys.argv[1]))"
 
 
-def _run_trainer(corpus: Path, prefix: Path, cfg: TokenizerConfig) -> None:
+def _run_trainer(corpus: Path, prefix: Path, cfg: TokenizerConfig, tags: Sequence[str] = ()) -> None:
     """Train on ``corpus`` into ``prefix.model``, in a process of its own: the trainer's memory (some
     twenty times the sample's text) goes back to the system when it ends instead of raising the
     training run's peak for good, and a trainer that aborts (it does on some inputs) ends that process,
@@ -332,6 +350,8 @@ def _run_trainer(corpus: Path, prefix: Path, cfg: TokenizerConfig) -> None:
         input_sentence_size=0, shuffle_input_sentence=False, num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
+    if tags:
+        options["control_symbols"] = ",".join(tags)
     proc = subprocess.run([sys.executable, "-c", _TRAINER, json.dumps(options)], capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]

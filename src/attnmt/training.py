@@ -47,7 +47,7 @@ from attnmt import checkpoint, distributed
 from attnmt.batching import Batch, TokenBucketSampler, collate, make_dataloader
 from attnmt.checkpoint import CheckpointError, TrainState
 from attnmt.config import ConfigError, DataConfig, DecodeConfig, ModelConfig, OptimConfig, TrainConfig, TrainRunConfig
-from attnmt.data import load_references, load_split, token_lengths, tokenize, train_tokenizer
+from attnmt.data import Stream, load_references, load_split, shares, streams, tags, token_lengths, tokenize, train_tokenizer
 from attnmt.device import autocast as autocast_context
 from attnmt.device import resolve_device, resolve_precision
 from attnmt.evaluation import attention_figure, corpus_scores, cross_attention, missing_glyphs_allowed, translate
@@ -266,60 +266,77 @@ def describe_oom(micro_batches: list, max_tokens: int, update_freq: int) -> str:
 
 @dataclass
 class ValidSet:
-    """The valid split as validation uses it (rank 0): teacher-forced batches for the loss, and the
-    sources and raw references of its first ``train.valid_max_sentences`` lines for BLEU and chrF."""
+    """One direction's valid split as validation uses it (rank 0): teacher-forced batches for the loss,
+    and the sources and raw references of its first ``train.valid_max_sentences`` lines for BLEU and chrF."""
 
+    name: str  # the direction, e.g. en-de
     batches: list[Batch]  # collated, on the model's device
     sources: list[str]
     references: list[str]
     tgt_lang: str
+    prefix: list[int]  # the tag ids before each source, as attnmt-evaluate puts them
     first_pair: tuple[list[int], list[int]]  # ids of the first pair (EOS included), for the attention map
 
 
-def valid_set(valid_ds, data_cfg: DataConfig, train_cfg: TrainConfig, device: torch.device) -> ValidSet:
-    """Batch the tokenized valid split once; valid sentences are never length-filtered, so one longer
-    than ``train.max_tokens`` gets a batch of its own."""
+def valid_set(stream: Stream, valid_ds, prefix: list[int], train_cfg: TrainConfig, device: torch.device) -> ValidSet:
+    """Batch one direction's tokenized valid split once; valid sentences are never length-filtered, so
+    one longer than ``train.max_tokens`` gets a batch of its own."""
     src_len, tgt_len = token_lengths(valid_ds)
     longest = int(max(src_len.max(), tgt_len.max()))
     sampler = TokenBucketSampler(src_len, tgt_len, max(train_cfg.max_tokens, longest), shuffle=False)
     batches = [collate([valid_ds[i] for i in rows]).to(device) for rows in sampler]
-    limit = train_cfg.valid_max_sentences or len(valid_ds)
+    limit = min(train_cfg.valid_max_sentences or len(valid_ds), len(valid_ds))
     first = valid_ds[0]
-    return ValidSet(batches, list(valid_ds.select(range(min(limit, len(valid_ds))))["src"]),
-                    load_references(data_cfg, "valid")[:limit], data_cfg.tgt_lang,
+    return ValidSet(stream.name, batches, list(valid_ds.select(range(limit))["src"]),
+                    load_references(stream.cfg, "valid")[:limit], stream.cfg.tgt_lang, prefix,
                     (list(first["src_ids"]), list(first["tgt_ids"])))
 
 
 @torch.no_grad()
-def validate(model: Transformer, valid: ValidSet, tokenizer: Tokenizer, decode: DecodeConfig,
-             autocast: contextlib.AbstractContextManager, label_smoothing: float) -> dict:
-    """Loss, NLL and perplexity over the valid batches, and BLEU/chrF of the valid translations.
+def validate(model: Transformer, valid: list[ValidSet], tokenizer: Tokenizer, decode: DecodeConfig,
+             autocast: contextlib.AbstractContextManager, label_smoothing: float, best_metric: str = "mean") -> dict:
+    """Loss, NLL and perplexity over every direction's valid batches, and each direction's BLEU/chrF.
 
     The translations and their scores come from :func:`~attnmt.evaluation.translate` and
     :func:`~attnmt.evaluation.corpus_scores` with ``decode``, as ``attnmt-evaluate split=valid``
-    computes them, so the BLEU that picks ``best.pt`` is the BLEU that command reports.
+    computes them, so the BLEU that picks ``best.pt`` is the BLEU that command reports. ``bleu`` and
+    ``chrf`` are the mean over directions (``best_metric="mean"``) or one direction's (its name); with
+    several directions, ``bleu/NAME`` and ``chrf/NAME`` hold each one's.
     """
     was_training = model.training
     model.eval()
     loss_sum = nll_sum = 0.0
     n_tokens = 0
-    for batch in valid.batches:
+    for batch in (b for direction in valid for b in direction.batches):
         with autocast:
             logits = model(batch.src_tokens, batch.src_mask, batch.tgt_in)
         loss, nll = label_smoothed_nll(logits, batch.tgt_out, label_smoothing, PAD_ID)
         loss_sum += loss.item()
         nll_sum += nll.item()
         n_tokens += batch.n_tgt_tokens
-    hypotheses = [t.texts[0] for t in translate(model, tokenizer, valid.sources, decode)]
+    scores, examples = {}, []
+    for direction in valid:
+        hypotheses = [t.texts[0] for t in translate(model, tokenizer, direction.sources, decode,
+                                                    prefix=direction.prefix)]
+        scores[direction.name] = corpus_scores(hypotheses, direction.references, direction.tgt_lang)
+        examples += list(zip(hypotheses[:3], direction.references[:3]))[: max(1, 3 // len(valid))]
     model.train(was_training)
     nll = nll_sum / max(n_tokens, 1)
+    chosen = {
+        key: float(np.mean([s[key] for s in scores.values()])) if best_metric == "mean" else scores[best_metric][key]
+        for key in ("bleu", "chrf")
+    }
+    per_direction = {f"{key}/{name}": s[key] for name, s in scores.items() for key in ("bleu", "chrf")}
+    signatures = {k: v for k, v in next(iter(scores.values())).items() if k.endswith("signature")}
     return {
         "loss": loss_sum / max(n_tokens, 1),
         "nll": nll,
         "ppl": math.exp(min(nll, 100.0)),
-        **corpus_scores(hypotheses, valid.references, valid.tgt_lang),
-        "n_sentences": len(hypotheses),
-        "examples": list(zip(hypotheses[:3], valid.references[:3])),
+        **chosen,
+        **(per_direction if len(valid) > 1 else {}),
+        **signatures,
+        "n_sentences": sum(len(d.sources) for d in valid),
+        "examples": examples,
     }
 
 
@@ -347,9 +364,9 @@ def log_attention_map(writer, model: Transformer, tokenizer: Tokenizer, src_ids:
 # Data, signals, the log file
 
 
-def prepare_data(data_cfg: DataConfig, tokenizer_dir: Path, tokenizer: Tokenizer | None = None,
-                 ) -> tuple[Tokenizer, datasets.Dataset, datasets.Dataset]:
-    """The tokenizer and the tokenized train and valid splits, prepared once per job.
+def prepare_data(data_cfg: DataConfig, tokenizer_dir: Path, tokenizer: Tokenizer | None = None):
+    """The tokenizer, every stream's tokenized train split, and each direction's tokenized valid
+    split, prepared once per job.
 
     Under torchrun, local rank 0 of each machine reads, cleans and tokenizes into ``data.cache_dir``
     first; the other ranks then memory-map what it wrote. The tokenizer is ``tokenizer`` (a
@@ -357,17 +374,33 @@ def prepare_data(data_cfg: DataConfig, tokenizer_dir: Path, tokenizer: Tokenizer
     from the same data and settings, else trained), sent to every rank.
 
     Returns:
-        (tokenizer, train dataset, valid dataset); the datasets have ``src_ids``, ``tgt_ids`` and their lengths.
+        (tokenizer, train, mix, valid): ``train`` holds the pairs of every stream
+        (:func:`attnmt.data.streams`), one stream after another, with ``src_ids``, ``tgt_ids`` and
+        their lengths; ``mix`` is ``(sizes, shares)`` of those streams, or None for a single one;
+        ``valid`` lists ``(stream, valid dataset, tag ids)`` of each direction of the main corpus.
     """
+    train_streams = streams(data_cfg)
+    valid_streams = train_streams[: len(data_cfg.pairs())]
     with distributed.local_rank_zero_first():
-        train_clean = load_split(data_cfg, "train", train=True)
-        valid_clean = load_split(data_cfg, "valid", train=False)
+        cleaned = [load_split(stream.cfg, "train", train=True) for stream in train_streams]
+        valid_clean = [load_split(stream.cfg, "valid", train=False) for stream in valid_streams]
     if tokenizer is None:
-        state = train_tokenizer(train_clean, data_cfg, tokenizer_dir).to_state() if distributed.rank() == 0 else None
+        state = (train_tokenizer(cleaned, data_cfg, tokenizer_dir, tags(data_cfg)).to_state()
+                 if distributed.rank() == 0 else None)
         tokenizer = Tokenizer.from_state(distributed.broadcast_object(state))
+    prefixes = [[tokenizer.tag_id(tag) for tag in stream.tags] for stream in train_streams]
     with distributed.local_rank_zero_first():
-        return (tokenizer, tokenize(train_clean, tokenizer, data_cfg, train=True),
-                tokenize(valid_clean, tokenizer, data_cfg, train=False))
+        train_sets = [tokenize(ds, tokenizer, stream.cfg, train=True, prefix=prefix)
+                      for stream, ds, prefix in zip(train_streams, cleaned, prefixes)]
+        valid = [(stream, tokenize(ds, tokenizer, stream.cfg, train=False, prefix=prefix), prefix)
+                 for stream, ds, prefix in zip(valid_streams, valid_clean, prefixes)]
+    if len(train_sets) == 1:
+        return tokenizer, train_sets[0], None, valid
+    sizes = [len(ds) for ds in train_sets]
+    mix = (sizes, shares(sizes, [s.weight for s in train_streams], data_cfg.temperature).tolist())
+    logger.info("mixing %s", ", ".join(f"{s.name}: {n} pairs, {share:.1%} of an epoch"
+                                       for s, n, share in zip(train_streams, *mix)))
+    return tokenizer, datasets.concatenate_datasets(train_sets), mix, valid
 
 
 def check_same_tokenizer(state: dict, cfg_tokenizer, path: Path) -> None:
@@ -538,7 +571,7 @@ class Run:
     state: TrainState
     model: nn.Module  # what updates run: the state's model, compiled and/or wrapped in DDP
     loader: Any
-    valid: ValidSet | None  # rank 0 only
+    valid: list[ValidSet] | None  # one per direction, rank 0 only
     writer: Any  # TensorBoard, rank 0 only
     progress: Any
     stop_flag: dict = field(default_factory=dict)
@@ -593,7 +626,10 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
     # Data and model. Every rank builds the same initial weights from the same seed.
     seed_everything(t.seed)
     tokenizer = Tokenizer.from_state(source["tokenizer"]) if source is not None else None
-    tokenizer, train_ds, valid_ds = prepare_data(cfg.data, Path(t.run_dir) / "tokenizer", tokenizer)
+    tokenizer, train_ds, mix, valid_sets = prepare_data(cfg.data, Path(t.run_dir) / "tokenizer", tokenizer)
+    if t.best_metric != "mean" and t.best_metric not in (stream.name for stream, _, _ in valid_sets):
+        raise ConfigError(f"train.best_metric={t.best_metric!r} is neither mean nor a direction of the data: "
+                          f"{', '.join(stream.name for stream, _, _ in valid_sets)}")
     model_cfg = replace(cfg.model, src_vocab_size=tokenizer.src_vocab_size, tgt_vocab_size=tokenizer.tgt_vocab_size,
                         pad_id=PAD_ID)
     model = build_model(model_cfg).to(device)
@@ -601,7 +637,8 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
         checkpoint.load_weights(model, init["model"], t.init_from, "the model this run builds (model.* settings)")
         logger.info("weights and tokenizer from %s (train.init_from); a fresh optimizer and schedule", t.init_from)
     sampler = TokenBucketSampler(*token_lengths(train_ds), t.max_tokens, shuffle=True, seed=t.seed, rank=info.rank,
-                                 world_size=info.world_size)
+                                 world_size=info.world_size, streams=mix[0] if mix else None,
+                                 shares=mix[1] if mix else None)
     state = TrainState(model, model_cfg, tokenizer, asdict(cfg), build_optimizer(model, cfg.optim, device),
                        torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), sampler)
     seed_everything(t.seed + info.rank)  # ranks differ from here on (dropout)
@@ -621,7 +658,7 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
     train_model = torch.compile(model) if t.compile else model
     if info.world_size > 1:
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    valid = valid_set(valid_ds, cfg.data, t, device) if info.is_main else None
+    valid = [valid_set(stream, ds, prefix, t, device) for stream, ds, prefix in valid_sets] if info.is_main else None
 
     # Accepted: from here on the run directory changes.
     writer = None
@@ -657,14 +694,20 @@ def report_validation(run: Run) -> None:
     """The log lines, TensorBoard scalars and attention map of the validation just done."""
     state, metrics = run.state, run.state.metrics
     is_best = state.stale_validations == 0
-    logger.info("valid at step %d: loss %.4f | ppl %.2f | BLEU %.2f | chrF %.2f%s", state.step, metrics["loss"],
-                metrics["ppl"], metrics["bleu"], metrics["chrf"], " (best)" if is_best else f" (best {state.best_bleu:.2f})")
+    over = "" if len(run.valid) == 1 else f" ({run.cfg.train.best_metric} of {len(run.valid)} directions)"
+    logger.info("valid at step %d: loss %.4f | ppl %.2f | BLEU %.2f | chrF %.2f%s%s", state.step, metrics["loss"],
+                metrics["ppl"], metrics["bleu"], metrics["chrf"], over,
+                " (best)" if is_best else f" (best {state.best_bleu:.2f})")
+    if len(run.valid) > 1:
+        logger.info("  %s", " | ".join(f"{d.name} BLEU {metrics['bleu/' + d.name]:.2f} chrF {metrics['chrf/' + d.name]:.2f}"
+                                       for d in run.valid))
     for hyp, ref in metrics.pop("examples"):
         logger.info("  hyp: %s\n  ref: %s", hyp, ref)
-    for name in ("loss", "nll", "ppl", "bleu", "chrf"):
-        run.writer.add_scalar(f"valid/{name}", metrics[name], state.step)
+    for name, value in metrics.items():
+        if isinstance(value, (int, float)) and name != "n_sentences":
+            run.writer.add_scalar(f"valid/{name}", value, state.step)
     if importlib.util.find_spec("matplotlib") is not None:
-        log_attention_map(run.writer, state.model, state.tokenizer, *run.valid.first_pair, state.step)
+        log_attention_map(run.writer, state.model, state.tokenizer, *run.valid[0].first_pair, state.step)
     run.writer.flush()
     run.progress.set_postfix(bleu=f"{metrics['bleu']:.2f}")
 
@@ -677,7 +720,7 @@ def validate_and_save(run: Run, stop_reason: str | None) -> str | None:
     is_best = False
     if run.info.is_main and not interrupted:
         state.metrics = validate(state.model, run.valid, state.tokenizer, t.valid_decode, run.autocast,
-                                 run.cfg.optim.label_smoothing)
+                                 run.cfg.optim.label_smoothing, t.best_metric)
         is_best = state.metrics["bleu"] > state.best_bleu
         state.best_bleu = state.metrics["bleu"] if is_best else state.best_bleu
         state.stale_validations = 0 if is_best else state.stale_validations + 1

@@ -171,10 +171,13 @@ def to_config(cfg: DictConfig, required: tuple[str, ...] = ("ckpt",)):
     return OmegaConf.to_object(cfg)
 
 
-def check_engine(engine: str, compute_type: str) -> None:
+def check_engine(engine: str, compute_type: str, sampling: bool = False) -> None:
     """``engine=`` and ``compute_type=`` of attnmt-translate and attnmt-evaluate that cannot work, named."""
     if engine not in ("native", "ctranslate2"):
         raise UserError(f"engine={engine} is unknown; use native or ctranslate2")
+    if engine == "ctranslate2" and sampling:
+        raise UserError("sampling=true needs engine=native: its draws are reproducible line by line, "
+                        "CTranslate2's are not")
     if engine == "native" and compute_type != "default":
         raise UserError(f"compute_type={compute_type} applies to engine=ctranslate2; the native engine computes "
                         "in float32 on the CPU and bfloat16 on GPUs that support it")

@@ -23,21 +23,26 @@ from attnmt.checkpoint import CheckpointError, load_for_inference
 from attnmt.cli.common import (
     UserError, check_engine, ctranslate2_engine, run_command, setup_logging, take_arguments, to_config,
 )
-from attnmt.config import ConfigError, DataConfig, EvaluateConfig, config_dir, register_configs
-from attnmt.data import DataError, load_references, load_split, read_lines
+from attnmt.config import DATA_KEYS_ADDED, ConfigError, DataConfig, EvaluateConfig, config_dir, register_configs
+from attnmt.data import DataError, direction, load_references, load_split, read_lines
 from attnmt.device import resolve_device
-from attnmt.evaluation import corpus_scores, translate
+from attnmt.evaluation import corpus_scores, target_prefix, translate
 from attnmt.export import ExportError
+from attnmt.tokenizer import TokenizerError
 
 log = logging.getLogger("attnmt.evaluate")
 
 
-def test_set(cfg: EvaluateConfig, run_config: dict, data_overrides: list[str]) -> tuple[list[str], list[str], str]:
-    """Sources, raw references, and a name for the summary.
+def test_set(cfg: EvaluateConfig, run_config: dict, data_overrides: list[str],
+             ) -> tuple[list[str], list[str], str, tuple[str | None, str | None]]:
+    """Sources, raw references, a name for the summary, and the direction (source and target
+    language, None where unknown).
 
     ``data_overrides`` are the command line's ``data.KEY=VALUE`` items, applied to the checkpoint's
-    own data config when a ``split`` is evaluated.
+    own data config when a ``split`` is evaluated; ``src_lang``/``tgt_lang`` pick the split's
+    direction where the config has several.
     """
+    trained = run_config["data"]
     if cfg.split is None:
         if cfg.src is None or cfg.ref is None:
             raise UserError("give src=FILE and ref=FILE, or split=NAME (a split of the checkpoint's data config)")
@@ -45,38 +50,43 @@ def test_set(cfg: EvaluateConfig, run_config: dict, data_overrides: list[str]) -
         if len(sources) != len(references):
             raise UserError(f"src={cfg.src} has {len(sources)} lines but ref={cfg.ref} has {len(references)}; "
                             "they must be line-aligned")
-        return sources, references, cfg.src
+        own = (None, None) if trained.get("langs") else (trained.get("src_lang"), trained.get("tgt_lang"))
+        return sources, references, cfg.src, (cfg.src_lang or own[0], cfg.tgt_lang or own[1])
     if cfg.src is not None or cfg.ref is not None:
         raise UserError("give either split=NAME or src=/ref= files, not both")
     try:
         overrides = OmegaConf.from_dotlist([item.removeprefix("data.") for item in data_overrides])
-        data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), run_config["data"], overrides))
+        data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), DATA_KEYS_ADDED, trained,
+                                                       overrides))
     except OmegaConfBaseException as err:
         raise UserError(f"{' '.join(data_overrides)}: {str(err).splitlines()[0]} (the keys are those of DataConfig, "
                         "e.g. data.root=FOLDER)") from None
-    split = load_split(data_cfg, cfg.split, train=False)
-    return list(split["src"]), load_references(data_cfg, cfg.split), f"split {cfg.split}"
+    stream = direction(data_cfg, cfg.src_lang, cfg.tgt_lang)
+    split = load_split(stream.cfg, cfg.split, train=False)
+    return (list(split["src"]), load_references(stream.cfg, cfg.split), f"split {cfg.split}",
+            (stream.cfg.src_lang, stream.cfg.tgt_lang))
 
 
 def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
     cfg.check()
-    check_engine(cfg.engine, cfg.compute_type)
+    check_engine(cfg.engine, cfg.compute_type, cfg.sampling)
     device = resolve_device(cfg.device, key="device")
     paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
     if cfg.engine == "ctranslate2":
         engine = ctranslate2_engine(paths, device, cfg.compute_type)
-        translate_lines, run_config = engine.translate, engine.run_config
+        translate_lines, tokenizer, run_config = engine.translate, engine.tokenizer, engine.run_config
     else:
         model, tokenizer, run_config = load_for_inference(paths, device)
         translate_lines = partial(translate, model, tokenizer)
-    sources, references, name = test_set(cfg, run_config, data_overrides)
+    sources, references, name, (src_lang, tgt_lang) = test_set(cfg, run_config, data_overrides)
     if not sources:
         raise UserError(f"{name} has no lines to evaluate")
-    tgt_lang = cfg.tgt_lang or run_config["data"].get("tgt_lang")
+    prefix = target_prefix(tokenizer, run_config, tgt_lang)
+    pair = f"{src_lang or '?'}-{tgt_lang or '?'}"
 
     start = time.perf_counter()
     with tqdm(total=len(sources), unit="sent", desc="translating", file=sys.stderr, disable=None) as bar:
-        translations = translate_lines(sources, cfg, on_batch=bar.update)
+        translations = translate_lines(sources, cfg, on_batch=bar.update, prefix=prefix)
     seconds = time.perf_counter() - start
     hypotheses = [t.texts[0] for t in translations]
     if cfg.hyp is not None:
@@ -92,11 +102,12 @@ def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
         "sentences_per_second": round(len(sources) / seconds, 2),
         "ckpt": paths,
         "test_set": name,
+        "direction": pair,
         "beam_size": cfg.beam_size,
         "len_penalty": cfg.len_penalty,
         "engine": cfg.engine,
     }
-    print(f"{name}: {len(sources)} sentences in {seconds:.1f} s ({result['sentences_per_second']} sent/s)")
+    print(f"{name} ({pair}): {len(sources)} sentences in {seconds:.1f} s ({result['sentences_per_second']} sent/s)")
     print(f"BLEU = {scores['bleu']:.2f}  ({scores['bleu_signature']})")
     print(f"chrF = {scores['chrf']:.2f}  ({scores['chrf_signature']})")
     if cfg.hyp is not None:
@@ -113,7 +124,7 @@ _data_overrides: list[str] = []
 def _main(cfg: DictConfig) -> None:
     setup_logging()
     run_command("attnmt-evaluate", lambda: run(to_config(cfg), _data_overrides),
-                (CheckpointError, ConfigError, DataError, ExportError))
+                (CheckpointError, ConfigError, DataError, ExportError, TokenizerError))
 
 
 def main() -> None:

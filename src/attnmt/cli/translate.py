@@ -21,12 +21,12 @@ from attnmt.cli.common import (
     run_command, setup_logging, take_arguments, to_config,
 )
 from attnmt.config import ConfigError, TranslateConfig, config_dir
-from attnmt.export import ExportError
 from attnmt.device import resolve_device
 from attnmt.evaluation import (
-    Translation, attention_figure, cross_attention, encode_sources, missing_glyphs_allowed, translate,
+    Translation, attention_figure, cross_attention, encode_sources, missing_glyphs_allowed, target_prefix, translate,
 )
-from attnmt.tokenizer import EOS_ID
+from attnmt.export import ExportError
+from attnmt.tokenizer import EOS_ID, TokenizerError
 
 log = logging.getLogger("attnmt.translate")
 
@@ -62,8 +62,9 @@ def prompt_lines() -> Iterator[str]:
         yield line.rstrip("\n")
 
 
-def plot_attention(cfg: TranslateConfig, model, tokenizer, line_number: int, line: str, translation: Translation) -> None:
-    src_ids = encode_sources(tokenizer, [line], model.cfg.max_positions, line_number)[0]
+def plot_attention(cfg: TranslateConfig, model, tokenizer, line_number: int, line: str, translation: Translation,
+                   prefix: list[int]) -> None:
+    src_ids = encode_sources(tokenizer, [line], model.cfg.max_positions, line_number, prefix)[0]
     tgt_ids = translation.tokens[0]
     if not src_ids:
         return
@@ -81,7 +82,7 @@ def plot_attention(cfg: TranslateConfig, model, tokenizer, line_number: int, lin
 
 def run(cfg: TranslateConfig) -> None:
     cfg.check()
-    check_engine(cfg.engine, cfg.compute_type)
+    check_engine(cfg.engine, cfg.compute_type, cfg.sampling)
     if cfg.attention_plot is not None and cfg.engine != "native":
         raise UserError(f"attention_plot needs engine=native (engine={cfg.engine} returns no attention weights)")
     if cfg.buffer_lines < 1:
@@ -96,22 +97,24 @@ def run(cfg: TranslateConfig) -> None:
     device = resolve_device(cfg.device, key="device")
     paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
     if cfg.engine == "ctranslate2":
-        translate_lines = ctranslate2_engine(paths, device, cfg.compute_type).translate
+        engine = ctranslate2_engine(paths, device, cfg.compute_type)
+        translate_lines, tokenizer, run_config = engine.translate, engine.tokenizer, engine.run_config or {}
     else:
-        model, tokenizer, _ = load_for_inference(paths, device)
+        model, tokenizer, run_config = load_for_inference(paths, device)
         translate_lines = partial(translate, model, tokenizer)
         if cfg.attention_plot is not None and cfg.attention_layer is not None and not 0 <= cfg.attention_layer < len(model.decoder_layers):
             raise UserError(f"attention_layer={cfg.attention_layer} is not a layer of this {len(model.decoder_layers)}-layer decoder")
+    prefix = target_prefix(tokenizer, run_config, cfg.tgt_lang)
 
     out = sys.stdout if cfg.output is None else open(cfg.output, "w", encoding="utf-8")
     n_lines = 0
     try:
         for chunk in available_chunks(lines, 1 if interactive else cfg.buffer_lines):
-            translations = translate_lines(chunk, cfg, first_line=n_lines + 1)
+            translations = translate_lines(chunk, cfg, first_line=n_lines + 1, prefix=prefix)
             for offset, (line, translation) in enumerate(zip(chunk, translations)):
                 out.write(format_translation(n_lines + offset, translation, cfg.nbest) + "\n")
                 if cfg.attention_plot is not None:
-                    plot_attention(cfg, model, tokenizer, n_lines + offset + 1, line, translation)
+                    plot_attention(cfg, model, tokenizer, n_lines + offset + 1, line, translation, prefix)
             out.flush()  # each chunk is out as soon as it is translated
             n_lines += len(chunk)
     finally:
@@ -133,7 +136,7 @@ def main() -> None:
         else:
             run(with_texts(to_config(cfg), texts))
 
-    run_command("attnmt-translate", body, (CheckpointError, ConfigError, ExportError))
+    run_command("attnmt-translate", body, (CheckpointError, ConfigError, ExportError, TokenizerError))
 
 
 def with_texts(cfg: TranslateConfig, texts: list[str]) -> TranslateConfig:
@@ -155,7 +158,7 @@ def hydra_main(argv: list[str], texts: list[str]) -> None:
     @hydra.main(config_path=str(config_dir()), config_name="translate", version_base="1.3")
     def _main(cfg: DictConfig) -> None:
         run_command("attnmt-translate", lambda: run(with_texts(to_config(cfg), texts)),
-                    (CheckpointError, ConfigError, ExportError))
+                    (CheckpointError, ConfigError, ExportError, TokenizerError))
 
     sys.argv[1:] = argv
     _main()

@@ -161,6 +161,7 @@ def export(model: Transformer, tokenizer: Tokenizer, out: str | Path, quantizati
         "checkpoints": [str(p) for p in checkpoints],
         "checkpoint_sha256": checkpoint_hash(checkpoints) if checkpoints else None,
         "config": run_config,
+        "tokenizer_settings": tokenizer.settings,  # its tags (<2de>, ...), for engine=ctranslate2
     }
 
     def fill(tmp: Path) -> None:
@@ -286,10 +287,12 @@ class CTranslate2Engine:
         meta = json.loads((model_dir / META_FILE).read_text())
         self.max_positions = meta["model_config"]["max_positions"]
         self.run_config = meta["config"]  # the checkpoint's (model, data, optim, train), or None
+        settings = meta.get("tokenizer_settings")
         if (model_dir / JOINT_SPM).is_file():
-            self.tokenizer = Tokenizer((model_dir / JOINT_SPM).read_bytes())
+            self.tokenizer = Tokenizer((model_dir / JOINT_SPM).read_bytes(), None, settings)
         else:
-            self.tokenizer = Tokenizer((model_dir / SOURCE_SPM).read_bytes(), (model_dir / TARGET_SPM).read_bytes())
+            self.tokenizer = Tokenizer((model_dir / SOURCE_SPM).read_bytes(), (model_dir / TARGET_SPM).read_bytes(),
+                                       settings)
         try:
             self.translator = ctranslate2.Translator(str(model_dir), device=device, device_index=device_index,
                                                      compute_type=compute_type, intra_threads=threads)
@@ -300,7 +303,7 @@ class CTranslate2Engine:
         self._eos = self.tokenizer.tgt_pieces([EOS_ID])[0]
 
     def translate(self, lines: list[str], cfg: DecodeConfig, first_line: int = 1,
-                  on_batch: Callable[[int], None] | None = None) -> list[Translation]:
+                  on_batch: Callable[[int], None] | None = None, prefix: Sequence[int] = ()) -> list[Translation]:
         """Translate ``lines``; one :class:`~attnmt.evaluation.Translation` per line, in input order.
 
         Args:
@@ -308,8 +311,9 @@ class CTranslate2Engine:
             cfg: search and batching settings (see :func:`search_options` for how they map).
             first_line: the line number of ``lines[0]`` in its file, for warnings.
             on_batch: called with the number of sentences of each decoded batch (progress bars).
+            prefix: tag ids put before every source (:func:`attnmt.evaluation.target_prefix`).
         """
-        sources = encode_sources(self.tokenizer, lines, self.max_positions, first_line)
+        sources = encode_sources(self.tokenizer, lines, self.max_positions, first_line, prefix)
         hypotheses: list[list[Hypothesis]] = [[] for _ in lines]
         for batch in length_batches([len(s) for s in sources], cfg.max_tokens):
             limits = [max_length(len(sources[i]), cfg.max_len_a, cfg.max_len_b, self.max_positions) for i in batch]
