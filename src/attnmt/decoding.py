@@ -13,6 +13,7 @@ generated.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +99,26 @@ def greedy_search(
     Returns:
         B lists of target ids.
     """
+    tokens, _ = _one_token_a_step(model, src_tokens, src_mask, lambda logits, step, active: logits.argmax(dim=-1),
+                                  max_len_a, max_len_b, min_len, scored=False)
+    return tokens
+
+
+def _one_token_a_step(
+    model: Transformer,
+    src_tokens: Tensor,
+    src_mask: Tensor,
+    choose: Callable[[Tensor, int, Tensor], Tensor],
+    max_len_a: float,
+    max_len_b: int,
+    min_len: int,
+    scored: bool,
+) -> tuple[list[list[int]], list[float]]:
+    """The loop of greedy search and sampling: one hypothesis per source, extended by
+    ``choose(logits, step, active)`` ((A, V) logits with the forbidden tokens at -inf, and the (A,)
+    batch indices of the live rows) until EOS or the length limit; a sentence's rows leave the
+    cache as it ends. Returns the B token lists and, with ``scored``, their log-probabilities under
+    the model (else empty), counted as beam search counts them."""
     n = src_tokens.size(0)
     device = src_tokens.device
     sent_limits = max_lengths(model, src_mask, max_len_a, max_len_b)
@@ -105,14 +126,21 @@ def greedy_search(
     memory = model.encode(src_tokens, src_mask)
     cache = model.new_cache(max_len=max(sent_limits) + 1)  # BOS and every token but the last
     outputs = torch.full((n, max(sent_limits) + 1), EOS_ID, device=device)  # (B, T): each row ends with EOS
+    scores = torch.zeros(n, dtype=torch.float64, device=device)
     active = torch.arange(n, device=device)  # sentences still being decoded, in cache-row order
     tokens = torch.full((n, 1), BOS_ID, dtype=torch.long, device=device)
     step = 0
     while active.numel() > 0:
         logits = model.decode(tokens, memory, src_mask, cache)[:, -1]  # (A, V)
+        log_probs = logits.float().log_softmax(dim=-1) if scored else None  # before the length rules, as beam search
         _forbid(logits, step, min_len)
-        next_tokens = logits.argmax(dim=-1)  # (A,)
-        next_tokens[limits[active] <= step] = EOS_ID
+        next_tokens = choose(logits, step, active)  # (A,)
+        forced = limits[active] <= step
+        next_tokens[forced] = EOS_ID
+        if scored:
+            logp = log_probs.gather(1, next_tokens[:, None])[:, 0].double()
+            # Where min_len had ruled EOS out, the length limit still ends the sentence, at no cost (as in beam search).
+            scores[active] += logp.masked_fill(forced, 0.0) if step < min_len else logp
         outputs[active, step] = next_tokens
         step += 1
         ended = next_tokens == EOS_ID
@@ -121,7 +149,7 @@ def greedy_search(
             cache.reorder(keep)
             active, next_tokens = active[keep], next_tokens[keep]
         tokens = next_tokens[:, None]
-    return [row[: row.index(EOS_ID)] for row in outputs.tolist()]
+    return [row[: row.index(EOS_ID)] for row in outputs.tolist()], scores.tolist() if scored else []
 
 
 # splitmix64's constants as signed 64-bit integers (torch's int64 arithmetic wraps like C's unsigned).
@@ -200,40 +228,14 @@ def sample_search(
     Returns:
         B hypotheses, each scored by its log-probability under the model (no temperature, no penalty).
     """
-    n = src_tokens.size(0)
-    device = src_tokens.device
-    sent_limits = max_lengths(model, src_mask, max_len_a, max_len_b)
-    limits = torch.tensor(sent_limits, device=device)
-    memory = model.encode(src_tokens, src_mask)
-    cache = model.new_cache(max_len=max(sent_limits) + 1)
-    outputs = torch.full((n, max(sent_limits) + 1), EOS_ID, device=device)
-    scores = torch.zeros(n, dtype=torch.float64, device=device)
-    active = torch.arange(n, device=device)
-    tokens = torch.full((n, 1), BOS_ID, dtype=torch.long, device=device)
-    step = 0
-    while active.numel() > 0:
-        logits = model.decode(tokens, memory, src_mask, cache)[:, -1].float()  # (A, V)
-        log_probs = logits.log_softmax(dim=-1)  # the score, as beam search's: before the length rules
-        _forbid(logits, step, min_len)
-        if temperature > 0:
-            gumbel = -torch.log(-torch.log(uniform_noise(seed, sentence_ids[active], step, logits.size(-1))))
-            next_tokens = (_filter(logits, temperature, top_k, top_p).double() + gumbel).argmax(dim=-1)
-        else:
-            next_tokens = logits.argmax(dim=-1)
-        forced = limits[active] <= step
-        next_tokens[forced] = EOS_ID
-        logp = log_probs.gather(1, next_tokens[:, None])[:, 0].double()
-        # Where min_len had ruled EOS out, the length limit still ends the sentence, at no cost (as in beam search).
-        scores[active] += logp.masked_fill(forced, 0.0) if step < min_len else logp
-        outputs[active, step] = next_tokens
-        step += 1
-        ended = next_tokens == EOS_ID
-        if ended.any():
-            keep = (~ended).nonzero().squeeze(1)
-            cache.reorder(keep)
-            active, next_tokens = active[keep], next_tokens[keep]
-        tokens = next_tokens[:, None]
-    return [Hypothesis(row[: row.index(EOS_ID)], score) for row, score in zip(outputs.tolist(), scores.tolist())]
+    def draw(logits: Tensor, step: int, active: Tensor) -> Tensor:
+        if temperature == 0:
+            return logits.argmax(dim=-1)
+        gumbel = -torch.log(-torch.log(uniform_noise(seed, sentence_ids[active], step, logits.size(-1))))
+        return (_filter(logits.float(), temperature, top_k, top_p).double() + gumbel).argmax(dim=-1)
+
+    tokens, scores = _one_token_a_step(model, src_tokens, src_mask, draw, max_len_a, max_len_b, min_len, scored=True)
+    return [Hypothesis(t, score) for t, score in zip(tokens, scores)]
 
 
 @torch.no_grad()
