@@ -355,3 +355,53 @@ def test_cross_attention_weights_do_not_depend_on_how_the_layer_calls_attention(
 
     monkeypatch.setattr(DecoderLayer, "forward", forward_by_keyword)
     torch.testing.assert_close(model.cross_attention_weights(tgt, memory, src_mask), weights)
+
+
+def test_packed_linear_equals_f_linear_and_follows_weight_updates(monkeypatch) -> None:
+    """Inference on the CPU runs on oneDNN-packed weights (attnmt.model.linear): the same function as
+    F.linear, training untouched, and a weight changed in place (an optimizer step) is repacked."""
+    from attnmt.model import linear
+
+    if not linear._onednn_works():
+        pytest.skip("this torch build has no working oneDNN linear; F.linear is used everywhere")
+    layer = linear.Linear(16, 24)
+    calls = []
+    pointwise = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: calls.append(1) or pointwise(*args))
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    assert calls, "inference did not take the packed path"
+
+    calls.clear()
+    out = layer(x)  # autograd on: F.linear, gradients as ever
+    assert not calls and out.requires_grad
+    out.sum().backward()
+    torch.optim.SGD(layer.parameters(), lr=0.5).step()  # in place, as in training
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    assert calls
+
+    with torch.no_grad():  # a new tensor in the module (load_state_dict with assign=True, .to()) too
+        layer.weight = nn.Parameter(torch.randn(24, 16))
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tie_output", [True, False])
+def test_packed_inference_gives_the_models_logits(tie_output: bool, monkeypatch) -> None:
+    """The whole decoder (projections, feed-forward, the output projection) with packed weights gives
+    the logits of plain F.linear, cached and full."""
+    from attnmt.model import linear
+
+    model = build_model(tiny_config(tie_output=tie_output)).eval()
+    src, src_mask = padded_batch([6, 9, 3])
+    tgt = torch.cat([torch.full((3, 1), BOS_ID), torch.randint(4, 24, (3, 7))], dim=1)
+    with torch.no_grad():
+        packed = model.decode(tgt, model.encode(src, src_mask), src_mask)
+        cache = model.new_cache()
+        memory = model.encode(src, src_mask)
+        steps = torch.cat([model.decode(tgt[:, t : t + 1], memory, src_mask, cache) for t in range(tgt.size(1))], 1)
+        monkeypatch.setattr(linear, "USE_ONEDNN", False)
+        plain = model.decode(tgt, model.encode(src, src_mask), src_mask)
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(steps, plain, atol=1e-5, rtol=0)

@@ -333,11 +333,10 @@ class CTranslate2Engine:
         alpha, its length counting EOS; the score is turned back into log P and divided by GNMT's
         penalty of the same length instead, as attnmt ranks and reports hypotheses.
         """
+        ranked = sorted(((score * len(pieces) ** cfg.len_penalty / length_penalty(len(pieces), cfg.len_penalty), pieces)
+                         for pieces, score in zip(result.hypotheses, result.scores)), key=lambda h: h[0], reverse=True)
         hyps = []
-        for pieces, score in zip(result.hypotheses, result.scores):
+        for score, pieces in ranked[: cfg.nbest]:  # only those returned are turned into ids
             ended = bool(pieces) and pieces[-1] == self._eos
-            tokens = self.tokenizer.tgt_piece_ids(pieces[:-1] if ended else pieces)[:limit]
-            log_prob = score * len(pieces) ** cfg.len_penalty
-            hyps.append(Hypothesis(tokens, log_prob / length_penalty(len(pieces), cfg.len_penalty)))
-        hyps.sort(key=lambda h: h.score, reverse=True)
-        return hyps[: cfg.nbest]
+            hyps.append(Hypothesis(self.tokenizer.tgt_piece_ids(pieces[:-1] if ended else pieces)[:limit], score))
+        return hyps

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from attnmt.model.linear import Linear
+
 
 class KVCache:
     """Keys and values kept between decoding steps, one slot per decoder layer.
@@ -136,11 +138,11 @@ class MultiHeadAttention(nn.Module):
         self.d_head = d_model // n_heads
         self.dropout = dropout
         self.cross = cross
-        self.q_proj = nn.Linear(d_model, d_model)
+        self.q_proj = Linear(d_model, d_model)
         # Self-attention projects q, k, v from the same input in one matmul; cross-attention
         # projects k, v from the memory (once per source batch when decoding with a cache).
-        self.kv_proj = nn.Linear(d_model, 2 * d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.kv_proj = Linear(d_model, 2 * d_model)
+        self.out_proj = Linear(d_model, d_model)
 
     def _split(self, x: Tensor) -> Tensor:
         b, t, _ = x.shape

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attnmt.model.attention import KVCache, MultiHeadAttention
+from attnmt.model.linear import Linear
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
@@ -22,8 +23,8 @@ class FeedForward(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"model.activation={activation!r} is unknown; use one of {sorted(ACTIVATIONS)}")
-        self.fc1 = nn.Linear(d_model, ffn_dim)
-        self.fc2 = nn.Linear(ffn_dim, d_model)
+        self.fc1 = Linear(d_model, ffn_dim)
+        self.fc2 = Linear(ffn_dim, d_model)
         self.activation = ACTIVATIONS[activation]
         self.dropout = nn.Dropout(dropout)
 

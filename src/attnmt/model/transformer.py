@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from attnmt.config import ModelConfig
 from attnmt.model.attention import KVCache
 from attnmt.model.layers import DecoderLayer, EncoderLayer
+from attnmt.model.linear import Linear, PackedWeight
 
 
 def sinusoidal_positions(n_positions: int, d_model: int) -> Tensor:
@@ -114,7 +115,8 @@ class Transformer(nn.Module):
         # Pre-norm leaves the residual stream un-normalised: each stack ends with a LayerNorm.
         self.encoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
         self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
-        self.output_proj = None if cfg.tie_output else nn.Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
+        self.output_proj = None if cfg.tie_output else Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
+        self.tied_output = PackedWeight()  # the output projection when it is the embedding matrix
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -155,8 +157,9 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.decoder_layers):
             x = layer(x, memory, src_mask, cache, i)
         x = self.decoder_norm(x)
-        weight = self.tgt_embed.tokens.weight if self.output_proj is None else self.output_proj.weight
-        return x @ weight.t()  # (B, T, V)
+        if self.output_proj is None:
+            return self.tied_output(x, self.tgt_embed.tokens.weight)  # (B, T, V)
+        return self.output_proj(x)  # (B, T, V)
 
     def forward(self, src_tokens: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced training path: logits (B, T, V) for ``tgt_in`` (BOS + target)."""
