@@ -16,10 +16,15 @@ Engines, each with greedy search and beam search (``--beam``, 5):
 Every engine gets the same threads (``--threads``, 2: torch's intra-op threads and CTranslate2's
 ``intra_threads``), the same batching limit (``--max-tokens`` source tokens) and attnmt's length
 limits, and every timed run translates the whole test set from raw lines to detokenized text
-(loading excluded). Runs are interleaved: repetition 1 of every row, then repetition 2 in reverse
-order, ..., each after a pause of a second (the engines' thread pools share the cores, and one that
-has just finished keeps spinning for a while); the table holds the median of ``--repeats`` runs. Target tokens are the SentencePiece tokens of the
-output, EOS included. BLEU is sacreBLEU's (attnmt.evaluation.corpus_scores) on the raw references.
+(loading excluded). Each engine runs in a process of its own (native, each CTranslate2 compute type,
+HF), as a user's program would: loaded into one process beside CTranslate2 and transformers, torch's
+own search ran 1.3 to 1.6x slower. Runs are interleaved: repetition 1 of every row, then repetition 2
+in reverse order, ..., each after a pause of a second (the engines' thread pools share the cores, and
+one that has just finished keeps spinning for a while); the table holds the median of ``--repeats``
+runs. Target tokens are the SentencePiece tokens of the output, EOS included. BLEU is sacreBLEU's
+(attnmt.evaluation.corpus_scores) on the raw references. The ratio columns divide each row's speed
+by raw CTranslate2 float32's and by HF ``generate``'s with the same search (``beam5 finished`` is
+compared with their ``beam5``: they stop a sentence once ``beam_size`` hypotheses have ended, as it does).
 
     python scripts/bench_translate.py --ckpt runs/quickstart/checkpoints/best.pt
     python scripts/bench_translate.py --ckpt PATH --test-sets test2016 --repeats 5 --threads 2
@@ -30,6 +35,7 @@ Needs ``pip install -e '.[ct2,hf]'``. See docs/BENCHMARKS.md for the figures.
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -40,6 +46,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from importlib import metadata
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import torch
@@ -62,8 +70,20 @@ class Engine:
     """One row of the table: an engine with one search, and its timed runs."""
 
     name: str
-    search: str  # greedy | beam<k>
+    search: str  # greedy | beam<k> | beam<k> finished
     run: Callable[[list[str]], list[str]]  # raw source lines -> detokenized translations
+    seconds: list[float] = field(default_factory=list)
+    hypotheses: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Row:
+    """A row of the table in the parent process: an engine in a :class:`Worker`, and its timed runs."""
+
+    name: str
+    search: str
+    worker: "Worker"
+    index: int  # the engine's place in its worker
     seconds: list[float] = field(default_factory=list)
     hypotheses: list[str] = field(default_factory=list)
 
@@ -106,14 +126,65 @@ def ctranslate2_engines(ckpt: Path, device: torch.device, compute_type: str, thr
 def hf_engines(ckpt: Path, device: torch.device, configs: dict[str, DecodeConfig], out: Path) -> list[Engine]:
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from attnmt.export import hf
+    from attnmt.export import ExportError, hf
 
     model, tokenizer, _ = load_for_inference(ckpt)
-    hf.export(model, tokenizer, out)
+    try:
+        hf.export(model, tokenizer, out)
+    except ExportError as err:
+        print(f"HF rows left out: {err}", file=sys.stderr)
+        return []
     hf_model = AutoModelForSeq2SeqLM.from_pretrained(out).to(device).eval()
     hf_tok = AutoTokenizer.from_pretrained(out)
     return [Engine("HF generate", search, lambda lines, cfg=cfg: hf.translate(hf_model, hf_tok, lines, cfg))
             for search, cfg in configs.items()]
+
+
+def serve(conn: Connection, kind: str, ckpt: Path, device: str, threads: int,
+          configs: dict[str, DecodeConfig]) -> None:
+    """A worker process: loads the engines of ``kind`` (``native``, ``ctranslate2:<compute type>`` or
+    ``hf``), sends their (name, search) rows, then times ``(row, lines)`` requests until ``None``."""
+    torch.set_num_threads(threads)
+    device = torch.device(device)
+    with tempfile.TemporaryDirectory(prefix="attnmt-bench-") as tmp:
+        try:
+            if kind == "native":
+                rows = native_engines(ckpt, device, configs)
+            elif kind == "hf":
+                rows = hf_engines(ckpt, device, configs, Path(tmp) / "model")
+            else:
+                rows = ctranslate2_engines(ckpt, device, kind.split(":")[1], threads, configs)
+        except BaseException as err:  # reported by the parent, which names the engine
+            conn.send(f"{type(err).__name__}: {err}")
+            raise
+        conn.send([(row.name, row.search) for row in rows])
+        while (request := conn.recv()) is not None:
+            index, lines = request
+            start = time.perf_counter()
+            hypotheses = rows[index].run(lines)
+            conn.send((time.perf_counter() - start, hypotheses))
+
+
+class Worker:
+    """The parent's handle on a :func:`serve` process."""
+
+    def __init__(self, kind: str, *args) -> None:
+        self.kind = kind
+        self.conn, child = mp.Pipe()
+        self.process = mp.get_context("spawn").Process(target=serve, args=(child, kind, *args), daemon=True)
+        self.process.start()
+        reply = self.conn.recv()
+        if isinstance(reply, str):
+            raise SystemExit(f"the {kind} engine failed to load: {reply}")
+        self.rows = reply
+
+    def run(self, index: int, lines: list[str]) -> tuple[float, list[str]]:
+        self.conn.send((index, lines))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join()
 
 
 def machine() -> str:
@@ -128,10 +199,10 @@ def machine() -> str:
 
 def versions() -> str:
     parts = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
-    for package in ("ctranslate2", "transformers"):
+    for package in ("ctranslate2", "transformers"):  # metadata only: the engines live in their own processes
         try:
-            parts.append(f"{package} {__import__(package).__version__}")
-        except ImportError:
+            parts.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
             pass
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
@@ -141,24 +212,26 @@ def versions() -> str:
     return ", ".join(parts)
 
 
-def print_table(test_set: str, rows: list[Engine], n_sentences: int, tgt_tokens: dict[str, int],
+def print_table(test_set: str, rows: list[Row], n_sentences: int, tgt_tokens: dict[str, int],
                 bleu: dict[str, float]) -> None:
-    baseline = {r.search: statistics.median(r.seconds) for r in rows if r.name == "attnmt ctranslate2 float32"}
+    seconds = {(r.name, r.search): statistics.median(r.seconds) for r in rows}
+
+    def ratio(row: Row, peer: str) -> str:
+        same = row.search.split()[0]  # "beam5 finished" against the peer's beam5
+        return f"{seconds[peer, same] / seconds[row.name, row.search]:.2f}x" if (peer, same) in seconds else "n/a"
+
     print(f"\n{test_set}: {n_sentences} sentences, median of {len(rows[0].seconds)} runs\n")
-    print("| engine | search | sentences/s | target tokens/s | BLEU | speed / CT2 fp32 |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| engine | search | sentences/s | target tokens/s | BLEU | speed / CT2 raw fp32 | speed / HF |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        seconds = statistics.median(r.seconds)
         key = f"{r.name}/{r.search}"
-        same = r.search.split()[0]  # "beam5 finished" against CT2's beam5
-        ratio = f"{baseline[same] / seconds:.2f}x" if same in baseline else "n/a"
-        print(f"| {r.name} | {r.search} | {n_sentences / seconds:.1f} | {tgt_tokens[key] / seconds:.0f} | "
-              f"{bleu[key]:.2f} | {ratio} |")
-    for search in baseline:
-        raw = [statistics.median(r.seconds) for r in rows if r.name == "CTranslate2 raw float32" and r.search == search]
-        if raw:
-            print(f"\nattnmt engine=ctranslate2 over raw CTranslate2 (float32, {search}): "
-                  f"{100 * (baseline[search] / raw[0] - 1):+.1f}% time")
+        t = seconds[r.name, r.search]
+        print(f"| {r.name} | {r.search} | {n_sentences / t:.1f} | {tgt_tokens[key] / t:.0f} | {bleu[key]:.2f} | "
+              f"{ratio(r, 'CTranslate2 raw float32')} | {ratio(r, 'HF generate')} |")
+    for (name, search), t in seconds.items():
+        raw = seconds.get(("CTranslate2 raw float32", search))
+        if name == "attnmt ctranslate2 float32" and raw:
+            print(f"\nattnmt engine=ctranslate2 over raw CTranslate2 (float32, {search}): {100 * (t / raw - 1):+.1f}% time")
 
 
 def main() -> None:
@@ -178,9 +251,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available here")
-    device = torch.device(args.device)
-    torch.set_num_threads(args.threads)
-    engines = set(args.engines.split(","))
+    engines = args.engines.split(",")
+    if unknown := set(engines) - {"native", "ctranslate2", "hf"}:
+        parser.error(f"--engines: unknown {', '.join(sorted(unknown))}; use native, ctranslate2, hf")
 
     _, tokenizer, run_config = load_for_inference(args.ckpt)
     src_lang, tgt_lang = run_config["data"]["src_lang"], run_config["data"]["tgt_lang"]
@@ -190,55 +263,50 @@ def main() -> None:
     # hypotheses have ended: the native engine also runs that way, in a row of its own.
     native_configs = {**configs, f"beam{args.beam} finished": replace(base, beam_size=args.beam, beam_stop="finished")}
 
-    rows: list[Engine] = []
-    if "native" in engines:
-        rows += native_engines(args.ckpt, device, native_configs)
-    if "ctranslate2" in engines:
-        compute_types = ["float32", "int8"] + (["float16", "bfloat16"] if device.type == "cuda" else [])
-        for compute_type in compute_types:
-            rows += ctranslate2_engines(args.ckpt, device, compute_type, args.threads, configs)
-    with tempfile.TemporaryDirectory(prefix="attnmt-bench-hf-") as hf_dir:
-        if "hf" in engines:
-            from attnmt.export import ExportError
+    kinds = []
+    for engine in engines:
+        if engine == "ctranslate2":
+            kinds += [f"ctranslate2:{t}" for t in ["float32", "int8"] + (["float16", "bfloat16"] if args.device == "cuda" else [])]
+        else:
+            kinds.append(engine)
+    workers = [Worker(kind, args.ckpt, args.device, args.threads, native_configs if kind == "native" else configs)
+               for kind in kinds]
+    rows = [Row(name, search, worker, i) for worker in workers for i, (name, search) in enumerate(worker.rows)]
 
-            try:
-                rows += hf_engines(args.ckpt, device, configs, Path(hf_dir) / "model")
-            except ExportError as err:
-                print(f"HF rows left out: {err}", file=sys.stderr)
-
-        print(f"date {datetime.now().isoformat(timespec='minutes')}; machine {machine()}; {args.threads} threads")
-        print(f"versions: {versions()}")
-        print(f"command: {' '.join(sys.argv)}")
-        print(f"checkpoint {args.ckpt} ({src_lang}->{tgt_lang}); max_tokens {args.max_tokens}, "
-              f"length limit {base.max_len_a} * source + {base.max_len_b}, len_penalty {base.len_penalty}")
-        for name in args.test_sets.split(","):
-            folder, stem = TEST_SETS[name]
-            sources = read_lines(args.data / folder / f"{stem}.{src_lang}")
-            references = read_lines(args.data / folder / f"{stem}.{tgt_lang}")
-            if args.max_sentences:
-                sources, references = sources[: args.max_sentences], references[: args.max_sentences]
-            for row in rows:  # warm-up: first calls allocate, load kernels, fill caches
-                row.run(sources[:16])
-                row.seconds.clear()
-            for repeat in range(args.repeats):
-                # Every other repetition backwards, so that no row always follows the same one.
-                for row in rows if repeat % 2 == 0 else rows[::-1]:
-                    # The previous engine's OpenMP threads spin for a while after it returns; on a few
-                    # cores they would slow whichever engine runs next. A pause lets them sleep.
-                    time.sleep(PAUSE_S)
-                    start = time.perf_counter()
-                    row.hypotheses = row.run(sources)
-                    row.seconds.append(time.perf_counter() - start)
-                    print(f"  {name} run {repeat + 1}/{args.repeats}: {row.name} {row.search} "
-                          f"{row.seconds[-1]:.1f} s", file=sys.stderr, flush=True)
-            tgt_tokens, bleu = {}, {}
-            for row in rows:
-                key = f"{row.name}/{row.search}"
-                tgt_tokens[key] = sum(len(ids) + 1 for ids in tokenizer.encode_tgt([normalize(h) for h in row.hypotheses]))
-                bleu[key] = corpus_scores(row.hypotheses, references, tgt_lang)["bleu"]
-            print_table(f"{name} ({src_lang}->{tgt_lang})", rows, len(sources), tgt_tokens, bleu)
-            for row in rows:
-                row.seconds = []
+    print(f"date {datetime.now().isoformat(timespec='minutes')}; machine {machine()}; {args.threads} threads")
+    print(f"versions: {versions()}")
+    print(f"command: {' '.join(sys.argv)}")
+    print(f"checkpoint {args.ckpt} ({src_lang}->{tgt_lang}); max_tokens {args.max_tokens}, "
+          f"length limit {base.max_len_a} * source + {base.max_len_b}, len_penalty {base.len_penalty}; "
+          f"each engine in a process of its own")
+    for name in args.test_sets.split(","):
+        folder, stem = TEST_SETS[name]
+        sources = read_lines(args.data / folder / f"{stem}.{src_lang}")
+        references = read_lines(args.data / folder / f"{stem}.{tgt_lang}")
+        if args.max_sentences:
+            sources, references = sources[: args.max_sentences], references[: args.max_sentences]
+        for row in rows:  # warm-up: first calls allocate, load kernels, fill caches
+            row.worker.run(row.index, sources[:16])
+        for repeat in range(args.repeats):
+            # Every other repetition backwards, so that no row always follows the same one.
+            for row in rows if repeat % 2 == 0 else rows[::-1]:
+                # The previous engine's OpenMP threads spin for a while after it returns; on a few
+                # cores they would slow whichever engine runs next. A pause lets them sleep.
+                time.sleep(PAUSE_S)
+                seconds, row.hypotheses = row.worker.run(row.index, sources)
+                row.seconds.append(seconds)
+                print(f"  {name} run {repeat + 1}/{args.repeats}: {row.name} {row.search} {seconds:.2f} s",
+                      file=sys.stderr, flush=True)
+        tgt_tokens, bleu = {}, {}
+        for row in rows:
+            key = f"{row.name}/{row.search}"
+            tgt_tokens[key] = sum(len(ids) + 1 for ids in tokenizer.encode_tgt([normalize(h) for h in row.hypotheses]))
+            bleu[key] = corpus_scores(row.hypotheses, references, tgt_lang)["bleu"]
+        print_table(f"{name} ({src_lang}->{tgt_lang})", rows, len(sources), tgt_tokens, bleu)
+        for row in rows:
+            row.seconds = []
+    for worker in workers:
+        worker.close()
 
 
 if __name__ == "__main__":
