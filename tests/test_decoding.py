@@ -113,6 +113,24 @@ def test_batched_equals_one_by_one(which: str, search: str, request) -> None:
         assert batched_scores == pytest.approx(alone_scores, abs=1e-4)
 
 
+@pytest.mark.parametrize("stop", ["exact", "finished"])
+def test_beam_search_in_blocks_of_rows_equals_all_rows_at_once(eager_model, monkeypatch, stop: str) -> None:
+    """Beam search projects, normalises and ranks the logits a block of rows at a time (so that a big
+    batch's logits stay in the processor's cache): blocks of any size give the same search. The
+    length limits, which rows of one block hit and others not, end some sentences here."""
+    import attnmt.decoding
+
+    src, src_mask = padded_batch([9, 3, 6, 1, 7, 2, 5])
+    kwargs = dict(beam_size=3, nbest=3, stop=stop, max_len_a=0.5, max_len_b=3)
+    whole = beam_search(eager_model, src, src_mask, **kwargs)
+    for rows in (1, 2, 5):  # a block that splits a sentence's beams, and a last block shorter than the rest
+        monkeypatch.setattr(attnmt.decoding, "_ROWS_PER_BLOCK", rows)
+        blocks = beam_search(eager_model, src, src_mask, **kwargs)
+        assert [[h.tokens for h in sent] for sent in blocks] == [[h.tokens for h in sent] for sent in whole]
+        for sent_blocks, sent_whole in zip(blocks, whole):
+            assert [h.score for h in sent_blocks] == pytest.approx([h.score for h in sent_whole], abs=1e-5)
+
+
 def test_outputs_hold_no_special_ids_and_respect_lengths(eager_model) -> None:
     model = eager_model
     src, src_mask = padded_batch([5, 2, 8, 6, 3, 7])
@@ -159,13 +177,13 @@ def test_stopping_once_beam_size_have_ended_never_beats_the_exact_stop(trained_c
     lines = (FIXTURE_CORPUS / "valid.de").read_text(encoding="utf-8").splitlines()
     src, src_mask = pad(encode_sources(tokenizer, lines, model.cfg.max_positions))
     steps, results = {}, {}
-    real_decode = Transformer.decode
+    real_decode = Transformer.decode_states
 
     def counted(self, *args, **kwargs):
         steps[mode] = steps.get(mode, 0) + 1
         return real_decode(self, *args, **kwargs)
 
-    monkeypatch.setattr(Transformer, "decode", counted)
+    monkeypatch.setattr(Transformer, "decode_states", counted)
     for mode in ("exact", "finished"):
         results[mode] = beam_search(model, src, src_mask, beam_size=4, len_penalty=1.0, nbest=2, stop=mode)
     for exact, early in zip(results["exact"], results["finished"]):

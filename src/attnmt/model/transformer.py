@@ -147,6 +147,11 @@ class Transformer(nn.Module):
         need follow the cache's reordering. A cache whose rows are beams (``cache.beams`` rows per
         sentence, see :meth:`KVCache.reorder`) takes B = N * beams target rows.
         """
+        return self.project(self.decode_states(tgt_tokens, memory, src_mask, cache))
+
+    def decode_states(self, tgt_tokens: Tensor, memory: Tensor, src_mask: Tensor, cache: KVCache | None = None) -> Tensor:
+        """The decoder's output states (B, T, D), before the output projection: :meth:`decode` is
+        ``project(decode_states(...))``. Beam search projects them a block of rows at a time."""
         offset = 0
         if cache is not None:
             offset = cache.seq_len
@@ -156,10 +161,13 @@ class Transformer(nn.Module):
         x = self.tgt_embed(tgt_tokens, offset)  # (B, T, D)
         for i, layer in enumerate(self.decoder_layers):
             x = layer(x, memory, src_mask, cache, i)
-        x = self.decoder_norm(x)
+        return self.decoder_norm(x)
+
+    def project(self, states: Tensor) -> Tensor:
+        """Logits (..., V) of decoder states (..., D)."""
         if self.output_proj is None:
-            return self.tied_output(x, self.tgt_embed.tokens.weight)  # (B, T, V)
-        return self.output_proj(x)  # (B, T, V)
+            return self.tied_output(states, self.tgt_embed.tokens.weight)
+        return self.output_proj(states)
 
     def forward(self, src_tokens: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced training path: logits (B, T, V) for ``tgt_in`` (BOS + target)."""
