@@ -3,7 +3,9 @@
 
 Engines, each with greedy search and beam search (``--beam``, 5):
 
-- ``attnmt native``: ``attnmt.evaluation.translate``, attnmt's own search (fp32 on the CPU, bf16 on GPUs);
+- ``attnmt native``: ``attnmt.evaluation.translate``, attnmt's own search (fp32 on the CPU, bf16 on GPUs),
+  beam search with the shipped stop (once ``beam_size`` hypotheses have ended, as CTranslate2 and
+  transformers stop) and with ``beam_stop=exact``;
 - ``attnmt ctranslate2 <type>``: ``engine=ctranslate2`` (``CTranslate2Engine``) with compute_type
   float32 and int8 (and float16, bfloat16 on a GPU);
 - ``CTranslate2 raw <type>``: the same loaded CTranslate2 model called as its README says, one
@@ -23,8 +25,8 @@ in reverse order, ..., each after a pause of a second (the engines' thread pools
 one that has just finished keeps spinning for a while); the table holds the median of ``--repeats``
 runs. Target tokens are the SentencePiece tokens of the output, EOS included. BLEU is sacreBLEU's
 (attnmt.evaluation.corpus_scores) on the raw references. The ratio columns divide each row's speed
-by raw CTranslate2 float32's and by HF ``generate``'s with the same search (``beam5 finished`` is
-compared with their ``beam5``: they stop a sentence once ``beam_size`` hypotheses have ended, as it does).
+by raw CTranslate2 float32's and by HF ``generate``'s with the same search (``beam5 exact`` is
+compared with their ``beam5``).
 
     python scripts/bench_translate.py --ckpt runs/quickstart/checkpoints/best.pt
     python scripts/bench_translate.py --ckpt PATH --test-sets test2016 --repeats 5 --threads 2
@@ -70,7 +72,7 @@ class Engine:
     """One row of the table: an engine with one search, and its timed runs."""
 
     name: str
-    search: str  # greedy | beam<k> | beam<k> finished
+    search: str  # greedy | beam<k> | beam<k> exact
     run: Callable[[list[str]], list[str]]  # raw source lines -> detokenized translations
     seconds: list[float] = field(default_factory=list)
     hypotheses: list[str] = field(default_factory=list)
@@ -217,7 +219,7 @@ def print_table(test_set: str, rows: list[Row], n_sentences: int, tgt_tokens: di
     seconds = {(r.name, r.search): statistics.median(r.seconds) for r in rows}
 
     def ratio(row: Row, peer: str) -> str:
-        same = row.search.split()[0]  # "beam5 finished" against the peer's beam5
+        same = row.search.split()[0]  # "beam5 exact" against the peer's beam5
         return f"{seconds[peer, same] / seconds[row.name, row.search]:.2f}x" if (peer, same) in seconds else "n/a"
 
     print(f"\n{test_set}: {n_sentences} sentences, median of {len(rows[0].seconds)} runs\n")
@@ -259,9 +261,9 @@ def main() -> None:
     src_lang, tgt_lang = run_config["data"]["src_lang"], run_config["data"]["tgt_lang"]
     base = compose("translate", ["ckpt=unused", f"max_tokens={args.max_tokens}"])  # the shipped search settings
     configs = {"greedy": replace(base, beam_size=1), f"beam{args.beam}": replace(base, beam_size=args.beam)}
-    # attnmt's beam search stops exactly by default; CTranslate2 and transformers stop once beam_size
-    # hypotheses have ended: the native engine also runs that way, in a row of its own.
-    native_configs = {**configs, f"beam{args.beam} finished": replace(base, beam_size=args.beam, beam_stop="finished")}
+    # The shipped stop is CTranslate2's and transformers' (once beam_size hypotheses have ended); the
+    # native engine also runs with the exact stop, in a row of its own.
+    native_configs = {**configs, f"beam{args.beam} exact": replace(base, beam_size=args.beam, beam_stop="exact")}
 
     kinds = []
     for engine in engines:

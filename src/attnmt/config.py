@@ -211,7 +211,7 @@ class DecodeConfig:
     max_len_b: int
     min_len: int
     max_tokens: int  # source tokens per batch, padding included
-    beam_stop: str  # exact (no live beam could still win) | finished (beam_size hypotheses ended: faster)
+    beam_stop: str  # finished (once beam_size hypotheses ended) | exact (once no live beam could still win: slower)
     sampling: bool  # draw translations from the model instead of searching (nbest draws per line)
     temperature: float  # sampling: softmax(logits / temperature); 0 = greedy
     top_k: int  # sampling: only the k most probable tokens; 0 = all
