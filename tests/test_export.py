@@ -238,6 +238,7 @@ def test_translate_and_evaluate_with_engine_ctranslate2(trained_checkpoint, tmp_
     (["compute_type=int8"], "compute_type=int8 applies to engine=ctranslate2"),
     (["engine=ctranslate2", "compute_type=int3"], "compute_type=int3"),
     (["engine=ctranslate2", "attention_plot=plots"], "attention_plot needs engine=native"),
+    (["engine=ctranslate2", "beam_stop=exact"], "beam_stop=exact needs engine=native"),
 ])
 def test_engine_errors_are_one_line(args, expected, trained_checkpoint, tmp_path) -> None:
     pytest.importorskip("ctranslate2")

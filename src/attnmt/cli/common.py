@@ -171,13 +171,17 @@ def to_config(cfg: DictConfig, required: tuple[str, ...] = ("ckpt",)):
     return OmegaConf.to_object(cfg)
 
 
-def check_engine(engine: str, compute_type: str, sampling: bool = False) -> None:
-    """``engine=`` and ``compute_type=`` of attnmt-translate and attnmt-evaluate that cannot work, named."""
+def check_engine(engine: str, compute_type: str, sampling: bool = False, exact_stop: bool = False) -> None:
+    """``engine=`` and ``compute_type=`` of attnmt-translate and attnmt-evaluate that cannot work, named
+    (``exact_stop``: beam search with ``beam_stop=exact`` was asked for)."""
     if engine not in ("native", "ctranslate2"):
         raise UserError(f"engine={engine} is unknown; use native or ctranslate2")
     if engine == "ctranslate2" and sampling:
         raise UserError("sampling=true needs engine=native: its draws are reproducible line by line, "
                         "CTranslate2's are not")
+    if engine == "ctranslate2" and exact_stop:
+        raise UserError("beam_stop=exact needs engine=native: CTranslate2 stops a sentence once beam_size "
+                        "hypotheses have ended (beam_stop=finished)")
     if engine == "native" and compute_type != "default":
         raise UserError(f"compute_type={compute_type} applies to engine=ctranslate2; the native engine computes "
                         "in float32 on the CPU and bfloat16 on GPUs that support it")
