@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -246,9 +247,12 @@ def search_options(cfg: DecodeConfig, limit: int, suppress: list[list[str]]) -> 
     CTranslate2 has one ``max_decoding_length`` per call, counting EOS, and keeps a last token that
     is not EOS where attnmt forces EOS; allowing ``limit + 1`` and cutting each output to its own
     limit gives attnmt's greedy result exactly. With a length penalty every finished beam is
-    returned, to be ranked by attnmt's penalty (:meth:`CTranslate2Engine.hypotheses`).
+    returned, to be ranked by attnmt's penalty (:meth:`CTranslate2Engine.hypotheses`). Greedy search
+    asks for no scores (attnmt's greedy search has none either): CTranslate2 then picks each token by
+    its logit and skips a log_softmax over the vocabulary at every step.
     """
     rescore = cfg.beam_size > 1 and cfg.len_penalty != 0
+    greedy = cfg.beam_size == 1 and cfg.nbest == 1
     return dict(
         beam_size=cfg.beam_size,
         num_hypotheses=cfg.beam_size if rescore else cfg.nbest,
@@ -257,7 +261,7 @@ def search_options(cfg: DecodeConfig, limit: int, suppress: list[list[str]]) -> 
         min_decoding_length=min(cfg.min_len, limit + 1),
         max_input_length=0,  # attnmt truncated the source already, to the model's positions
         suppress_sequences=suppress,
-        return_scores=True,
+        return_scores=not greedy,
         return_end_token=True,
     )
 
@@ -331,10 +335,12 @@ class CTranslate2Engine:
 
         Each output is cut to the sentence's own ``limit``. CTranslate2 scores log P / length **
         alpha, its length counting EOS; the score is turned back into log P and divided by GNMT's
-        penalty of the same length instead, as attnmt ranks and reports hypotheses.
+        penalty of the same length instead, as attnmt ranks and reports hypotheses. Greedy search
+        returns no score: NaN, as attnmt's own greedy search.
         """
+        scores = result.scores or [math.nan] * len(result.hypotheses)  # greedy asks for none
         ranked = sorted(((score * len(pieces) ** cfg.len_penalty / length_penalty(len(pieces), cfg.len_penalty), pieces)
-                         for pieces, score in zip(result.hypotheses, result.scores)), key=lambda h: h[0], reverse=True)
+                         for pieces, score in zip(result.hypotheses, scores)), key=lambda h: h[0], reverse=True)
         hyps = []
         for score, pieces in ranked[: cfg.nbest]:  # only those returned are turned into ids
             ended = bool(pieces) and pieces[-1] == self._eos
