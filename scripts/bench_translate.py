@@ -175,6 +175,7 @@ class Worker:
         self.conn, child = mp.Pipe()
         self.process = mp.get_context("spawn").Process(target=serve, args=(child, kind, *args), daemon=True)
         self.process.start()
+        child.close()  # the worker's end lives in the worker: if it dies, recv() raises instead of waiting
         reply = self.conn.recv()
         if isinstance(reply, str):
             raise SystemExit(f"the {kind} engine failed to load: {reply}")
@@ -182,7 +183,10 @@ class Worker:
 
     def run(self, index: int, lines: list[str]) -> tuple[float, list[str]]:
         self.conn.send((index, lines))
-        return self.conn.recv()
+        try:
+            return self.conn.recv()
+        except EOFError:
+            raise SystemExit(f"the {self.kind} engine's process died (its error is above)") from None
 
     def close(self) -> None:
         self.conn.send(None)
@@ -274,6 +278,8 @@ def main() -> None:
     workers = [Worker(kind, args.ckpt, args.device, args.threads, native_configs if kind == "native" else configs)
                for kind in kinds]
     rows = [Row(name, search, worker, i) for worker in workers for i, (name, search) in enumerate(worker.rows)]
+    if not rows:
+        raise SystemExit("no engine to time (see above)")
 
     print(f"date {datetime.now().isoformat(timespec='minutes')}; machine {machine()}; {args.threads} threads")
     print(f"versions: {versions()}")

@@ -155,6 +155,8 @@ def test_ctranslate2_beam_nbest_is_ranked_by_attnmts_penalty(trained_checkpoint,
         log_prob = logits.gather(1, torch.tensor(tokens + [EOS_ID])[:, None]).sum().item()
         assert translation.scores[0] == pytest.approx(log_prob / length_penalty(len(tokens) + 1, 1.0), abs=1e-3)
     assert engine.translate(lines, cfg)[0].texts[0] == translate(model, tokenizer, lines[:1], decode_config(beam_size=4))[0].texts[0]
+    with pytest.raises(ValueError, match="beam_stop=exact needs attnmt's own search"):
+        engine.translate(lines, decode_config(beam_size=4, beam_stop="exact"))
 
 
 def test_quantized_export_translates(trained_checkpoint, tmp_path) -> None:

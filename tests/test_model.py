@@ -357,17 +357,27 @@ def test_cross_attention_weights_do_not_depend_on_how_the_layer_calls_attention(
     torch.testing.assert_close(model.cross_attention_weights(tgt, memory, src_mask), weights)
 
 
-def test_packed_linear_equals_f_linear_and_follows_weight_updates(monkeypatch) -> None:
-    """Inference on the CPU runs on oneDNN-packed weights (attnmt.model.linear): the same function as
-    F.linear, training untouched, and a weight changed in place (an optimizer step) is repacked."""
+def packed_calls(monkeypatch) -> list[int]:
+    """Counts the calls of the packed path (skips where this torch build has no working oneDNN)."""
     from attnmt.model import linear
 
     if not linear._onednn_works():
         pytest.skip("this torch build has no working oneDNN linear; F.linear is used everywhere")
-    layer = linear.Linear(16, 24)
-    calls = []
+    calls: list[int] = []
     pointwise = torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: calls.append(1) or pointwise(*args))
+    return calls
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw_fused", "adamw_foreach"])
+def test_packed_linear_equals_f_linear_and_follows_weight_updates(optimizer: str, monkeypatch) -> None:
+    """Inference on the CPU runs on oneDNN-packed weights (attnmt.model.linear): the same function as
+    F.linear, training untouched, and a weight changed by training (then eval(), as validation calls
+    it), in place on the parameter, or replaced, is repacked."""
+    from attnmt.model import linear
+
+    calls = packed_calls(monkeypatch)
+    layer = linear.Linear(16, 24)
     x = torch.randn(3, 5, 16)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
@@ -377,14 +387,36 @@ def test_packed_linear_equals_f_linear_and_follows_weight_updates(monkeypatch) -
     out = layer(x)  # autograd on: F.linear, gradients as ever
     assert not calls and out.requires_grad
     out.sum().backward()
-    torch.optim.SGD(layer.parameters(), lr=0.5).step()  # in place, as in training
+    step = {"sgd": lambda p: torch.optim.SGD(p, lr=0.5),
+            "adamw_fused": lambda p: torch.optim.AdamW(p, lr=0.5, fused=True),  # training's optimizer on the CPU
+            "adamw_foreach": lambda p: torch.optim.AdamW(p, lr=0.5, foreach=True)}[optimizer]
+    before = layer.weight.detach().clone()
+    step(layer.parameters()).step()  # in place (the fused CPU kernel leaves the version counter alone)
+    assert not torch.equal(before, layer.weight)
+    layer.eval()  # as validation does: drops the pack
     with torch.inference_mode():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
     assert calls
 
-    with torch.no_grad():  # a new tensor in the module (load_state_dict with assign=True, .to()) too
-        layer.weight = nn.Parameter(torch.randn(24, 16))
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # in place on the parameter, without eval(): its version counter moved
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        layer.weight = nn.Parameter(torch.randn(24, 16))  # a new tensor (load_state_dict(assign=True), .to())
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        layer.weight.data.mul_(2.0)  # .data bypasses the version counter: eval() drops the pack
+        layer.eval()
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_probing_onednn_leaves_the_random_stream_alone() -> None:
+    """The probe runs at a run's first validation; resuming restores the random state saved before
+    it, so a probe that drew random numbers would make a resumed run's dropout differ."""
+    from attnmt.model import linear
+
+    linear._onednn_works.cache_clear()
+    state = torch.get_rng_state()
+    linear._onednn_works()
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 @pytest.mark.parametrize("tie_output", [True, False])
@@ -393,6 +425,7 @@ def test_packed_inference_gives_the_models_logits(tie_output: bool, monkeypatch)
     the logits of plain F.linear, cached and full."""
     from attnmt.model import linear
 
+    calls = packed_calls(monkeypatch)
     model = build_model(tiny_config(tie_output=tie_output)).eval()
     src, src_mask = padded_batch([6, 9, 3])
     tgt = torch.cat([torch.full((3, 1), BOS_ID), torch.randint(4, 24, (3, 7))], dim=1)
@@ -401,6 +434,8 @@ def test_packed_inference_gives_the_models_logits(tie_output: bool, monkeypatch)
         cache = model.new_cache()
         memory = model.encode(src, src_mask)
         steps = torch.cat([model.decode(tgt[:, t : t + 1], memory, src_mask, cache) for t in range(tgt.size(1))], 1)
+        # every Linear and the output projection (3 per attention, 2 per feed-forward, 1)
+        assert len(calls) >= 2 * (2 * 3 + 1 * 3 + 2 * 2 + 1)
         monkeypatch.setattr(linear, "USE_ONEDNN", False)
         plain = model.decode(tgt, model.encode(src, src_mask), src_mask)
     torch.testing.assert_close(packed, plain, atol=1e-5, rtol=0)

@@ -317,6 +317,9 @@ class CTranslate2Engine:
             on_batch: called with the number of sentences of each decoded batch (progress bars).
             prefix: tag ids put before every source (:func:`attnmt.evaluation.target_prefix`).
         """
+        if cfg.beam_stop == "exact" and cfg.beam_size > 1:
+            raise ValueError("beam_stop=exact needs attnmt's own search: CTranslate2 stops a sentence once "
+                             "beam_size hypotheses have ended (beam_stop=finished)")
         sources = encode_sources(self.tokenizer, lines, self.max_positions, first_line, prefix)
         hypotheses: list[list[Hypothesis]] = [[] for _ in lines]
         for batch in length_batches([len(s) for s in sources], cfg.max_tokens):

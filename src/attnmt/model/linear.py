@@ -8,10 +8,13 @@ It is what CTranslate2 runs on AMD processors, and what ``torch.compile`` emits 
 model (``torch.ops.mkldnn._linear_pointwise`` on a weight from ``_reorder_linear_weight``).
 
 The packed path is taken only where it cannot touch training: no autograd, fp32, CPU, no autocast,
-not under ``torch.compile``. Everywhere else (training, GPUs, bf16) it is ``F.linear``. A packed
-weight is rebuilt whenever its weight changes (its storage or its version counter, which every
-in-place update such as an optimizer step bumps), so validation during training decodes with the
-current weights. Set ``attnmt.model.linear.USE_ONEDNN = False`` to compare with plain ``F.linear``.
+not under ``torch.compile``, oneDNN enabled (``torch.backends.mkldnn.enabled``). Everywhere else
+(training, GPUs, bf16) it is ``F.linear``. Packed weights are dropped by ``model.train()`` and
+``model.eval()``, which validation calls, so it decodes with the current weights and training holds
+no stale copies; one is also rebuilt when its layer gets another weight tensor or the weight's
+version counter moves (in-place edits such as ``load_state_dict``). Fused optimizers on the CPU and
+edits through ``weight.data`` leave that counter alone: call ``model.eval()`` after them. Set
+``attnmt.model.linear.USE_ONEDNN = False`` to compare with plain ``F.linear``.
 """
 
 from __future__ import annotations
@@ -31,7 +34,11 @@ def _onednn_works() -> bool:
     try:
         if not torch.backends.mkldnn.is_available():
             return False
-        x, w, b = torch.randn(3, 8), torch.randn(5, 8), torch.randn(5)
+        # Fixed numbers, not torch.randn: the probe must not move the global random stream, which
+        # checkpoints save and resuming restores (the first validation of a run probes).
+        x = torch.linspace(-1, 1, 24).view(3, 8)
+        w = torch.linspace(-2, 1, 40).view(5, 8)
+        b = torch.linspace(0, 1, 5)
         packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
         y = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
         return torch.allclose(y, F.linear(x, w, b), atol=1e-5)
@@ -44,25 +51,30 @@ class PackedWeight:
     the module docstring). One per weight: it keeps the packed copy between calls."""
 
     def __init__(self) -> None:
-        self._key: tuple[int, int] | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Drop the packed copy (the next packed call makes a new one)."""
+        self._weight: Tensor | None = None  # the weight packed, held so that its identity cannot be reused
+        self._version = -1
         self._packed: Tensor | None = None
 
     def __call__(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if not (USE_ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
                 and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-                and not torch.compiler.is_compiling() and _onednn_works()):
+                and not torch.compiler.is_compiling() and torch.backends.mkldnn.enabled and _onednn_works()):
             return F.linear(x, weight, bias)
-        key = (weight.data_ptr(), 0 if weight.is_inference() else weight._version)
-        if key != self._key:
+        version = -1 if weight.is_inference() else weight._version  # inference tensors have no counter: never cached
+        if weight is not self._weight or version != self._version or version < 0:
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-            self._key = key
+            self._weight, self._version = weight, version
         return torch.ops.mkldnn._linear_pointwise(x, self._packed, bias, "none", [], "")
 
     def __deepcopy__(self, memo: dict) -> PackedWeight:
         return PackedWeight()  # a copy packs its own weight when first used
 
     def __getstate__(self) -> dict:
-        return {"_key": None, "_packed": None}
+        return {"_weight": None, "_version": -1, "_packed": None}
 
 
 class Linear(nn.Linear):
@@ -74,3 +86,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.packed(x, self.weight, self.bias)
+
+    def train(self, mode: bool = True) -> Linear:
+        self.packed.reset()  # training changes the weight; eval() after training packs afresh
+        return super().train(mode)

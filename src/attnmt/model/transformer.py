@@ -173,6 +173,10 @@ class Transformer(nn.Module):
         """Teacher-forced training path: logits (B, T, V) for ``tgt_in`` (BOS + target)."""
         return self.decode(tgt_in, self.encode(src_tokens, src_mask), src_mask)
 
+    def train(self, mode: bool = True) -> Transformer:
+        self.tied_output.reset()  # as each Linear does (attnmt.model.linear)
+        return super().train(mode)
+
     def new_cache(self, max_len: int | None = None) -> KVCache:
         """An empty key/value cache for incremental decoding with :meth:`decode`, with room for
         ``max_len`` target positions (BOS included) allocated at the first step."""
