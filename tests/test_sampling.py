@@ -157,10 +157,11 @@ def test_sampling_settings_that_cannot_work_are_refused() -> None:
 
 def test_sampling_is_refused_with_the_ctranslate2_engine() -> None:
     from attnmt.cli.common import UserError, check_engine
+    from attnmt.config import compose
 
-    check_engine("native", "default", sampling=True)
+    check_engine(compose("translate", ["ckpt=unused", "sampling=true"]))
     with pytest.raises(UserError, match="sampling=true needs engine=native"):
-        check_engine("ctranslate2", "default", sampling=True)
+        check_engine(compose("translate", ["ckpt=unused", "sampling=true", "engine=ctranslate2"]))
 
 
 def test_the_command_line_draws_the_same_whatever_its_buffer(trained_checkpoint) -> None:

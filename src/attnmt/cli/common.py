@@ -14,10 +14,13 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+if TYPE_CHECKING:
+    from attnmt.config import EvaluateConfig, TranslateConfig
 
 
 log = logging.getLogger(__name__)
@@ -171,15 +174,16 @@ def to_config(cfg: DictConfig, required: tuple[str, ...] = ("ckpt",)):
     return OmegaConf.to_object(cfg)
 
 
-def check_engine(engine: str, compute_type: str, sampling: bool = False, exact_stop: bool = False) -> None:
-    """``engine=`` and ``compute_type=`` of attnmt-translate and attnmt-evaluate that cannot work, named
-    (``exact_stop``: beam search with ``beam_stop=exact`` was asked for)."""
+def check_engine(cfg: TranslateConfig | EvaluateConfig) -> None:
+    """``engine=`` and ``compute_type=`` of attnmt-translate and attnmt-evaluate that cannot work, with
+    the command's search settings, named."""
+    engine, compute_type = cfg.engine, cfg.compute_type
     if engine not in ("native", "ctranslate2"):
         raise UserError(f"engine={engine} is unknown; use native or ctranslate2")
-    if engine == "ctranslate2" and sampling:
+    if engine == "ctranslate2" and cfg.sampling:
         raise UserError("sampling=true needs engine=native: its draws are reproducible line by line, "
                         "CTranslate2's are not")
-    if engine == "ctranslate2" and exact_stop:
+    if engine == "ctranslate2" and cfg.beam_stop == "exact" and cfg.beam_size > 1:
         raise UserError("beam_stop=exact needs engine=native: CTranslate2 stops a sentence once beam_size "
                         "hypotheses have ended (beam_stop=finished)")
     if engine == "native" and compute_type != "default":

@@ -69,7 +69,7 @@ def test_set(cfg: EvaluateConfig, run_config: dict, data_overrides: list[str],
 
 def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
     cfg.check()
-    check_engine(cfg.engine, cfg.compute_type, cfg.sampling, cfg.beam_stop == "exact" and cfg.beam_size > 1)
+    check_engine(cfg)
     device = resolve_device(cfg.device, key="device")
     paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
     if cfg.engine == "ctranslate2":

@@ -82,7 +82,7 @@ def plot_attention(cfg: TranslateConfig, model, tokenizer, line_number: int, lin
 
 def run(cfg: TranslateConfig) -> None:
     cfg.check()
-    check_engine(cfg.engine, cfg.compute_type, cfg.sampling, cfg.beam_stop == "exact" and cfg.beam_size > 1)
+    check_engine(cfg)
     if cfg.attention_plot is not None and cfg.engine != "native":
         raise UserError(f"attention_plot needs engine=native (engine={cfg.engine} returns no attention weights)")
     if cfg.buffer_lines < 1:
