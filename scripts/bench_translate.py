@@ -69,13 +69,11 @@ TEST_SETS = {"test2016": ("multi30k", "test2016"), "newstest2014": ("wmt14-en-de
 
 @dataclass
 class Engine:
-    """One row of the table: an engine with one search, and its timed runs."""
+    """An engine with one search, in a worker process (its timed runs are kept by the parent's :class:`Row`)."""
 
     name: str
     search: str  # greedy | beam<k> | beam<k> exact
     run: Callable[[list[str]], list[str]]  # raw source lines -> detokenized translations
-    seconds: list[float] = field(default_factory=list)
-    hypotheses: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -83,7 +81,7 @@ class Row:
     """A row of the table in the parent process: an engine in a :class:`Worker`, and its timed runs."""
 
     name: str
-    search: str
+    search: str  # as its Engine's
     worker: "Worker"
     index: int  # the engine's place in its worker
     seconds: list[float] = field(default_factory=list)
