@@ -325,10 +325,14 @@ def test_hf_tokenizer_encodes_multi30k_as_attnmt(multi30k, tmp_path) -> None:
         return (multi30k / name).read_text(encoding="utf-8").splitlines()[:n]
 
     src, tgt = [normalize(line) for line in read("train.de", 5000)], [normalize(line) for line in read("train.en", 5000)]
-    tokenizer = Tokenizer.train(src, tgt, tokenizer_config(vocab_size=2000), tmp_path / "spm")
+    tokenizer = Tokenizer.train(src, tgt, tokenizer_config(vocab_size=2000), tmp_path / "spm", tags=["<2de>", "<bt>"])
     hf.hf_tokenizer(tokenizer, 256).save_pretrained(tmp_path / "hf")
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     lines = read("test2016.de", 1000) + read("test2016.en", 1000) + HOSTILE
+    # A tag written before the text is the tag's id before attnmt's ids of the text.
+    tags = [tokenizer.tag_id("<bt>"), tokenizer.tag_id("<2de>")]
+    assert hf_tok(["<bt> <2de> " + line for line in lines[:50]])["input_ids"] == [
+        tags + ids + [EOS_ID] for ids in tokenizer.encode_src([normalize(line) for line in lines[:50]])]
     expected = [ids + [EOS_ID] for ids in tokenizer.encode_src([normalize(line) for line in lines])]
     assert hf_tok(lines)["input_ids"] == expected
     targets = tokenizer.encode_tgt([normalize(line) for line in lines])

@@ -170,13 +170,16 @@ def export(model: Transformer, tokenizer: Tokenizer, out: str | Path, quantizati
         for name, data in spm_files.items():
             (tmp / name).write_bytes(data)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        (tmp / "README.md").write_text(_readme(Path(out).name, spm_files, model.cfg, meta["quantization"]))
+        (tmp / "README.md").write_text(_readme(Path(out).name, spm_files, model.cfg, meta["quantization"], tokenizer.tags))
 
     return write_directory(out, fill)
 
 
-def _readme(name: str, spm_files: dict[str, bytes], cfg: ModelConfig, quantization: str) -> str:
+def _readme(name: str, spm_files: dict[str, bytes], cfg: ModelConfig, quantization: str, tags: list[str]) -> str:
     src_spm, tgt_spm = (JOINT_SPM, JOINT_SPM) if JOINT_SPM in spm_files else (SOURCE_SPM, TARGET_SPM)
+    prefix = "" if not tags else f"[\"{tags[0]}\"] + "
+    tagged = "" if not tags else (f"\nThis model reads a tag before each source: {', '.join(f'`{t}`' for t in tags)} "
+                                  "(`<2xx>` asks for language xx); put it before a line's pieces, as above.\n")
     return f"""# {name}: an attnmt model for CTranslate2
 
 Written by `attnmt-export to=ctranslate2` (weights: {quantization}). `model.bin`, `config.json` and the
@@ -195,7 +198,7 @@ def normalize(line):  # what attnmt does to every input: NFKC, whitespace collap
     return " ".join(unicodedata.normalize("NFKC", line).split())
 
 lines = ["Ein Hund rennt durch das Gras."]
-source = [source_sp.encode(normalize(line), out_type=str) for line in lines]  # </s> is appended by CTranslate2
+source = [{prefix}source_sp.encode(normalize(line), out_type=str) for line in lines]  # </s> is appended by CTranslate2
 results = translator.translate_batch(
     source, beam_size=5, max_input_length=0,
     max_decoding_length={cfg.max_positions},  # attnmt: 1.5 * source tokens + 10, at most {cfg.max_positions - 1}
@@ -206,7 +209,7 @@ print([target_sp.decode(result.hypotheses[0]) for result in results])
 
 Or through attnmt, with its command-line contract: `attnmt-translate ckpt=CHECKPOINT engine=ctranslate2`.
 CTranslate2 ranks beams by log P / length ** len_penalty; attnmt by GNMT's ((5 + length) / 6) ** len_penalty.
-"""
+{tagged}"""
 
 
 def cached_model(paths: Sequence[str | Path]) -> Path:

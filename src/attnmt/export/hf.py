@@ -204,9 +204,12 @@ def hf_tokenizer(tokenizer: Tokenizer, max_positions: int):
                                                         special_tokens=[(eos, EOS_ID)])
     fast.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                       decoders.Strip(" ", 1, 0)])
+    # Tags (<2de>, <bt>) are special tokens, as </s> is: "<2de> A dog." gives attnmt's ids for "A dog."
+    # with the tag before them (SentencePiece never makes a tag from text; transformers has no such piece).
     return PreTrainedTokenizerFast(
         tokenizer_object=fast, model_max_length=max_positions, unk_token=proto.pieces[UNK_ID].piece,
         pad_token=proto.pieces[PAD_ID].piece, bos_token=proto.pieces[BOS_ID].piece, eos_token=eos,
+        additional_special_tokens=list(tokenizer.tags),
     )
 
 
@@ -237,12 +240,17 @@ def export(model: Transformer, tokenizer: Tokenizer, out: str | Path) -> Path:
         hf.generation_config = generation
         hf.save_pretrained(tmp)
         fast.save_pretrained(tmp)
-        (tmp / "README.md").write_text(_readme(Path(out).name, hf.config.model_type))
+        (tmp / "README.md").write_text(_readme(Path(out).name, hf.config.model_type, tokenizer.tags))
 
     return write_directory(out, fill)
 
 
-def _readme(name: str, model_type: str) -> str:
+def _readme(name: str, model_type: str, tags: list[str]) -> str:
+    tagged = "" if not tags else f"""
+This model reads a tag before each source: {", ".join(f"`{t}`" for t in tags)} (`<2xx>` asks for
+language xx). The tokenizer reads them as special tokens: write the tag before the text,
+`tokenizer(["{tags[0]} Ein Hund rennt durch das Gras."], ...)`.
+"""
     return f"""# {name}: an attnmt model for transformers ({model_type})
 
 Written by `attnmt-export to=hf`. It loads with no custom code:
@@ -256,7 +264,7 @@ batch = tokenizer(["Ein Hund rennt durch das Gras."], return_tensors="pt", paddi
 output = model.generate(**batch)  # greedy, as attnmt's beam_size=1; num_beams=5 for beam search
 print(tokenizer.batch_decode(output, skip_special_tokens=True))
 ```
-
+{tagged}
 The logits equal attnmt's. `generate()` limits lengths by `max_length` (or `max_new_tokens`) rather than
 attnmt's `1.5 * source tokens + 10`, and its beam search ranks by log P / length ** length_penalty
 rather than GNMT's penalty.
