@@ -131,8 +131,10 @@ CUDA = torch.cuda.is_available()
         pytest.param(["train.device=cuda"], "train.device='cuda' but CUDA is not available",
                      marks=pytest.mark.skipif(CUDA, reason="CUDA is available here")),
         (["data.root=does/not/exist"], "data.root=does/not/exist does not exist"),
+        (["data.mix=[{root: bt, tgt_lang: en}]"], "missing mandatory value: src_lang (data.mix[0].src_lang)"),
+        (["train.best_metric=de_en"], "train.best_metric='de_en' is neither mean nor a direction of the data: de-en"),
     ],
-    ids=["heads", "max_tokens", "precision", "fp16_on_cpu", "no_cuda", "data_root"],
+    ids=["heads", "max_tokens", "precision", "fp16_on_cpu", "no_cuda", "data_root", "mix_entry", "best_metric"],
 )
 def test_config_error_fails_at_start_with_one_line(tmp_path, overrides, message):
     proc = run_train(tmp_path, "train.max_steps=10", *overrides, timeout=60)

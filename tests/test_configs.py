@@ -177,6 +177,31 @@ def test_defaults_live_in_the_yaml_files_only():
         assert not with_default, (schema.__name__, with_default)
 
 
+def test_a_data_mix_entry_needs_only_its_source_and_languages(hydra_config_dir):
+    """The items of data.mix get no defaults from a YAML file (CorpusConfig, the one schema with defaults
+    of its own, holds them): an entry names its folder and languages, and bad ones fail with the key."""
+    from attnmt.config import ConfigError, CorpusConfig
+
+    cfg = OmegaConf.to_object(compose(config_name="train", overrides=["data.mix=[{root: bt, src_lang: en, tgt_lang: de}]"]))
+    assert cfg.data.mix == [CorpusConfig(src_lang="en", tgt_lang="de", format="folder", root="bt", hub_id=None,
+                                         hub_config=None, split="train", weight=1.0, tag=None)]
+    for entry, message in (("{src_lang: en, tgt_lang: de}", r"data.mix\[0\]: format=folder reads from a folder"),
+                           ("{format: hub, src_lang: en, tgt_lang: de}", r"data.mix\[0\]: format=hub needs hub_id"),
+                           ("{root: bt, src_lang: en, tgt_lang: de, tag: '<bt>'}", r"data.mix\[0\].tag='<bt>' must be"),
+                           ("{root: bt, src_lang: en, tgt_lang: de, weight: -1}", r"data.mix\[0\].weight=-1.0 must not")):
+        with pytest.raises(ConfigError, match=message):
+            OmegaConf.to_object(compose(config_name="train", overrides=[f"data.mix=[{entry}]"]))
+
+
+def test_best_metric_names_a_direction_of_the_data(hydra_config_dir):
+    from attnmt.config import ConfigError
+
+    ok = OmegaConf.to_object(compose(config_name="train", overrides=["data.langs=[en,de]", "train.best_metric=de-en"]))
+    assert ok.train.best_metric == "de-en"
+    with pytest.raises(ConfigError, match="train.best_metric='en_de' is neither mean nor a direction of the data: de-en"):
+        OmegaConf.to_object(compose(config_name="train", overrides=["train.best_metric=en_de"]))
+
+
 def test_python_code_composes_what_the_command_gets(hydra_config_dir):
     from attnmt.config import compose as compose_config
 

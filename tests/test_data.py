@@ -136,6 +136,21 @@ def test_length_rules_apply_to_training_splits_only(tmp_path, tokenizer, caplog)
     assert valid["src"] == de
 
 
+def test_tags_do_not_count_towards_the_length_rules(tmp_path, caplog):
+    """A pair is kept or dropped by its sentences' own lengths, whether its source carries tags or not."""
+    src, tgt = read_lines(TINY / "train.de"), read_lines(TINY / "train.en")
+    tagged = Tokenizer.train(src, tgt, tokenizer_config(vocab_size=400), tmp_path / "tok", tags=["<2en>", "<bt>"])
+    cfg = folder_cfg(TINY, max_len=20, max_len_ratio=1.3)
+    split = load_split(cfg, "train", train=True)
+    caplog.set_level("INFO", logger="attnmt.data")
+    plain = tokenize(split, tagged, cfg, train=True, name="de-en")
+    prefix = [tagged.tag_id("<bt>"), tagged.tag_id("<2en>")]
+    with_tags = tokenize(split, tagged, cfg, train=True, prefix=prefix, name="de-en (data.mix[0], bt)")
+    assert 0 < len(plain) < len(split) and with_tags["src"] == plain["src"]
+    assert all(ids[:2] == prefix for ids in with_tags["src_ids"])
+    assert "de-en: " in caplog.text and "de-en (data.mix[0], bt): " in caplog.text  # the counts name their stream
+
+
 def test_tokenized_ids_end_with_eos_and_decode_back(tokenizer):
     cfg = folder_cfg(TINY)
     ds = tokenize(load_split(cfg, "valid", train=False), tokenizer, cfg, train=False)
@@ -317,7 +332,7 @@ def test_an_aligned_corpus_gives_its_directions_with_target_tags(tmp_path):
     # A back-translated corpus mixed in: its own tag, before the language tag; temperature flattens.
     from attnmt.config import CorpusConfig
 
-    bt = CorpusConfig("folder", str(tmp_path), None, None, "bt", "en", "de", 0.5, "bt")
+    bt = CorpusConfig(src_lang="en", tgt_lang="de", root=str(tmp_path), split="bt", weight=0.5, tag="bt")
     mixed = data_config(root=str(tmp_path), langs=["en", "de", "fr"], directions=["en-de", "en-fr"], mix=[bt])
     assert [s.tags for s in streams(mixed)][-1] == ("<bt>", "<2de>") and "<bt>" in tags(mixed)
     np.testing.assert_allclose(shares([100, 400], [1, 1], 1.0), [0.2, 0.8])
@@ -328,7 +343,25 @@ def test_an_aligned_corpus_gives_its_directions_with_target_tags(tmp_path):
 def test_directions_must_name_two_of_the_languages(tmp_path):
     from attnmt.config import ConfigError
 
+    for langs, directions in ((["en"], None), (["en", "de", "en"], None), (["en", "de"], ["en-de", "en-de"]),
+                              (["en", "de"], [])):
+        with pytest.raises(ConfigError, match="each once"):
+            data_config(root=str(tmp_path), langs=langs, directions=directions)
+    # A tsv file's columns have no language names: every direction would read the same two columns.
+    with pytest.raises(ConfigError, match="a tsv file's two columns are data.src_lang and data.tgt_lang"):
+        data_config(format="tsv", root=str(tmp_path), langs=["en", "de"])
+
     with pytest.raises(ConfigError, match=r"'en-es' is not SRC-TGT with two of data.langs"):
         data_config(root=str(tmp_path), langs=["en", "de"], directions=["en-es"])
     with pytest.raises(ConfigError, match="data.directions needs data.langs"):
         data_config(root=str(tmp_path), directions=["en-de"])
+
+
+def test_an_error_in_a_mixed_corpus_names_its_entry(tmp_path):
+    from attnmt.config import CorpusConfig
+    from attnmt.training import prepare_data
+
+    missing = CorpusConfig(src_lang="de", tgt_lang="en", root=str(tmp_path / "synthetic"), tag="bt")
+    cfg = folder_cfg(TINY, mix=[missing])
+    with pytest.raises(DataError, match=r"^de-en \(data.mix\[0\], bt\): data.root=\S+synthetic does not exist"):
+        prepare_data(cfg, tmp_path / "tokenizer")

@@ -110,3 +110,40 @@ def test_a_language_the_model_does_not_know_gets_one_line(en_to_de_fr, monkeypat
             translate.main()
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+@pytest.fixture(scope="module")
+def en_to_de_by_langs(tmp_path_factory) -> Path:
+    """A tiny model of one direction named by data.langs/data.directions, en-de, while data.tgt_lang
+    keeps the shipped config's en: a model of one target language has no tags."""
+    from conftest import train_tiny
+
+    return train_tiny(tmp_path_factory.mktemp("en-de-langs"), "data.langs=[de,en]", "data.directions=[en-de]",
+                      max_steps=20)
+
+
+def test_a_model_of_one_target_language_named_by_langs_knows_its_languages(en_to_de_by_langs, fixture_corpus,
+                                                                           monkeypatch, capsys, restore_logging):
+    import attnmt.cli.evaluate as evaluate
+    import attnmt.cli.translate as translate
+
+    monkeypatch.setattr(sys, "argv", ["attnmt-evaluate", f"ckpt={en_to_de_by_langs}", "split=test", "beam_size=1",
+                                      f"data.root={fixture_corpus}"])
+    evaluate.main()
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["direction"] == "en-de"
+    monkeypatch.setattr(sys, "argv", ["attnmt-translate", f"ckpt={en_to_de_by_langs}", "tgt_lang=de", "src_lang=en",
+                                      "beam_size=1", "text=A man."])
+    translate.main()
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    ckpt = f"ckpt={en_to_de_by_langs}"
+    for argv, message in (
+            (["attnmt-translate", ckpt, "tgt_lang=en", "text=A man."], "tgt_lang=en: this model translates into de only"),
+            (["attnmt-translate", ckpt, "src_lang=fr", "text=A man."], "src_lang=fr: this model translates from en only"),
+            (["attnmt-evaluate", ckpt, f"data.root={fixture_corpus}", "split=test", "tgt_lang=en"],
+             "the data config has directions en-de; ?-en names none of them"),
+    ):
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as exit_info:
+            (translate if argv[0] == "attnmt-translate" else evaluate).main()
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err

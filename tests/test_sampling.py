@@ -179,3 +179,20 @@ def test_the_command_line_draws_the_same_whatever_its_buffer(trained_checkpoint)
     assert outputs[0] == outputs[1] and len(outputs[0]) == len(lines)
     beam = run("translate", f"ckpt={trained_checkpoint}", stdin=stdin).stdout.split("\n")[:-1]
     assert outputs[0] != beam  # it did sample
+
+
+def test_evaluate_reports_the_sampling_settings_that_reproduce_its_score(trained_checkpoint) -> None:
+    import json
+
+    from test_cli import run
+
+    reports = []
+    for _ in range(2):
+        result = run("evaluate", f"ckpt={trained_checkpoint}", "split=test", "sampling=true", "top_k=5", "seed=3")
+        assert result.returncode == 0, result.stderr
+        reports.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert reports[0]["bleu"] == reports[1]["bleu"]
+    assert {k: reports[0][k] for k in ("sampling", "temperature", "top_k", "top_p", "seed")} == {
+        "sampling": True, "temperature": 1.0, "top_k": 5, "top_p": 1.0, "seed": 3}
+    searched = run("evaluate", f"ckpt={trained_checkpoint}", "split=test", "beam_size=1")
+    assert "sampling" not in json.loads(searched.stdout.strip().splitlines()[-1])

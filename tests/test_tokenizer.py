@@ -130,6 +130,14 @@ def test_save_load_and_user_model(joint, tmp_path):
         Tokenizer.load(tmp_path)
 
 
+def test_a_user_model_without_the_datas_tags_is_refused(joint, tmp_path):
+    joint.save(tmp_path / "saved")  # trained without tags
+    cfg = tokenizer_config(model=str(tmp_path / "saved"))
+    with pytest.raises(TokenizerError, match=r"data.tokenizer.model=\S+ has no tag <2de>, <2fr>, which the data needs"):
+        Tokenizer.train([], [], cfg, tmp_path / "run", tags=["<2de>", "<2fr>"])
+    assert Tokenizer.train([], [], cfg, tmp_path / "run").tags == []
+
+
 def test_user_model_with_other_special_ids_is_refused(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(tiny_pairs()[0]) + "\n", encoding="utf-8")

@@ -12,6 +12,7 @@ Python code and tests.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,22 +122,34 @@ class TokenizerConfig:
 class CorpusConfig:
     """A further training corpus mixed into the main one (``data.mix``), read as the main corpus is read
     and cleaned by the main corpus's rules: a second parallel corpus, or synthetic pairs from
-    back-translation."""
+    back-translation.
 
-    format: str  # folder | tsv | jsonl | hub | disk
-    root: str | None
-    hub_id: str | None
-    hub_config: str | None
-    split: str  # the split of this source that is trained on
+    The one schema with defaults: a list's items get nothing from the YAML files, so an entry needs
+    only its source and languages (``{root: bt, src_lang: en, tgt_lang: de}``).
+    """
+
     src_lang: str
     tgt_lang: str
-    weight: float  # multiplies its share of each epoch (1.0: as its size and data.temperature give)
-    tag: str | None  # a tag token <TAG> before its sources, e.g. bt for tagged back-translation
+    format: str = "folder"  # folder | tsv | jsonl | hub | disk
+    root: str | None = None
+    hub_id: str | None = None
+    hub_config: str | None = None
+    split: str = "train"  # the split of this source that is trained on
+    weight: float = 1.0  # multiplies its share of each epoch (1.0: as its size and data.temperature give)
+    tag: str | None = None  # a tag token <TAG> before its sources, e.g. bt for tagged back-translation
 
-    def __post_init__(self) -> None:
-        _check_choice("data.mix[].format", self.format, DATA_FORMATS)
+    def check(self, key: str) -> None:
+        """Raise :class:`ConfigError` on settings that cannot work, keys named with ``key`` (``data.mix[0]``)."""
+        _check_choice(f"{key}.format", self.format, DATA_FORMATS)
         if self.weight < 0:
-            raise ConfigError(f"data.mix[].weight={self.weight} must not be negative")
+            raise ConfigError(f"{key}.weight={self.weight} must not be negative")
+        if self.format == "hub" and not self.hub_id:
+            raise ConfigError(f"{key}: format=hub needs hub_id (a dataset id of the Hugging Face hub)")
+        if self.format != "hub" and not self.root:
+            raise ConfigError(f"{key}: format={self.format} reads from a folder: give its root")
+        if self.tag is not None and not re.fullmatch(r"[^\s<>]+", self.tag):
+            raise ConfigError(f"{key}.tag={self.tag!r} must be a word without spaces or angle brackets "
+                              "(it becomes the token <TAG>), e.g. bt")
 
 
 @dataclass
@@ -174,12 +187,24 @@ class DataConfig:
         _check_choice("data.format", self.format, DATA_FORMATS)
         if self.temperature <= 0:
             raise ConfigError(f"data.temperature={self.temperature} must be positive (1 = proportional to sizes)")
+        if self.langs is not None:
+            if len(set(self.langs)) != len(self.langs) or len(self.langs) < 2:
+                raise ConfigError(f"data.langs={self.langs} must name two or more languages, each once")
+            if self.format == "tsv":
+                raise ConfigError("data.langs needs a corpus whose columns are named by language (data.format=folder, "
+                                  "jsonl, hub or disk); a tsv file's two columns are data.src_lang and data.tgt_lang")
         for direction in self.directions or []:
             src, _, tgt = direction.partition("-")
             if not src or not tgt or src == tgt or (self.langs and not {src, tgt} <= set(self.langs)):
                 raise ConfigError(f"data.directions: {direction!r} is not SRC-TGT with two of data.langs={self.langs}")
-        if self.directions and not self.langs:
-            raise ConfigError("data.directions needs data.langs (the languages of the aligned corpus)")
+        if self.directions is not None:
+            if not self.langs:
+                raise ConfigError("data.directions needs data.langs (the languages of the aligned corpus)")
+            if not self.directions or len(set(self.directions)) != len(self.directions):
+                raise ConfigError(f"data.directions={self.directions} must name one or more directions, each once "
+                                  "(null: every ordered pair of data.langs)")
+        for i, corpus in enumerate(self.mix):
+            corpus.check(f"data.mix[{i}]")
 
     def pairs(self) -> list[tuple[str, str]]:
         """The main corpus's directions: (src, tgt) for each of ``directions``, every ordered pair of
@@ -190,10 +215,32 @@ class DataConfig:
             return [tuple(d.split("-", 1)) for d in self.directions]
         return [(a, b) for a in self.langs for b in self.langs if a != b]
 
+    def source_languages(self) -> list[str]:
+        """The languages a model trained on this config translates from."""
+        return sorted({src for src, _ in self.pairs()} | {corpus.src_lang for corpus in self.mix})
+
+    def target_languages(self) -> list[str]:
+        """The languages a model trained on this config translates into; two or more need target-language tags."""
+        return sorted({tgt for _, tgt in self.pairs()} | {corpus.tgt_lang for corpus in self.mix})
+
 
 # Data-config keys added after checkpoints were written, with the value that reproduces what those
 # were trained with; commands that rebuild a checkpoint's data config merge these first.
 DATA_KEYS_ADDED = {"langs": None, "directions": None, "mix": [], "temperature": 1.0}
+
+
+def trained_data_config(trained: dict, overrides: Any = None) -> DataConfig:
+    """The data config a checkpoint was trained with (its ``config["data"]``), keys added since filled
+    in, with ``overrides`` (a dict or ``DictConfig`` of its keys) on top.
+
+    Raises:
+        omegaconf.errors.OmegaConfBaseException: an override names no key of it or has the wrong type.
+        ConfigError: the result cannot work.
+    """
+    from omegaconf import OmegaConf
+
+    layers = [OmegaConf.structured(DataConfig), DATA_KEYS_ADDED, trained, *([overrides] if overrides is not None else [])]
+    return OmegaConf.to_object(OmegaConf.merge(*layers))
 
 
 @dataclass
@@ -282,6 +329,12 @@ class TrainRunConfig:
     optim: OptimConfig
     train: TrainConfig
 
+    def __post_init__(self) -> None:
+        names = [f"{src}-{tgt}" for src, tgt in self.data.pairs()]
+        if self.train.best_metric != "mean" and self.train.best_metric not in names:
+            raise ConfigError(f"train.best_metric={self.train.best_metric!r} is neither mean nor a direction of the "
+                              f"data: {', '.join(names)}")
+
 
 @dataclass
 class TranslateConfig(DecodeConfig):
@@ -298,6 +351,7 @@ class TranslateConfig(DecodeConfig):
     engine: str  # native | ctranslate2 (attnmt.export.ctranslate2)
     compute_type: str  # engine=ctranslate2: CTranslate2's compute_type (default, auto, int8, float16, ...)
     tgt_lang: str | None  # the language to translate into; None = the model's only one
+    src_lang: str | None  # the language of the input, checked against those the model knows; None = unchecked
 
 
 @dataclass

@@ -67,7 +67,7 @@ _PARALLEL_FROM = 10_000  # splits with fewer rows are processed in one process
 _SRC_CHANGED, _TGT_CHANGED, _SRC_NOT_NFKC, _TGT_NOT_NFKC, _EMPTY = 1, 2, 4, 8, 16
 
 __all__ = ["DataError", "Stream", "direction", "load_references", "load_split", "read_lines", "read_split", "shares",
-           "streams", "tags", "target_languages", "token_lengths", "tokenize", "train_tokenizer"]
+           "streams", "tags", "token_lengths", "tokenize", "train_tokenizer"]
 
 
 class DataError(ValueError):
@@ -520,7 +520,7 @@ def streams(cfg: DataConfig) -> list[Stream]:
     """The training streams: each direction of the main corpus (``data.langs``/``data.directions``, or
     ``data.src_lang``-``data.tgt_lang``), then each corpus of ``data.mix``."""
     one = dict(langs=None, directions=None, mix=[])
-    lang_tags = len(target_languages(cfg)) > 1
+    lang_tags = len(cfg.target_languages()) > 1
     out = [Stream(f"{src}-{tgt}", replace(cfg, src_lang=src, tgt_lang=tgt, **one),
                   (f"<2{tgt}>",) if lang_tags else (), 1.0) for src, tgt in cfg.pairs()]
     for i, corpus in enumerate(cfg.mix):
@@ -531,11 +531,6 @@ def streams(cfg: DataConfig) -> list[Stream]:
         name = f"{corpus.src_lang}-{corpus.tgt_lang} (data.mix[{i}]{', ' + corpus.tag if corpus.tag else ''})"
         out.append(Stream(name, corpus_cfg, tags, corpus.weight))
     return out
-
-
-def target_languages(cfg: DataConfig) -> list[str]:
-    """The languages a model trained on ``cfg`` translates into; two or more need target-language tags."""
-    return sorted({tgt for _, tgt in cfg.pairs()} | {corpus.tgt_lang for corpus in cfg.mix})
 
 
 def tags(cfg: DataConfig) -> list[str]:
@@ -629,14 +624,14 @@ def _encode(batch: dict, tokenizer: Tokenizer, prefix: list[int]) -> dict:
 
 
 def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, cfg: DataConfig, train: bool,
-             prefix: Sequence[int] = ()) -> datasets.Dataset:
+             prefix: Sequence[int] = (), name: str = "train split") -> datasets.Dataset:
     """Add ``src_ids`` and ``tgt_ids`` (token ids + EOS, int16 where the vocabulary fits) and their
     lengths ``src_len`` and ``tgt_len`` to a split; ``prefix`` (tag ids) goes before every source.
 
     The result is cached under ``cfg.cache_dir`` by the split, the tokenizer and the settings, so a
     second run does not tokenize again. On a training split (``train``) pairs with a side over
-    ``cfg.max_len`` tokens (EOS not counted) or a length ratio above ``cfg.max_len_ratio`` are
-    dropped, with counts logged.
+    ``cfg.max_len`` tokens or a length ratio above ``cfg.max_len_ratio`` are dropped (the sentences'
+    own tokens count: neither the tags nor EOS), with counts logged under ``name``.
     """
     dtype = "int16" if max(tokenizer.src_vocab_size, tokenizer.tgt_vocab_size) <= 2**15 else "int32"
     features = ds.features.copy()
@@ -650,7 +645,7 @@ def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, cfg: DataConfig, train:
                 num_proc=_procs(cfg, len(ds)), cache_file_name=str(cache_root(cfg) / f"tokenized-{key}.arrow"),
                 new_fingerprint=key, desc="tokenizing")
     if train:
-        ds = _filter_lengths(ds, cfg, key)
+        ds = _filter_lengths(ds, cfg, key, len(prefix), name)
     return ds
 
 
@@ -660,20 +655,20 @@ def token_lengths(ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
     return _numpy(ds, "src_len"), _numpy(ds, "tgt_len")
 
 
-def _filter_lengths(ds: datasets.Dataset, cfg: DataConfig, key: str) -> datasets.Dataset:
+def _filter_lengths(ds: datasets.Dataset, cfg: DataConfig, key: str, n_tags: int, name: str) -> datasets.Dataset:
     src_len, tgt_len = token_lengths(ds)
-    src_len, tgt_len = src_len - 1, tgt_len - 1  # EOS is not part of the sentence
+    src_len, tgt_len = src_len - 1 - n_tags, tgt_len - 1  # neither the tags nor EOS are part of the sentence
     longer = np.maximum(src_len, tgt_len)
     too_long = (longer > cfg.max_len) if cfg.max_len > 0 else np.zeros(len(ds), bool)
     ratio = longer / np.maximum(np.minimum(src_len, tgt_len), 1)
     bad_ratio = (ratio > cfg.max_len_ratio) & ~too_long if cfg.max_len_ratio > 0 else np.zeros(len(ds), bool)
     keep = ~(too_long | bad_ratio)
     n_kept = int(keep.sum())
-    logger.info("train split: %d pairs over data.max_len=%d tokens dropped, %d with a length ratio above "
-                "data.max_len_ratio=%g dropped; %d pairs kept", int(too_long.sum()), cfg.max_len,
+    logger.info("%s: %d pairs over data.max_len=%d tokens dropped, %d with a length ratio above "
+                "data.max_len_ratio=%g dropped; %d pairs kept", name, int(too_long.sum()), cfg.max_len,
                 int(bad_ratio.sum()), cfg.max_len_ratio, n_kept)
     if n_kept == 0:
         raise DataError(f"no training pairs left after the length rules: {int(too_long.sum())} of {len(ds)} over "
                         f"data.max_len={cfg.max_len} tokens, {int(bad_ratio.sum())} with a length ratio above "
                         f"data.max_len_ratio={cfg.max_len_ratio}; raise these limits")
-    return _keep(ds, keep, _key(key, cfg.max_len, cfg.max_len_ratio))
+    return _keep(ds, keep, _key(key, cfg.max_len, cfg.max_len_ratio, n_tags))

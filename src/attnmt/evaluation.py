@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from attnmt.batching import length_batches, pad
-from attnmt.config import DecodeConfig
+from attnmt.config import DecodeConfig, trained_data_config
 from attnmt.decoding import Hypothesis, beam_search, greedy_search, sample_search
 from attnmt.device import autocast, inference_dtype
 from attnmt.model import Transformer
@@ -59,27 +59,36 @@ def encode_sources(tokenizer: Tokenizer, lines: list[str], max_len: int, first_l
     return sources
 
 
-def target_prefix(tokenizer: Tokenizer, run_config: dict, tgt_lang: str | None) -> list[int]:
+def target_prefix(tokenizer: Tokenizer, run_config: dict, tgt_lang: str | None,
+                  src_lang: str | None = None) -> list[int]:
     """The tag ids that ask a model for ``tgt_lang``: ``[<2xx>]`` for a model of several target
     languages, none for a model of one (whose language ``tgt_lang``, if given, must be).
 
+    The languages a model knows come from its tags, else from the data config it was trained on
+    (``run_config["data"]``); ``src_lang``, if given, must be one it was trained to translate from.
+    A direction of two known languages that was not trained (zero-shot) is translated, with a warning.
+
     Raises:
-        TokenizerError: the model does not translate into ``tgt_lang`` (or, with several target
-            languages, none was given); the message names the languages it knows.
+        TokenizerError: the model does not translate into ``tgt_lang`` or from ``src_lang`` (or, with
+            several target languages, none was given); the message names the languages it knows.
     """
-    languages = sorted(tag[2:-1] for tag in tokenizer.tags if tag.startswith("<2"))
-    if not languages:
-        own = run_config.get("data", {}).get("tgt_lang")
-        if tgt_lang is not None and own is not None and tgt_lang != own:
-            raise TokenizerError(f"tgt_lang={tgt_lang}: this model translates into {own} only")
+    data = trained_data_config(run_config["data"]) if run_config.get("data") else None
+    tagged = sorted(tag[2:-1] for tag in tokenizer.tags if tag.startswith("<2"))
+    targets = tagged or (data.target_languages() if data else [])
+    if src_lang is not None and data and src_lang not in data.source_languages():
+        raise TokenizerError(f"src_lang={src_lang}: this model translates from {', '.join(data.source_languages())} only")
+    if tgt_lang is not None and targets and tgt_lang not in targets:
+        raise TokenizerError(f"tgt_lang={tgt_lang}: this model translates into {', '.join(targets)} only")
+    if tgt_lang is None and len(tagged) > 1:
+        raise TokenizerError(f"this model translates into {', '.join(tagged)}: choose one with tgt_lang=")
+    if src_lang is not None and tgt_lang is not None and data:
+        trained = {f"{s}-{t}" for s, t in data.pairs()} | {f"{c.src_lang}-{c.tgt_lang}" for c in data.mix}
+        if f"{src_lang}-{tgt_lang}" not in trained:
+            log.warning("%s-%s is not a direction this model was trained on (%s): zero-shot", src_lang, tgt_lang,
+                        ", ".join(sorted(trained)))
+    if not tagged:
         return []
-    if tgt_lang is None:
-        if len(languages) > 1:
-            raise TokenizerError(f"this model translates into {', '.join(languages)}: choose one with tgt_lang=")
-        tgt_lang = languages[0]
-    if tgt_lang not in languages:
-        raise TokenizerError(f"tgt_lang={tgt_lang}: this model translates into {', '.join(languages)} only")
-    return [tokenizer.tag_id(f"<2{tgt_lang}>")]
+    return [tokenizer.tag_id(f"<2{tgt_lang or tagged[0]}>")]
 
 
 def search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: DecodeConfig,

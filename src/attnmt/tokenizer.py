@@ -103,6 +103,11 @@ class Tokenizer:
         out_dir = Path(out_dir)
         if cfg.model:
             tokenizer = cls.load(cfg.model)
+            missing = [tag for tag in tags if tag not in tokenizer.tags]
+            if missing:
+                raise TokenizerError(f"data.tokenizer.model={cfg.model} has no tag {', '.join(missing)}, which the data "
+                                     "needs (data.langs, data.mix[].tag): tags are fixed when a tokenizer is trained; "
+                                     "leave data.tokenizer.model unset to train one with them")
             tokenizer.save(out_dir)
             return tokenizer
         if len(src_texts) != len(tgt_texts):

@@ -47,7 +47,7 @@ from attnmt import checkpoint, distributed
 from attnmt.batching import Batch, TokenBucketSampler, collate, make_dataloader
 from attnmt.checkpoint import CheckpointError, TrainState
 from attnmt.config import ConfigError, DataConfig, DecodeConfig, ModelConfig, OptimConfig, TrainConfig, TrainRunConfig
-from attnmt.data import Stream, load_references, load_split, shares, streams, tags, token_lengths, tokenize, train_tokenizer
+from attnmt.data import DataError, Stream, load_references, load_split, shares, streams, tags, token_lengths, tokenize, train_tokenizer
 from attnmt.device import autocast as autocast_context
 from attnmt.device import resolve_device, resolve_precision
 from attnmt.evaluation import attention_figure, corpus_scores, cross_attention, missing_glyphs_allowed, translate
@@ -382,7 +382,9 @@ def prepare_data(data_cfg: DataConfig, tokenizer_dir: Path, tokenizer: Tokenizer
     train_streams = streams(data_cfg)
     valid_streams = train_streams[: len(data_cfg.pairs())]
     with distributed.local_rank_zero_first():
-        cleaned = [load_split(stream.cfg, "train", train=True) for stream in train_streams]
+        several = len(train_streams) > 1
+        cleaned = [_named(stream if several else None, load_split, stream.cfg, "train", train=True)
+                   for stream in train_streams]
         valid_clean = [load_split(stream.cfg, "valid", train=False) for stream in valid_streams]
     if tokenizer is None:
         state = (train_tokenizer(cleaned, data_cfg, tokenizer_dir, tags(data_cfg)).to_state()
@@ -390,7 +392,8 @@ def prepare_data(data_cfg: DataConfig, tokenizer_dir: Path, tokenizer: Tokenizer
         tokenizer = Tokenizer.from_state(distributed.broadcast_object(state))
     prefixes = [[tokenizer.tag_id(tag) for tag in stream.tags] for stream in train_streams]
     with distributed.local_rank_zero_first():
-        train_sets = [tokenize(ds, tokenizer, stream.cfg, train=True, prefix=prefix)
+        train_sets = [_named(stream if several else None, tokenize, ds, tokenizer, stream.cfg, train=True,
+                             prefix=prefix, name=stream.name if several else "train split")
                       for stream, ds, prefix in zip(train_streams, cleaned, prefixes)]
         valid = [(stream, tokenize(ds, tokenizer, stream.cfg, train=False, prefix=prefix), prefix)
                  for stream, ds, prefix in zip(valid_streams, valid_clean, prefixes)]
@@ -401,6 +404,17 @@ def prepare_data(data_cfg: DataConfig, tokenizer_dir: Path, tokenizer: Tokenizer
     logger.info("mixing %s", ", ".join(f"{s.name}: {n} pairs, {share:.1%} of an epoch"
                                        for s, n, share in zip(train_streams, *mix)))
     return tokenizer, datasets.concatenate_datasets(train_sets), mix, valid
+
+
+def _named(stream: Stream | None, step, *args, **kwargs):
+    """``step(*args, **kwargs)`` on one of several streams: a :class:`DataError` then starts with the
+    stream's name, e.g. ``en-de (data.mix[0], bt)``, whose entry the ``data.*`` keys it names stand for."""
+    try:
+        return step(*args, **kwargs)
+    except DataError as err:
+        if stream is None:
+            raise
+        raise DataError(f"{stream.name}: {err}") from None
 
 
 def check_same_tokenizer(state: dict, cfg_tokenizer, path: Path) -> None:
@@ -627,9 +641,6 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
     seed_everything(t.seed)
     tokenizer = Tokenizer.from_state(source["tokenizer"]) if source is not None else None
     tokenizer, train_ds, mix, valid_sets = prepare_data(cfg.data, Path(t.run_dir) / "tokenizer", tokenizer)
-    if t.best_metric != "mean" and t.best_metric not in (stream.name for stream, _, _ in valid_sets):
-        raise ConfigError(f"train.best_metric={t.best_metric!r} is neither mean nor a direction of the data: "
-                          f"{', '.join(stream.name for stream, _, _ in valid_sets)}")
     model_cfg = replace(cfg.model, src_vocab_size=tokenizer.src_vocab_size, tgt_vocab_size=tokenizer.tgt_vocab_size,
                         pad_id=PAD_ID)
     model = build_model(model_cfg).to(device)

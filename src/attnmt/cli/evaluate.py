@@ -23,7 +23,7 @@ from attnmt.checkpoint import CheckpointError, load_for_inference
 from attnmt.cli.common import (
     UserError, check_engine, ctranslate2_engine, run_command, setup_logging, take_arguments, to_config,
 )
-from attnmt.config import DATA_KEYS_ADDED, ConfigError, DataConfig, EvaluateConfig, config_dir, register_configs
+from attnmt.config import ConfigError, EvaluateConfig, config_dir, register_configs, trained_data_config
 from attnmt.data import DataError, direction, load_references, load_split, read_lines
 from attnmt.device import resolve_device
 from attnmt.evaluation import corpus_scores, target_prefix, translate
@@ -50,14 +50,15 @@ def test_set(cfg: EvaluateConfig, run_config: dict, data_overrides: list[str],
         if len(sources) != len(references):
             raise UserError(f"src={cfg.src} has {len(sources)} lines but ref={cfg.ref} has {len(references)}; "
                             "they must be line-aligned")
-        own = (None, None) if trained.get("langs") else (trained.get("src_lang"), trained.get("tgt_lang"))
+        data_cfg = trained_data_config(trained)
+        own = [langs[0] if len(langs) == 1 else None
+               for langs in (data_cfg.source_languages(), data_cfg.target_languages())]
         return sources, references, cfg.src, (cfg.src_lang or own[0], cfg.tgt_lang or own[1])
     if cfg.src is not None or cfg.ref is not None:
         raise UserError("give either split=NAME or src=/ref= files, not both")
     try:
         overrides = OmegaConf.from_dotlist([item.removeprefix("data.") for item in data_overrides])
-        data_cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), DATA_KEYS_ADDED, trained,
-                                                       overrides))
+        data_cfg = trained_data_config(trained, overrides)
     except OmegaConfBaseException as err:
         raise UserError(f"{' '.join(data_overrides)}: {str(err).splitlines()[0]} (the keys are those of DataConfig, "
                         "e.g. data.root=FOLDER)") from None
@@ -81,7 +82,7 @@ def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
     sources, references, name, (src_lang, tgt_lang) = test_set(cfg, run_config, data_overrides)
     if not sources:
         raise UserError(f"{name} has no lines to evaluate")
-    prefix = target_prefix(tokenizer, run_config, tgt_lang)
+    prefix = target_prefix(tokenizer, run_config, tgt_lang, src_lang)
     pair = f"{src_lang or '?'}-{tgt_lang or '?'}"
 
     start = time.perf_counter()
@@ -106,6 +107,8 @@ def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
         "beam_size": cfg.beam_size,
         "len_penalty": cfg.len_penalty,
         "engine": cfg.engine,
+        **({"sampling": True, "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed}
+           if cfg.sampling else {}),
     }
     print(f"{name} ({pair}): {len(sources)} sentences in {seconds:.1f} s ({result['sentences_per_second']} sent/s)")
     print(f"BLEU = {scores['bleu']:.2f}  ({scores['bleu_signature']})")

@@ -18,6 +18,7 @@ import sys
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from attnmt import distributed
@@ -50,7 +51,10 @@ def main(cfg: DictConfig) -> None:
     is_main = int(os.environ.get("RANK", "0")) == 0
     setup_logging(is_main)
     try:
-        run_cfg = OmegaConf.to_object(cfg)
+        try:
+            run_cfg = OmegaConf.to_object(cfg)
+        except OmegaConfBaseException as err:  # e.g. a data.mix entry without src_lang
+            raise ConfigError(str(err).splitlines()[0] + (f" ({err.full_key})" if getattr(err, "full_key", None) else "")) from None
         with logging_redirect_tqdm():
             result = train(run_cfg)
     except (ConfigError, DataError, CheckpointError, TokenizerError) as e:

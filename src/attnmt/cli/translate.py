@@ -104,7 +104,7 @@ def run(cfg: TranslateConfig) -> None:
         translate_lines = partial(translate, model, tokenizer)
         if cfg.attention_plot is not None and cfg.attention_layer is not None and not 0 <= cfg.attention_layer < len(model.decoder_layers):
             raise UserError(f"attention_layer={cfg.attention_layer} is not a layer of this {len(model.decoder_layers)}-layer decoder")
-    prefix = target_prefix(tokenizer, run_config, cfg.tgt_lang)
+    prefix = target_prefix(tokenizer, run_config, cfg.tgt_lang, cfg.src_lang)
 
     out = sys.stdout if cfg.output is None else open(cfg.output, "w", encoding="utf-8")
     n_lines = 0
