@@ -215,13 +215,17 @@ class DataConfig:
             return [tuple(d.split("-", 1)) for d in self.directions]
         return [(a, b) for a in self.langs for b in self.langs if a != b]
 
+    def trained_pairs(self) -> list[tuple[str, str]]:
+        """Every direction a model trained on this config learns: the main corpus's, then ``mix``'s."""
+        return self.pairs() + [(corpus.src_lang, corpus.tgt_lang) for corpus in self.mix]
+
     def source_languages(self) -> list[str]:
         """The languages a model trained on this config translates from."""
-        return sorted({src for src, _ in self.pairs()} | {corpus.src_lang for corpus in self.mix})
+        return sorted({src for src, _ in self.trained_pairs()})
 
     def target_languages(self) -> list[str]:
         """The languages a model trained on this config translates into; two or more need target-language tags."""
-        return sorted({tgt for _, tgt in self.pairs()} | {corpus.tgt_lang for corpus in self.mix})
+        return sorted({tgt for _, tgt in self.trained_pairs()})
 
 
 # Data-config keys added after checkpoints were written, with the value that reproduces what those

@@ -81,11 +81,9 @@ def target_prefix(tokenizer: Tokenizer, run_config: dict, tgt_lang: str | None,
         raise TokenizerError(f"tgt_lang={tgt_lang}: this model translates into {', '.join(targets)} only")
     if tgt_lang is None and len(tagged) > 1:
         raise TokenizerError(f"this model translates into {', '.join(tagged)}: choose one with tgt_lang=")
-    if src_lang is not None and tgt_lang is not None and data:
-        trained = {f"{s}-{t}" for s, t in data.pairs()} | {f"{c.src_lang}-{c.tgt_lang}" for c in data.mix}
-        if f"{src_lang}-{tgt_lang}" not in trained:
-            log.warning("%s-%s is not a direction this model was trained on (%s): zero-shot", src_lang, tgt_lang,
-                        ", ".join(sorted(trained)))
+    if src_lang is not None and tgt_lang is not None and data and (src_lang, tgt_lang) not in data.trained_pairs():
+        log.warning("%s-%s is not a direction this model was trained on (%s): zero-shot", src_lang, tgt_lang,
+                    ", ".join(sorted({f"{s}-{t}" for s, t in data.trained_pairs()})))
     if not tagged:
         return []
     return [tokenizer.tag_id(f"<2{tgt_lang or tagged[0]}>")]

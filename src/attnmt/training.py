@@ -382,9 +382,9 @@ def prepare_data(data_cfg: DataConfig, tokenizer_dir: Path, tokenizer: Tokenizer
     train_streams = streams(data_cfg)
     valid_streams = train_streams[: len(data_cfg.pairs())]
     with distributed.local_rank_zero_first():
-        several = len(train_streams) > 1
-        cleaned = [_named(stream if several else None, load_split, stream.cfg, "train", train=True)
-                   for stream in train_streams]
+        # With several streams, each one's log lines and errors start with its name.
+        names = [stream.name if len(train_streams) > 1 else None for stream in train_streams]
+        cleaned = [_named(name, load_split, stream.cfg, "train", train=True) for stream, name in zip(train_streams, names)]
         valid_clean = [load_split(stream.cfg, "valid", train=False) for stream in valid_streams]
     if tokenizer is None:
         state = (train_tokenizer(cleaned, data_cfg, tokenizer_dir, tags(data_cfg)).to_state()
@@ -392,9 +392,9 @@ def prepare_data(data_cfg: DataConfig, tokenizer_dir: Path, tokenizer: Tokenizer
         tokenizer = Tokenizer.from_state(distributed.broadcast_object(state))
     prefixes = [[tokenizer.tag_id(tag) for tag in stream.tags] for stream in train_streams]
     with distributed.local_rank_zero_first():
-        train_sets = [_named(stream if several else None, tokenize, ds, tokenizer, stream.cfg, train=True,
-                             prefix=prefix, name=stream.name if several else "train split")
-                      for stream, ds, prefix in zip(train_streams, cleaned, prefixes)]
+        train_sets = [_named(name, tokenize, ds, tokenizer, stream.cfg, train=True, prefix=prefix,
+                             name=name or "train split")
+                      for stream, name, ds, prefix in zip(train_streams, names, cleaned, prefixes)]
         valid = [(stream, tokenize(ds, tokenizer, stream.cfg, train=False, prefix=prefix), prefix)
                  for stream, ds, prefix in zip(valid_streams, valid_clean, prefixes)]
     if len(train_sets) == 1:
@@ -406,15 +406,15 @@ def prepare_data(data_cfg: DataConfig, tokenizer_dir: Path, tokenizer: Tokenizer
     return tokenizer, datasets.concatenate_datasets(train_sets), mix, valid
 
 
-def _named(stream: Stream | None, step, *args, **kwargs):
-    """``step(*args, **kwargs)`` on one of several streams: a :class:`DataError` then starts with the
-    stream's name, e.g. ``en-de (data.mix[0], bt)``, whose entry the ``data.*`` keys it names stand for."""
+def _named(label: str | None, step, *args, **kwargs):
+    """``step(*args, **kwargs)`` on a stream; a :class:`DataError` starts with ``label`` where one is
+    given, e.g. ``en-de (data.mix[0], bt)``, whose entry the ``data.*`` keys it names stand for."""
     try:
         return step(*args, **kwargs)
     except DataError as err:
-        if stream is None:
+        if label is None:
             raise
-        raise DataError(f"{stream.name}: {err}") from None
+        raise DataError(f"{label}: {err}") from None
 
 
 def check_same_tokenizer(state: dict, cfg_tokenizer, path: Path) -> None:
