@@ -18,7 +18,7 @@ pressure), and the peak of its largest helper process (the tokenizer trainer, th
 tokenizing workers); with two sizes, the memory growth per pair.
 
 usage: python scripts/bench_data.py [--root ../shared/data/multi30k] [--max-tokens 1024 2048 4096 8192]
-                                     [--workers 0 2] [--vocab-size 8000]
+                                     [--workers 0 2] [--vocab-size 8000] [--update-freq 1] [--sort-window 0]
        python scripts/bench_data.py --scale 900000 4500000 [--out data/bench] [--keep]
 """
 
@@ -48,7 +48,7 @@ def throughput(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     train = load_split(cfg, "train", train=True)
     loaded = time.perf_counter()
-    tokenizer = train_tokenizer(train, cfg)
+    tokenizer = train_tokenizer([train], cfg)
     trained = time.perf_counter()
     ds = tokenize(train, tokenizer, cfg, train=True)
     tokenized = time.perf_counter()
@@ -56,12 +56,15 @@ def throughput(args: argparse.Namespace) -> None:
     print(f"\nMulti30k train: {len(ds)} pairs, vocabulary {tokenizer.src_vocab_size}; load+clean "
           f"{loaded - start:.2f}s, tokenizer {trained - loaded:.2f}s, tokenize {tokenized - trained:.2f}s\n")
 
+    print(f"updates of update_freq={args.update_freq} batches, sentences sorted by length in windows of "
+          f"train.sort_window={args.sort_window} updates (0 = the whole epoch)\n")
     header = f"| {'max_tokens':>10} | {'workers':>7} | {'batches':>7} | {'batches/s':>9} | {'tokens/s':>11} | {'padding':>7} |"
     print(header)
     print("|" + "|".join("-" * (len(cell) + 0) for cell in header.split("|")[1:-1]) + "|")
     for max_tokens in args.max_tokens:
         for workers in args.workers:
-            sampler = TokenBucketSampler(src_lens, tgt_lens, max_tokens, seed=1)
+            sampler = TokenBucketSampler(src_lens, tgt_lens, max_tokens, seed=1, update_freq=args.update_freq,
+                                         window=args.sort_window)
             sampler.set_epoch(1)
             n_batches = tokens = slots = 0
             t0 = time.perf_counter()
@@ -197,6 +200,8 @@ def main() -> None:
     parser.add_argument("--root", default=str(default_root), help="the Multi30k folder")
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--update-freq", type=int, default=1, help="batches per update (train.update_freq)")
+    parser.add_argument("--sort-window", type=int, default=0, help="train.sort_window: updates sorted together")
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--out", default="data/bench", help="corpora, caches and runs of the benchmark")
     parser.add_argument("--scale", type=int, nargs="+", help="corpus sizes (pairs) for the scale benchmark")

@@ -108,13 +108,29 @@ def length_batches(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
 class TokenBucketSampler:
     """Batches of at most ``max_tokens`` padded tokens, shuffled per epoch, sharded over ranks, resumable.
 
-    A batch's cost is ``batch size x the longest source or target in it`` (padding included). Each
-    epoch, the sentences are shuffled (from ``(seed, epoch)``), cut into windows of ``window``
-    sentences, sorted by length inside each window (so batches hold sentences of similar length) and
-    packed greedily; the batch order is then shuffled. With ``shuffle=False`` the whole set is sorted
-    once and the order is fixed. Batches are split until their number is a multiple of
-    ``world_size``, and rank ``r`` takes every ``world_size``-th one from ``r``: ranks get disjoint
-    batches, the same number of them, and together cover every sentence exactly once per epoch.
+    A batch's cost is ``batch size x the longest source or target in it`` (padding included).
+
+    **What an update holds.** One update takes ``update_freq`` batches on each of ``world_size``
+    ranks: ``G = update_freq x world_size`` micro-batches. Each epoch, the sentences are shuffled
+    (from ``(seed, epoch)``) and cut into windows of about ``window`` updates' worth of sentences;
+    each window is sorted by length and packed greedily into ``G x u`` batches (so a batch holds
+    sentences of similar length and padding stays small). The window's sorted batches are cut into
+    ``G`` length strata of ``u`` batches, and each of its ``u`` updates takes one batch, drawn at
+    random, from every stratum. So:
+
+    - ``window=1``: every update is a random sample of the corpus, sorted and cut into its ``G``
+      micro-batches: updates alike in length (as random batches) at the padding of sorted ones.
+    - larger windows: less padding (each micro-batch is cut from more sentences), and each update still
+      spans the lengths of its window in ``G`` strata.
+    - ``window=0``: the whole epoch is one window; with ``G=1`` each update is one length class
+      (fairseq's order: shuffled batches of length-sorted sentences).
+
+    A window's batch count is kept a multiple of ``G`` by carrying a few of its batches' sentences
+    (drawn at random) into the next window, so update boundaries and windows stay aligned; the
+    epoch's last window splits its largest batches instead. Rank ``r`` takes every
+    ``world_size``-th batch from ``r``: ranks get disjoint batches, the same number of them, and
+    together cover every sentence exactly once per epoch. With ``shuffle=False`` (validation) the
+    whole set is sorted once and the order is fixed.
 
     Resuming exactly: the checkpoint must hold :meth:`state_dict` called with the number of batches
     the training loop has taken from the DataLoader in the current epoch,
@@ -137,14 +153,15 @@ class TokenBucketSampler:
         seed: with the epoch, fixes the order.
         rank: this process's rank.
         world_size: the number of ranks.
-        window: sentences sorted together; larger means less padding and less randomness.
+        update_freq: batches per update on each rank (gradient accumulation).
+        window: updates whose sentences are sorted together; 0 = the whole epoch.
         streams: the sizes of the consecutive runs of sentences that are mixed; None = every sentence
             once per epoch.
         shares: each stream's share of an epoch (they sum to 1), e.g. :func:`attnmt.data.shares`.
     """
 
     def __init__(self, src_lens: Sequence[int], tgt_lens: Sequence[int], max_tokens: int, shuffle: bool = True,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, window: int = 100_000,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, update_freq: int = 1, window: int = 0,
                  streams: Sequence[int] | None = None, shares: Sequence[float] | None = None):
         # int32: with the int32 order below, 16 bytes per sentence pair at any corpus size.
         self.src_lens = np.asarray(src_lens, dtype=np.int32)
@@ -153,6 +170,8 @@ class TokenBucketSampler:
             raise ValueError(f"{len(self.src_lens)} source lengths but {len(self.tgt_lens)} target lengths")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        if update_freq < 1 or window < 0:
+            raise ValueError(f"update_freq={update_freq} must be at least 1 and window={window} at least 0")
         if len(self.src_lens) < world_size:
             raise ValueError(f"{len(self.src_lens)} sentences cannot be shared among {world_size} ranks")
         longest = np.maximum(self.src_lens, self.tgt_lens)
@@ -163,7 +182,7 @@ class TokenBucketSampler:
                 f"{int(self.tgt_lens[i])}), more than max_tokens={max_tokens}: raise train.max_tokens or lower data.max_len"
             )
         self.max_tokens, self.shuffle, self.seed = max_tokens, shuffle, seed
-        self.rank, self.world_size, self.window = rank, world_size, window
+        self.rank, self.world_size, self.update_freq, self.window = rank, world_size, update_freq, window
         if streams is not None:
             if sum(streams) != len(self.src_lens) or shares is None or len(shares) != len(streams):
                 raise ValueError(f"streams {list(streams)} must cover the {len(self.src_lens)} sentences, with one "
@@ -203,15 +222,19 @@ class TokenBucketSampler:
         consumed = self._yielded if batches_consumed is None else batches_consumed
         return {"epoch": self.epoch, "batches_consumed": int(consumed), "seed": self.seed, "shuffle": self.shuffle,
                 "max_tokens": self.max_tokens, "n_sentences": len(self.src_lens), "world_size": self.world_size,
-                "streams": self.streams, "shares": self.shares}
+                "update_freq": self.update_freq, "window": self.window, "streams": self.streams,
+                "shares": self.shares}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from :meth:`state_dict`: the next iteration yields the rest of that epoch."""
+        # Checkpoints written before the window existed sorted each epoch whole, one batch per update.
+        old = {"update_freq": 1, "window": 0} if "window" not in state else {}
         for key, mine in (("n_sentences", len(self.src_lens)), ("max_tokens", self.max_tokens),
-                          ("seed", self.seed), ("shuffle", self.shuffle), ("streams", self.streams),
-                          ("shares", self.shares)):
-            if state.get(key) != mine:
-                raise ValueError(f"cannot resume the batch order: the checkpoint's sampler has {key}={state.get(key)}, "
+                          ("seed", self.seed), ("shuffle", self.shuffle), ("update_freq", self.update_freq),
+                          ("window", self.window), ("streams", self.streams), ("shares", self.shares)):
+            theirs = old.get(key, state.get(key))
+            if theirs != mine:
+                raise ValueError(f"cannot resume the batch order: the checkpoint's sampler has {key}={theirs}, "
                                  f"this run has {mine}; resume with the same data and batching settings")
         consumed = state["batches_consumed"]
         if state["world_size"] != self.world_size:
@@ -249,37 +272,79 @@ class TokenBucketSampler:
         order = np.concatenate(rows)
         return order[rng.permutation(len(order))]
 
+    def _sorted(self, rows: np.ndarray, longest: np.ndarray) -> np.ndarray:
+        """``rows`` by the longer side, then by each side, so both source and target padding stay small;
+        the stable sort keeps the shuffled order among equal lengths."""
+        return rows[np.lexsort((self.src_lens[rows], self.tgt_lens[rows], longest[rows]))]
+
     def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """All ranks' batches of ``epoch``, in order: the same on every rank."""
-        n = len(self.src_lens)
         rng = np.random.default_rng([self.seed, epoch])
-        if self.streams is not None:
-            order = self._mixed_rows(rng)
-            n = len(order)
-        else:
-            order = (rng.permutation(n) if self.shuffle else np.arange(n)).astype(np.int32)
-        window = self.window if self.shuffle else max(n, 1)
-        # Sort by the longer side, then by each side, so both source and target padding stay small;
-        # the stable sort keeps the shuffled order among equal lengths.
         longest = np.maximum(self.src_lens, self.tgt_lens)
-        for start in range(0, n, window):
-            chunk = order[start : start + window]
-            order[start : start + window] = chunk[np.lexsort((self.src_lens[chunk], self.tgt_lens[chunk], longest[chunk]))]
+        if not self.shuffle:
+            return _split_for_ranks(pack(self._sorted(np.arange(len(longest), dtype=np.int32), longest), longest,
+                                         self.max_tokens), self.world_size)
+        order = self._mixed_rows(rng) if self.streams is not None else rng.permutation(len(longest)).astype(np.int32)
+        group = self.update_freq * self.world_size  # micro-batches in one update, all ranks together
+        if self.window == 0:
+            batches = pack(self._sorted(order, longest), longest, self.max_tokens)
+            return _split_for_ranks(_deal(_split_to_multiple(batches, group), group, rng), self.world_size)
 
-        batches = pack(order, longest, self.max_tokens)
+        # Sentences per window, from the mean length and updated with each window's packing, so that a
+        # window fills about `window` updates; a function of (seed, epoch) alone, as resuming needs.
+        wanted = self.window * group
+        per_window = max(group, int(wanted * self.max_tokens * 0.9 / max(float(longest[order].mean()), 1.0)))
+        batches: list[np.ndarray] = []
+        carried = np.empty(0, np.int32)
+        start = 0
+        while start < len(order) or len(carried):
+            take = max(per_window - len(carried), 1)
+            rows = np.concatenate([carried, order[start : start + take]])
+            start += take
+            window = pack(self._sorted(rows, longest), longest, self.max_tokens)
+            per_window = max(group, round(len(rows) * wanted / len(window)))
+            if start >= len(order):  # the last window: no next one to carry into
+                window, carried = _split_to_multiple(window, group), np.empty(0, np.int32)
+            else:
+                extra = len(window) % group
+                out = set(rng.choice(len(window), extra, replace=False).tolist()) if extra else set()
+                carried = np.concatenate([window[j] for j in sorted(out)]) if out else np.empty(0, np.int32)
+                window = [b for j, b in enumerate(window) if j not in out]
+            batches += _deal(window, group, rng)
+        return _split_for_ranks(batches, self.world_size)
 
-        # Equal batch counts on every rank without dropping or repeating a sentence: halve the batches
-        # with the most sentences until the count divides evenly.
-        while len(batches) % self.world_size:
-            big = max(range(len(batches)), key=lambda j: len(batches[j]))
-            if len(batches[big]) < 2:
-                raise ValueError(f"{len(batches)} one-sentence batches cannot be shared equally among "
-                                 f"{self.world_size} ranks; raise max_tokens")
-            half = len(batches[big]) // 2
-            batches[big : big + 1] = [batches[big][:half], batches[big][half:]]
-        if self.shuffle:
-            batches = [batches[j] for j in rng.permutation(len(batches))]
-        return batches
+
+def _split_to_multiple(batches: list[np.ndarray], group: int) -> list[np.ndarray]:
+    """Split the batches with the most sentences until their number is a multiple of ``group`` (as far
+    as one-sentence batches allow); the split halves stay next to each other in length order."""
+    batches = list(batches)
+    while len(batches) % group:
+        big = max(range(len(batches)), key=lambda j: len(batches[j]))
+        if len(batches[big]) < 2:
+            break
+        half = len(batches[big]) // 2
+        batches[big : big + 1] = [batches[big][:half], batches[big][half:]]
+    return batches
+
+
+def _deal(batches: list[np.ndarray], group: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Length-sorted ``batches`` in update order: cut into ``group`` strata of consecutive batches, each
+    update takes one batch, drawn at random, from every stratum (a count that is not a multiple of
+    ``group`` leaves its remainder at the end, shuffled)."""
+    updates, rest = divmod(len(batches), group)
+    strata = [rng.permutation(updates) + s * updates for s in range(group)]
+    order = [int(strata[s][u]) for u in range(updates) for s in range(group)]
+    order += [int(j) + updates * group for j in rng.permutation(rest)]
+    return [batches[j] for j in order]
+
+
+def _split_for_ranks(batches: list[np.ndarray], world_size: int) -> list[np.ndarray]:
+    """Equal batch counts on every rank without dropping or repeating a sentence."""
+    batches = _split_to_multiple(batches, world_size)
+    if len(batches) % world_size:
+        raise ValueError(f"{len(batches)} one-sentence batches cannot be shared equally among "
+                         f"{world_size} ranks; raise max_tokens")
+    return batches
 
 
 def make_dataloader(dataset, sampler: TokenBucketSampler, num_workers: int = 0, pin_memory: bool = False,
