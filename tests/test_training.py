@@ -180,6 +180,10 @@ def test_non_finite_loss_skips_the_update():
         ({}, dict(max_steps=0, max_epochs=2), dict(schedule="cosine"), r"optim.schedule=cosine .* train.max_steps"),
         ({}, dict(valid_decode=DecodeConfig(0, 1.0, 1, 1.5, 10, 0, 4096, "exact", False, 1.0, 0, 1.0, 1)), {}, r"train.valid_decode.beam_size=0"),
         ({}, dict(init_from="a.pt", resume="auto"), {}, r"train.init_from=a.pt .* set only one"),
+        ({}, dict(average_last=1), {}, r"train.average_last=1 must be 0 \(off\) or from 2 to train.keep_last=5"),
+        ({}, dict(average_last=6), {}, r"train.average_last=6 must be"),
+        ({}, dict(ema_decay=1.0), {}, r"train.ema_decay=1.0 must be in \[0, 1\)"),
+        ({}, dict(sort_window=-1), {}, r"train.sort_window=-1 must be 0"),
     ],
 )
 def test_config_errors_name_the_key(model_kw, train_kw, optim_kw, message):
@@ -229,6 +233,48 @@ def test_resume_continues_exactly(tmp_path, fixture_corpus, one_thread):
     assert a["scheduler"] == b["scheduler"]
     assert a["metrics"] == b["metrics"]
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+
+
+def test_ema_resumes_exactly_and_is_what_checkpoints_translate_with(tmp_path, fixture_corpus, one_thread):
+    from attnmt.checkpoint import load_checkpoint, load_for_inference
+    from attnmt.training import train
+
+    straight = train(run_config(tmp_path / "straight", fixture_corpus, ema_decay=0.9, max_steps=8))
+    train(run_config(tmp_path / "resumed", fixture_corpus, ema_decay=0.9, max_steps=4))
+    resumed = train(run_config(tmp_path / "resumed", fixture_corpus, ema_decay=0.9, max_steps=8, resume="auto"))
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    for key in ("model", "trained_model"):  # the average and the trained weights, bit for bit
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+    assert straight["valid"] == resumed["valid"]
+    # The average differs from the trained weights, and validation scored the average: the valid loss
+    # of the checkpoint's `model` weights, recomputed, is the one training logged.
+    assert any(not torch.equal(a["model"][k], a["trained_model"][k]) for k in a["model"])
+    model, _, _ = load_for_inference(tmp_path / "straight" / "checkpoints" / "last.pt")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, a["model"][name]), name
+    plain = train(run_config(tmp_path / "plain", fixture_corpus, max_steps=8))
+    assert plain["losses"] == straight["losses"]  # the average never feeds back into training
+    assert plain["valid"]["loss"] != straight["valid"]["loss"]
+
+
+def test_average_last_writes_and_validates_the_mean_of_the_newest_checkpoints(tmp_path, fixture_corpus, one_thread):
+    from attnmt.checkpoint import load_checkpoint
+    from attnmt.training import train
+
+    result = train(run_config(tmp_path, fixture_corpus, max_steps=8, valid_every=2, keep_last=3, average_last=3))
+    folder = tmp_path / "checkpoints"
+    average = load_checkpoint(folder / "average.pt")
+    steps = [load_checkpoint(folder / f"step_{n}.pt")["model"] for n in (4, 6, 8)]
+    for name, tensor in average["model"].items():
+        if tensor.is_floating_point():
+            torch.testing.assert_close(tensor, sum(s[name] for s in steps) / 3, rtol=0, atol=1e-6)
+    assert "optimizer" not in average and "trained_model" not in average
+    assert result["averaged"]["n_sentences"] == result["valid"]["n_sentences"]
+    best = load_checkpoint(folder / "best.pt")
+    replaced = all(torch.equal(best["model"][k], average["model"][k]) for k in average["model"])
+    assert replaced == (result["averaged"]["bleu"] > load_checkpoint(folder / "last.pt")["best_bleu"])
 
 
 @pytest.mark.parametrize("limit", [dict(max_steps=4), dict(max_steps=0, max_epochs=1)])

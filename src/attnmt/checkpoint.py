@@ -52,7 +52,9 @@ class TrainState:
     EMA of the weights) is an edit of this class alone. The checkpoint's keys:
 
         format          "attnmt-checkpoint-1"
-        model           the model's state_dict (unwrapped: no DDP ``module.`` or compile prefixes)
+        model           the weights to translate with, as a state_dict (unwrapped: no DDP ``module.`` or
+                        compile prefixes): with ``train.ema_decay``, their exponential moving average
+        trained_model   with ``train.ema_decay`` only: the weights the optimizer updates
         model_config    ModelConfig as a dict (vocabulary sizes filled in)
         tokenizer       ``Tokenizer.to_state()``: the SentencePiece model(s) and their settings
         config          the resolved run config (model, data, optim, train) as a dict
@@ -83,14 +85,21 @@ class TrainState:
     stale_validations: int = 0
     metrics: dict = field(default_factory=dict)
     validation_pending: bool = False
+    ema: nn.Module | None = None  # the moving average of model's weights (train.ema_decay); None = off
 
     RESUME_KEYS: ClassVar[tuple[str, ...]] = ("optimizer", "scaler", "sampler", "rng")
+
+    @property
+    def translation_model(self) -> nn.Module:
+        """The weights that validation scores and checkpoints keep to translate with: the EMA when on."""
+        return self.model if self.ema is None else self.ema
 
     def to_checkpoint(self, rng: list[dict]) -> dict:
         """The checkpoint dict; ``rng`` holds every rank's :func:`rng_state`, in rank order."""
         return {
             "format": FORMAT,
-            "model": self.model.state_dict(),
+            "model": self.translation_model.state_dict(),
+            **({} if self.ema is None else {"trained_model": self.model.state_dict()}),
             "model_config": asdict(self.model_config),
             "tokenizer": self.tokenizer.to_state(),
             "config": self.config,
@@ -122,7 +131,12 @@ class TrainState:
             )
         require(state, (*INFERENCE_KEYS, "step", "epoch", "best_bleu", "validations_without_improvement",
                         "metrics"), path, "resuming")
-        load_weights(self.model, state["model"], path, "the model this run builds (model.* settings)")
+        what = "the model this run builds (model.* settings)"
+        load_weights(self.model, state.get("trained_model", state["model"]), path, what)
+        if self.ema is not None and "trained_model" in state:
+            load_weights(self.ema, state["model"], path, what)
+        elif self.ema is not None:  # EMA switched on at this resume
+            self.ema.load_state_dict(self.model.state_dict())
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as err:
@@ -401,7 +415,7 @@ def average_checkpoints(paths: list[str | Path], out: str | Path) -> Path:
     state = load_checkpoint(paths[-1])
     state["model"] = weights
     state["averaged_from"] = [str(p) for p in paths]
-    for key in TrainState.RESUME_KEYS:
+    for key in (*TrainState.RESUME_KEYS, "trained_model"):
         state.pop(key, None)
     save_checkpoint(state, out)
     return Path(out)

@@ -303,6 +303,8 @@ class TrainConfig:
     precision: str  # auto (bf16 where supported, else fp16; fp32 on CPU) | fp32 | bf16 | fp16
     max_tokens: int  # source or target tokens per batch (the larger side counts), per rank
     update_freq: int  # micro-batches accumulated into one update
+    sort_window: int  # updates whose sentences are sorted by length together; 0 = the whole epoch
+    ema_decay: float  # validate, keep and translate with an exponential moving average of the weights; 0 = off
     max_steps: int
     max_epochs: int
     max_hours: float  # wall-clock limit of this process
@@ -313,6 +315,7 @@ class TrainConfig:
     patience: int  # stop after this many validations without a better BLEU; 0 = never
     log_every: int  # updates between TensorBoard/log lines
     keep_last: int  # numbered checkpoints kept besides last and best
+    average_last: int  # at the end, average.pt: the mean of the last N numbered checkpoints; 0 = off
     resume: str  # none | auto (from run_dir/checkpoints/last.pt if it exists) | a checkpoint path
     init_from: str | None  # a checkpoint whose weights (and tokenizer) start a new run; None = random init
     compile: bool  # torch.compile the model

@@ -18,6 +18,7 @@ make the same update.
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import importlib.util
 import logging
@@ -89,6 +90,13 @@ def check_config(model: ModelConfig, optim: OptimConfig, train: TrainConfig, max
         raise ConfigError(f"optim.label_smoothing={optim.label_smoothing} must be in [0, 1)")
     if train.update_freq < 1:
         raise ConfigError(f"train.update_freq={train.update_freq} must be at least 1")
+    if not 0.0 <= train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={train.ema_decay} must be in [0, 1) (0 = off; 0.999 is usual)")
+    if train.average_last == 1 or train.average_last < 0 or 0 < train.keep_last < train.average_last:
+        raise ConfigError(f"train.average_last={train.average_last} must be 0 (off) or from 2 to train.keep_last="
+                          f"{train.keep_last}, the numbered checkpoints kept")
+    if train.sort_window < 0:
+        raise ConfigError(f"train.sort_window={train.sort_window} must be 0 (the whole epoch) or more updates")
     if train.max_steps <= 0 and train.max_epochs <= 0 and train.max_hours <= 0:
         raise ConfigError("no stopping rule: set train.max_steps, train.max_epochs or train.max_hours")
     for key in ("valid_every", "log_every", "max_bad_steps"):
@@ -187,6 +195,24 @@ def label_smoothed_nll(logits: Tensor, target: Tensor, epsilon: float, pad_id: i
 
 # ----------------------------------------------------------------------------------------------------
 # One update
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
+    """``ema <- d * ema + (1 - d) * model`` with ``d = min(decay, (1 + step) / (10 + step))``: the first
+    updates average less, so a short run's average is not mostly its random start (TensorFlow's
+    ``ExponentialMovingAverage`` with ``num_updates``). Buffers are copied."""
+    d = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - d)
+    for mine, theirs in zip(ema.buffers(), model.buffers()):
+        mine.copy_(theirs)
+
+
+def moving_average(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` to hold its weights' moving average (:func:`update_ema`)."""
+    ema = copy.deepcopy(model).eval()
+    ema.requires_grad_(False)
+    return ema
 
 
 @dataclass
@@ -648,10 +674,12 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
         checkpoint.load_weights(model, init["model"], t.init_from, "the model this run builds (model.* settings)")
         logger.info("weights and tokenizer from %s (train.init_from); a fresh optimizer and schedule", t.init_from)
     sampler = TokenBucketSampler(*token_lengths(train_ds), t.max_tokens, shuffle=True, seed=t.seed, rank=info.rank,
-                                 world_size=info.world_size, streams=mix[0] if mix else None,
+                                 world_size=info.world_size, update_freq=t.update_freq, window=t.sort_window,
+                                 streams=mix[0] if mix else None,
                                  shares=mix[1] if mix else None)
     state = TrainState(model, model_cfg, tokenizer, asdict(cfg), build_optimizer(model, cfg.optim, device),
-                       torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), sampler)
+                       torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), sampler,
+                       ema=moving_average(model) if t.ema_decay else None)
     seed_everything(t.seed + info.rank)  # ranks differ from here on (dropout)
     rng_to_restore = None
     if resumed is not None:
@@ -718,7 +746,7 @@ def report_validation(run: Run) -> None:
         if isinstance(value, (int, float)) and name != "n_sentences":
             run.writer.add_scalar(f"valid/{name}", value, state.step)
     if importlib.util.find_spec("matplotlib") is not None:
-        log_attention_map(run.writer, state.model, state.tokenizer, *run.valid[0].first_pair, state.step)
+        log_attention_map(run.writer, state.translation_model, state.tokenizer, *run.valid[0].first_pair, state.step)
     run.writer.flush()
     run.progress.set_postfix(bleu=f"{metrics['bleu']:.2f}")
 
@@ -730,7 +758,7 @@ def validate_and_save(run: Run, stop_reason: str | None) -> str | None:
     interrupted = stop_reason is not None and stop_reason.endswith("received")
     is_best = False
     if run.info.is_main and not interrupted:
-        state.metrics = validate(state.model, run.valid, state.tokenizer, t.valid_decode, run.autocast,
+        state.metrics = validate(state.translation_model, run.valid, state.tokenizer, t.valid_decode, run.autocast,
                                  run.cfg.optim.label_smoothing, t.best_metric)
         is_best = state.metrics["bleu"] > state.best_bleu
         state.best_bleu = state.metrics["bleu"] if is_best else state.best_bleu
@@ -751,6 +779,39 @@ def validate_and_save(run: Run, stop_reason: str | None) -> str | None:
             reason = f"no better valid BLEU in {stale} validations (train.patience={t.patience})"
     distributed.barrier()
     return reason
+
+
+def average_last_checkpoints(run: Run) -> dict | None:
+    """Rank 0, at the end of a run: ``average.pt``, the mean of the newest ``train.average_last``
+    numbered checkpoints, validated like any checkpoint; it becomes ``best.pt`` too when its valid
+    BLEU beats the best one. Returns its metrics (None with fewer than two checkpoints)."""
+    t, state = run.cfg.train, run.state
+    folder = checkpoint.checkpoint_dir(run.run_dir)
+    paths = checkpoint.numbered_checkpoints(folder)[-t.average_last:]
+    if len(paths) < 2:
+        logger.info("train.average_last=%d: %d numbered checkpoint(s), nothing to average", t.average_last, len(paths))
+        return None
+    try:
+        averaged = checkpoint.average_checkpoints(paths, folder / "average.pt")
+        model = moving_average(state.translation_model)
+        checkpoint.load_weights(model, checkpoint.load_checkpoint(averaged)["model"], averaged)
+    except CheckpointError as err:
+        raise TrainingError(str(err)) from None
+    metrics = validate(model, run.valid, state.tokenizer, t.valid_decode, run.autocast,
+                       run.cfg.optim.label_smoothing, t.best_metric)
+    better = metrics["bleu"] > state.best_bleu
+    logger.info("average of %s: valid loss %.4f | BLEU %.2f | chrF %.2f (%s best %.2f) -> %s%s",
+                ", ".join(p.name for p in paths), metrics["loss"], metrics["bleu"], metrics["chrf"],
+                "above the" if better else "not above the", state.best_bleu, averaged,
+                " and best.pt" if better else "")
+    if better:
+        try:
+            best = checkpoint.load_checkpoint(averaged)
+            best["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            checkpoint.save_checkpoint(best, folder / "best.pt")
+        except CheckpointError as err:
+            raise TrainingError(str(err)) from None
+    return metrics
 
 
 def log_progress(run: Run, meter: Meter, result: StepResult) -> None:
@@ -803,6 +864,8 @@ def update(run: Run, micro: list[Batch]) -> StepResult:
         raise TrainingError(f"{describe_oom(micro, t.max_tokens, t.update_freq)}; checkpoints so far are in "
                             f"{checkpoint.checkpoint_dir(run.run_dir)}") from e
     state.step += 1
+    if state.ema is not None and not result.skipped:
+        update_ema(state.ema, state.model, t.ema_decay, state.step)
     run.progress.update(1)
     return result
 
@@ -850,6 +913,10 @@ def run_loop(run: Run) -> dict:
         stop_reason = agreed_stop(run, started)
         validation_due = state.step % t.valid_every == 0 or stop_reason is not None
 
+    averaged = None
+    if t.average_last and run.info.is_main and not (stop_reason or "").endswith("received"):
+        averaged = average_last_checkpoints(run)
+    distributed.barrier()
     best = f"best valid BLEU {state.best_bleu:.2f}" if state.best_bleu >= 0 else "no validation yet"
     logger.info("stopped at step %d (epoch %d): %s; %s; checkpoints in %s",
                 state.step, state.epoch, stop_reason, best, checkpoint.checkpoint_dir(run.run_dir))
@@ -860,6 +927,7 @@ def run_loop(run: Run) -> dict:
         "interrupted": run.stop_flag["signal"],
         "best_bleu": state.best_bleu,
         "valid": state.metrics,
+        "averaged": averaged,
         "skipped_updates": skipped_total,
         "losses": losses,
         "checkpoint": str(checkpoint.checkpoint_dir(run.run_dir) / "last.pt"),
