@@ -410,29 +410,3 @@ def test_tiny_model_learns_the_fixture_corpus(tmp_path, fixture_corpus, one_thre
     assert result["best_bleu"] > 50, result["valid"]
     assert result["valid"]["chrf"] > 60
     assert result["losses"][-1] < result["losses"][0] / 2
-
-
-@pytest.mark.data
-def test_tiny_model_learns_multi30k_de_en(tmp_path, multi30k, one_thread):
-    import sacrebleu
-
-    from attnmt.data import read_lines
-    from attnmt.training import train
-
-    cfg = compose("train", [
-        "model=tiny", "model.dropout=0.0", "model.max_positions=256", f"data.root={multi30k}",
-        f"data.cache_dir={tmp_path / 'cache'}", "data.tokenizer.vocab_size=2000", "data.tokenizer.sample_size=10000",
-        "optim.lr=3e-3", "optim.warmup_steps=100", f"train.run_dir={tmp_path / 'run'}", "train.device=cpu",
-        "train.precision=fp32", "train.max_tokens=2048", "train.max_steps=300", "train.valid_every=300",
-        "train.valid_max_sentences=200", "train.log_every=100", "train.progress_bar=false", "train.seed=1",
-    ])
-    result = train(cfg)
-
-    # Chance: the first 200 valid references scored against each other (rotated by one) give BLEU 1.2.
-    references = read_lines(multi30k / "valid.en")[:200]
-    assert sacrebleu.corpus_bleu(references[1:] + references[:1], [references]).score < 3
-    # Measured after 300 updates of ~2000 tokens (a fifth of an epoch; ~40 s on one thread): BLEU 14.1 with
-    # these settings, 13.8 with seed 2, 10.8 with optim.lr=2e-3 (5.9 at its step 150). 5 is 4x chance and
-    # half the lowest measured value.
-    assert result["valid"]["n_sentences"] == 200
-    assert result["best_bleu"] > 5, result["valid"]
