@@ -48,8 +48,9 @@ class CheckpointError(RuntimeError):
 class TrainState:
     """Everything a checkpoint holds to continue a run exactly: the one owner of the checkpoint format.
 
-    :meth:`to_checkpoint` writes the dict and :meth:`restore` reads it back, so adding a field (say an
-    EMA of the weights) is an edit of this class alone. The checkpoint's keys:
+    :meth:`to_checkpoint` writes the dict and :meth:`restore` reads it back, so saving and resuming a
+    new field is an edit of this class alone; the loop only changes the field (the EMA of the weights,
+    ``ema``, took this class plus its creation and its update in ``training.py``). The checkpoint's keys:
 
         format          "attnmt-checkpoint-1"
         model           the weights to translate with, as a state_dict (unwrapped: no DDP ``module.`` or
