@@ -179,7 +179,6 @@ def test_an_update_takes_one_batch_from_each_length_stratum(world_size):
     one batch of each, so its micro-batches climb from short to long sentences."""
     src, tgt = random_lengths(4000, seed=3)
     update_freq = 3
-    group = update_freq * world_size
     ranks = []
     for rank in range(world_size):
         sampler = TokenBucketSampler(src, tgt, 800, seed=4, rank=rank, world_size=world_size,
@@ -188,14 +187,12 @@ def test_an_update_takes_one_batch_from_each_length_stratum(world_size):
         ranks.append([np.asarray(b) for b in sampler])
     longest = np.maximum(src, tgt)
     n_updates = len(ranks[0]) // update_freq
-    stratum_size = sum(len(r) for r in ranks) // group
-    order = np.sort(longest)
+    assert n_updates > 10 and len({len(r) for r in ranks}) == 1
     for u in range(n_updates - 1):  # the last update may hold the remainder
         # The update's batches in stratum order: rank r's micro-step m is stratum m * world_size + r.
         batches = [ranks[r][u * update_freq + m] for m in range(update_freq) for r in range(world_size)]
         for s, (lower, upper) in enumerate(zip(batches, batches[1:])):
             assert longest[lower].max() <= longest[upper].min(), (u, s)
-    assert stratum_size > n_updates - 2 and order[0] < order[-1]
 
 
 def test_a_sentence_longer_than_max_tokens_is_an_error():
