@@ -92,7 +92,9 @@ def _train_and_score(name: str, overrides: list[str], seed: int, slot: int, args
     run_dir = (args.work / name / f"seed{seed}").resolve()
     result_file = run_dir / "result.json"
     if result_file.is_file():
-        return json.loads(result_file.read_text())
+        result = json.loads(result_file.read_text())
+        result["curve"] = {int(step): bleu for step, bleu in result["curve"].items()}  # JSON keys are strings
+        return result
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "bench.log"
     log.unlink(missing_ok=True)

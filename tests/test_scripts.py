@@ -34,9 +34,9 @@ def test_bench_recipes_trains_scores_and_tabulates(tmp_path):
     result = json.loads((work / "ema" / "seed1" / "result.json").read_text())
     assert result["seed"] == 1 and sorted(result["curve"]) == ["2", "4"]
     assert 0 <= result["valid"] <= 100 and 0 <= result["trained_test"] <= 100
-    # A second call reads the results instead of training again.
-    again = run_script("bench_recipes.py", "--setting", f"plain={TINY}", "--seeds", "1", *common, cwd=tmp_path)
-    assert "plain seed 1" not in again.stdout and "| plain" in again.stdout
+    # A second call reads the results instead of training again, beside a run it trains.
+    again = run_script("bench_recipes.py", "--setting", f"plain={TINY}", "--seeds", "1", "2", *common, cwd=tmp_path)
+    assert "plain seed 1" not in again.stdout and "plain seed 2" in again.stdout and "| plain" in again.stdout
 
     speed = run_script("bench_recipes.py", "--speed", "10", "--repeats", "1", "--setting", f"a={TINY}", *common,
                        cwd=tmp_path)
