@@ -286,14 +286,12 @@ class TokenBucketSampler:
                                          self.max_tokens), self.world_size)
         order = self._mixed_rows(rng) if self.streams is not None else rng.permutation(len(longest)).astype(np.int32)
         group = self.update_freq * self.world_size  # micro-batches in one update, all ranks together
-        if self.window == 0:
-            batches = pack(self._sorted(order, longest), longest, self.max_tokens)
-            return _split_for_ranks(_deal(_split_to_multiple(batches, group), group, rng), self.world_size)
-
         # Sentences per window, from the mean length and updated with each window's packing, so that a
         # window fills about `window` updates; a function of (seed, epoch) alone, as resuming needs.
+        # window=0: the whole epoch is one window (the loop below runs once).
         wanted = self.window * group
-        per_window = max(group, int(wanted * self.max_tokens * 0.9 / max(float(longest[order].mean()), 1.0)))
+        per_window = len(order) if self.window == 0 else max(
+            group, int(wanted * self.max_tokens * 0.9 / max(float(longest[order].mean()), 1.0)))
         batches: list[np.ndarray] = []
         carried = np.empty(0, np.int32)
         start = 0

@@ -793,8 +793,9 @@ def average_last_checkpoints(run: Run) -> dict | None:
         return None
     try:
         averaged = checkpoint.average_checkpoints(paths, folder / "average.pt")
+        saved = checkpoint.load_checkpoint(averaged)
         model = moving_average(state.translation_model)
-        checkpoint.load_weights(model, checkpoint.load_checkpoint(averaged)["model"], averaged)
+        checkpoint.load_weights(model, saved["model"], averaged)
     except CheckpointError as err:
         raise TrainingError(str(err)) from None
     metrics = validate(model, run.valid, state.tokenizer, t.valid_decode, run.autocast,
@@ -806,9 +807,8 @@ def average_last_checkpoints(run: Run) -> dict | None:
                 " and best.pt" if better else "")
     if better:
         try:
-            best = checkpoint.load_checkpoint(averaged)
-            best["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            checkpoint.save_checkpoint(best, folder / "best.pt")
+            saved["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+            checkpoint.save_checkpoint(saved, folder / "best.pt")
         except CheckpointError as err:
             raise TrainingError(str(err)) from None
     return metrics
