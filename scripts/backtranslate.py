@@ -3,6 +3,7 @@
 
     python scripts/backtranslate.py [--multi30k ../shared/data/multi30k] [--work runs/backtranslation]
                                     [--parallel 10000] [--steps 1200] [--reverse-steps 1200]
+                                    [--train-overrides KEY=VALUE ...]
 
 The steps, each an attnmt command (printed before it runs, so the workflow reads off the log):
 
@@ -28,6 +29,8 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from _args import folder_with, new_or_folder, non_negative_float, positive
 
 
 def run(cmd: list[str], log: Path | None = None) -> str:
@@ -66,8 +69,14 @@ def corpora(multi30k: Path, work: Path, n_parallel: int) -> tuple[Path, Path]:
 MEASURED_WITH = ("train.max_tokens=4096", "train.update_freq=1", "train.valid_every=200")
 
 
-def train(name: str, work: Path, steps: int, *overrides: str) -> Path:
-    """Train with the quickstart recipe into ``work/name``; returns its best checkpoint."""
+def without_keys(overrides: tuple[str, ...], replaced: list[str]) -> list[str]:
+    """``overrides`` but those whose key one of ``replaced`` sets (Hydra refuses a key given twice)."""
+    keys = {item.split("=", 1)[0] for item in replaced}
+    return [item for item in overrides if item.split("=", 1)[0] not in keys]
+
+
+def train(name: str, work: Path, steps: int, *overrides: str, extra: list[str]) -> Path:
+    """Train with the quickstart recipe into ``work/name``, ``extra`` overrides last; returns its best checkpoint."""
     run_dir = work / name
     best = run_dir / "checkpoints" / "best.pt"
     last = run_dir / "checkpoints" / "last.pt"
@@ -75,28 +84,36 @@ def train(name: str, work: Path, steps: int, *overrides: str) -> Path:
             "import json, sys; from attnmt.checkpoint import load_checkpoint; "
             "print(json.dumps(load_checkpoint(sys.argv[1])['step']))"), str(last)])) >= steps:
         return best
-    run([sys.executable, "-m", "attnmt.cli.train", "experiment=quickstart", *MEASURED_WITH, f"train.run_dir={run_dir}",
-         f"train.max_steps={steps}", f"data.cache_dir={work / 'cache'}", "train.progress_bar=false", *overrides],
-        log=work / f"{name}.log")
+    run([sys.executable, "-m", "attnmt.cli.train", "experiment=quickstart", *without_keys(MEASURED_WITH, extra),
+         f"train.run_dir={run_dir}", f"train.max_steps={steps}", f"data.cache_dir={work / 'cache'}",
+         "train.progress_bar=false", *overrides, *extra], log=work / f"{name}.log")
     return best
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = Path(os.environ.get("ATTNMT_DATA", "../shared/data")) / "multi30k"
-    parser.add_argument("--multi30k", type=Path, default=default)
-    parser.add_argument("--work", type=Path, default=Path("runs/backtranslation"))
-    parser.add_argument("--parallel", type=int, default=10000, help="Multi30k train pairs used as parallel data")
-    parser.add_argument("--steps", type=int, default=1200, help="updates of each en->de model")
-    parser.add_argument("--reverse-steps", type=int, default=1200, help="updates of the de->en model")
-    parser.add_argument("--bt-weight", type=float, default=1.0, help="data.mix weight of the synthetic pairs")
+    files = [f"{split}.{lang}" for split in ("train", "valid", "test2016") for lang in ("de", "en")]
+    parser.add_argument("--multi30k", type=folder_with(*files), default=default, help="the Multi30k folder")
+    parser.add_argument("--work", type=new_or_folder, default=Path("runs/backtranslation"))
+    parser.add_argument("--parallel", type=positive, default=10000, help="Multi30k train pairs used as parallel data")
+    parser.add_argument("--steps", type=positive, default=1200, help="updates of each en->de model")
+    parser.add_argument("--reverse-steps", type=positive, default=1200, help="updates of the de->en model")
+    parser.add_argument("--bt-weight", type=non_negative_float, default=1.0, help="data.mix weight of the synthetic pairs")
+    parser.add_argument("--train-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="attnmt-train overrides of every model, after the recipe's (e.g. train.device=cuda)")
     args = parser.parse_args()
+    n_train = sum(1 for _ in open(args.multi30k / "train.de", "rb"))
+    if args.parallel >= n_train:
+        parser.error(f"--parallel {args.parallel} leaves no monolingual text: {args.multi30k / 'train.de'} has "
+                     f"{n_train} lines; use fewer parallel pairs")
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
 
     parallel, mono = corpora(args.multi30k, work, args.parallel)
     data = [f"data.root={parallel}"]
-    reverse = train("reverse-de-en", work, args.reverse_steps, *data, "data.src_lang=de", "data.tgt_lang=en")
+    reverse = train("reverse-de-en", work, args.reverse_steps, *data, "data.src_lang=de", "data.tgt_lang=en",
+                    extra=args.train_overrides)
 
     synthetic = work / "synthetic"
     if not (synthetic / "train.en").is_file():
@@ -107,10 +124,10 @@ def main() -> None:
         (synthetic / "train.en.tmp").rename(synthetic / "train.en")
 
     forward = [*data, "data.src_lang=en", "data.tgt_lang=de"]
-    baseline = train("baseline-en-de", work, args.steps, *forward)
+    baseline = train("baseline-en-de", work, args.steps, *forward, extra=args.train_overrides)
     corpus = (f"{{format: folder, root: '{synthetic}', hub_id: null, hub_config: null, split: train, "
               f"src_lang: en, tgt_lang: de, weight: {args.bt_weight}, tag: bt}}")
-    tagged = train("bt-en-de", work, args.steps, *forward, f"data.mix=[{corpus}]")
+    tagged = train("bt-en-de", work, args.steps, *forward, f"data.mix=[{corpus}]", extra=args.train_overrides)
 
     rows = []
     for name, ckpt in (("baseline: parallel pairs only", baseline), ("+ tagged back-translation", tagged)):

@@ -41,6 +41,8 @@ from attnmt.batching import TokenBucketSampler, make_dataloader
 from attnmt.config import compose
 from attnmt.data import load_split, read_lines, token_lengths, tokenize, train_tokenizer
 
+from _args import at_least, folder_with, new_or_folder, positive
+
 
 def throughput(args: argparse.Namespace) -> None:
     cfg = compose("train", [f"data.root={args.root}", f"data.cache_dir={args.out}/cache",
@@ -197,14 +199,16 @@ def scale(args: argparse.Namespace) -> None:
 def main() -> None:
     default_root = Path(os.environ.get("ATTNMT_DATA", "../shared/data")) / "multi30k"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default=str(default_root), help="the Multi30k folder")
-    parser.add_argument("--max-tokens", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    parser.add_argument("--update-freq", type=int, default=1, help="batches per update (train.update_freq)")
-    parser.add_argument("--sort-window", type=int, default=0, help="train.sort_window: updates sorted together")
-    parser.add_argument("--vocab-size", type=int, default=8000)
-    parser.add_argument("--out", default="data/bench", help="corpora, caches and runs of the benchmark")
-    parser.add_argument("--scale", type=int, nargs="+", help="corpus sizes (pairs) for the scale benchmark")
+    parser.add_argument("--root", type=folder_with("train.de", "train.en"), default=default_root,
+                        help="the Multi30k folder")
+    parser.add_argument("--max-tokens", type=positive, nargs="+", default=[1024, 2048, 4096, 8192])
+    parser.add_argument("--workers", type=at_least(0), nargs="+", default=[0, 2])
+    parser.add_argument("--update-freq", type=positive, default=1, help="batches per update (train.update_freq)")
+    parser.add_argument("--sort-window", type=at_least(0), default=0, help="train.sort_window: updates sorted together")
+    parser.add_argument("--vocab-size", type=at_least(16), default=8000)
+    parser.add_argument("--out", type=new_or_folder, default=Path("data/bench"),
+                        help="corpora, caches and runs of the benchmark")
+    parser.add_argument("--scale", type=positive, nargs="+", help="corpus sizes (pairs) for the scale benchmark")
     parser.add_argument("--keep", action="store_true", help="keep the scale runs' caches and run folders")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")

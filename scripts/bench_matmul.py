@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from _args import positive, positive_list
+
 
 def seconds(call: Callable[[], object], calls: int) -> float:
     for _ in range(3):
@@ -34,20 +36,22 @@ def seconds(call: Callable[[], object], calls: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rows", default="1250,300,60", help="comma-separated row counts (beams x sentences)")
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=4000)
-    parser.add_argument("--shapes", default="1,2,3", help="comma-separated multiples of d_model for the layer outputs")
-    parser.add_argument("--calls", type=int, default=40)
+    parser.add_argument("--threads", type=positive, default=2)
+    parser.add_argument("--rows", type=positive_list, default=[1250, 300, 60],
+                        help="comma-separated row counts (beams x sentences)")
+    parser.add_argument("--d-model", type=positive, default=256)
+    parser.add_argument("--vocab", type=positive, default=4000)
+    parser.add_argument("--shapes", type=positive_list, default=[1, 2, 3],
+                        help="comma-separated multiples of d_model for the layer outputs")
+    parser.add_argument("--calls", type=positive, default=40)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     d = args.d_model
-    outputs = [int(m) * d for m in args.shapes.split(",")] + [args.vocab]
+    outputs = [m * d for m in args.shapes] + [args.vocab]
     print(f"torch {torch.__version__}, {args.threads} threads; GFLOP/s, median of {args.calls} calls\n")
     print("| rows x in -> out | MKL F.linear | oneDNN packed | numpy |\n| --- | ---: | ---: | ---: |")
     with torch.no_grad():
-        for rows in (int(r) for r in args.rows.split(",")):
+        for rows in args.rows:
             for out in outputs:
                 x, w, b = torch.randn(rows, d), torch.randn(out, d), torch.randn(out)
                 packed = torch.ops.mkldnn._reorder_linear_weight(w, None)

@@ -2,7 +2,7 @@
 """One model for en->de, en->fr and en->cs against three bilingual models with the same total updates.
 
     python scripts/bench_multilingual.py [--multi30k ../shared/data/multi30k] [--work runs/multilingual]
-                                         [--steps 600]
+                                         [--steps 600] [--train-overrides KEY=VALUE ...]
 
 Each bilingual model trains ``--steps`` updates with the quickstart recipe; the multilingual one
 (``data.langs=[en,de,fr,cs] data.directions=[en-de,en-fr,en-cs]``, target-language tags) trains
@@ -20,6 +20,8 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+
+from _args import at_least, folder_with, new_or_folder
 
 DIRECTIONS = ("en-de", "en-fr", "en-cs")
 
@@ -39,12 +41,15 @@ def run(cmd: list[str], log: Path | None = None) -> str:
 MEASURED_WITH = ("train.max_tokens=4096", "train.update_freq=1")
 
 
-def train(run_dir: Path, steps: int, overrides: list[str]) -> Path:
+def train(run_dir: Path, steps: int, overrides: list[str], extra: list[str]) -> Path:
+    """Train with the quickstart recipe, ``extra`` overrides last (a key there replaces the recipe's)."""
     best = run_dir / "checkpoints" / "best.pt"
+    replaced = {item.split("=", 1)[0] for item in extra}
+    recipe = [item for item in MEASURED_WITH if item.split("=", 1)[0] not in replaced]
     if not (run_dir / "checkpoints" / f"step_{steps}.pt").is_file():
-        run([sys.executable, "-m", "attnmt.cli.train", "experiment=quickstart", *MEASURED_WITH, f"train.run_dir={run_dir}",
-             f"train.max_steps={steps}", f"train.valid_every={steps // 3}", "train.progress_bar=false", *overrides],
-            log=run_dir.with_suffix(".log"))
+        run([sys.executable, "-m", "attnmt.cli.train", "experiment=quickstart", *recipe, f"train.run_dir={run_dir}",
+             f"train.max_steps={steps}", f"train.valid_every={steps // 3}", "train.progress_bar=false", *overrides,
+             *extra], log=run_dir.with_suffix(".log"))
     return best
 
 
@@ -57,9 +62,13 @@ def bleu(ckpt: Path, direction: str, multi30k: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--multi30k", type=Path, default=Path(os.environ.get("ATTNMT_DATA", "../shared/data")) / "multi30k")
-    parser.add_argument("--work", type=Path, default=Path("runs/multilingual"))
-    parser.add_argument("--steps", type=int, default=600, help="updates of each bilingual model")
+    files = [f"{split}.{lang}" for split in ("train", "valid", "test2016") for lang in ("en", "de", "fr", "cs")]
+    parser.add_argument("--multi30k", type=folder_with(*files),
+                        default=Path(os.environ.get("ATTNMT_DATA", "../shared/data")) / "multi30k")
+    parser.add_argument("--work", type=new_or_folder, default=Path("runs/multilingual"))
+    parser.add_argument("--steps", type=at_least(3), default=600, help="updates of each bilingual model")
+    parser.add_argument("--train-overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="attnmt-train overrides of every model, after the recipe's (e.g. train.device=cuda)")
     args = parser.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -68,10 +77,11 @@ def main() -> None:
     scores: dict[str, dict[str, float]] = {"bilingual": {}, "multilingual": {}}
     for direction in DIRECTIONS:
         src, tgt = direction.split("-")
-        ckpt = train(work / f"bilingual-{direction}", args.steps, [*data, f"data.src_lang={src}", f"data.tgt_lang={tgt}"])
+        ckpt = train(work / f"bilingual-{direction}", args.steps, [*data, f"data.src_lang={src}", f"data.tgt_lang={tgt}"],
+                     args.train_overrides)
         scores["bilingual"][direction] = bleu(ckpt, direction, args.multi30k)
     multi = train(work / "multilingual", 3 * args.steps,
-                  [*data, "data.langs=[en,de,fr,cs]", f"data.directions=[{','.join(DIRECTIONS)}]"])
+                  [*data, "data.langs=[en,de,fr,cs]", f"data.directions=[{','.join(DIRECTIONS)}]"], args.train_overrides)
     for direction in DIRECTIONS:
         scores["multilingual"][direction] = bleu(multi, direction, args.multi30k)
 

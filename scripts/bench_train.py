@@ -38,12 +38,14 @@ import torch
 from torch import Tensor, nn
 
 from attnmt.batching import Batch, TokenBucketSampler, collate
-from attnmt.config import ModelConfig, compose
+from attnmt.config import ModelConfig, compose, config_dir
 from attnmt.device import autocast as autocast_context
 from attnmt.device import resolve_precision
 from attnmt.model import Transformer, build_model
 from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from attnmt.training import build_optimizer, train_step
+
+from _args import at_least, positive, positive_list
 
 N_SPECIAL = 4  # pad, unk, bos, eos: random ids are drawn above them
 
@@ -330,19 +332,23 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--models", default="base,big", help="names of configs/model/*.yaml, comma-separated")
     parser.add_argument("--lengths", default="multi30k,wmt", help="length distributions: multi30k, wmt")
-    parser.add_argument("--max-tokens", default="8192,16384,32768", help="padded tokens per batch, comma-separated")
+    parser.add_argument("--max-tokens", type=positive_list, default=[8192, 16384, 32768],
+                        help="padded tokens per batch, comma-separated")
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--compile", default="both", choices=["both", "on", "off"])
-    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per configuration")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
-    parser.add_argument("--vocab", type=int, default=32000, help="joint vocabulary size")
+    parser.add_argument("--steps", type=positive, default=30, help="timed optimizer steps per configuration")
+    parser.add_argument("--warmup", type=at_least(0), default=5, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--vocab", type=at_least(8), default=32000, help="joint vocabulary size")
     parser.add_argument("--no-hf", action="store_true", help="attnmt only (no transformers needed)")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--threads", type=at_least(0), default=0,
                         help="CPU threads for torch (0: torch's default); 1 steadies figures on a shared CPU")
     args = parser.parse_args()
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be at least 1 and --warmup at least 0")
+    known = sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
+    if unknown := [m for m in args.models.split(",") if m not in known]:
+        parser.error(f"--models: no model config {', '.join(map(repr, unknown))}; configs/model/ has {', '.join(known)}")
+    if unknown := [k for k in args.lengths.split(",") if k not in ("multi30k", "wmt")]:
+        parser.error(f"--lengths: unknown {', '.join(map(repr, unknown))}; use multi30k, wmt")
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -358,7 +364,7 @@ def main() -> None:
         torch.backends.cudnn.allow_tf32 = True
     models = [m for m in args.models.split(",") if m]
     length_kinds = [k for k in args.lengths.split(",") if k]
-    max_tokens_list = [int(x) for x in args.max_tokens.split(",") if x]
+    max_tokens_list = args.max_tokens
     compile_modes = {"both": [False, True], "on": [True], "off": [False]}[args.compile]
     impls = ["attnmt"] if args.no_hf else ["attnmt", "hf-marian"]
 

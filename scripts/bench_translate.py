@@ -54,12 +54,14 @@ from pathlib import Path
 
 import torch
 
-from attnmt.checkpoint import load_for_inference
+from attnmt.checkpoint import CheckpointError, load_for_inference
 from attnmt.config import DecodeConfig, compose
 from attnmt.data import read_lines
 from attnmt.decoding import max_length
 from attnmt.evaluation import corpus_scores, translate
 from attnmt.tokenizer import normalize
+
+from _args import at_least, existing_file, positive
 
 REPO = Path(__file__).resolve().parents[1]
 PAUSE_S = 1.0  # idle time before each timed run (see main)
@@ -241,17 +243,18 @@ def print_table(test_set: str, rows: list[Row], n_sentences: int, tgt_tokens: di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--ckpt", required=True, type=Path, help="an attnmt checkpoint")
+    parser.add_argument("--ckpt", required=True, type=existing_file, help="an attnmt checkpoint")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("ATTNMT_DATA", REPO.parent / "shared" / "data")),
                         help="the folder holding multi30k/ and wmt14-en-de-test/ ($ATTNMT_DATA, else ../shared/data)")
     parser.add_argument("--test-sets", default="test2016,newstest2014", help=f"comma-separated, of {', '.join(TEST_SETS)}")
-    parser.add_argument("--max-sentences", type=int, default=0, help="only the first N lines of each test set (0: all)")
+    parser.add_argument("--max-sentences", type=at_least(0), default=0,
+                        help="only the first N lines of each test set (0: all)")
     parser.add_argument("--engines", default="native,ctranslate2,hf", help="comma-separated: native, ctranslate2, hf")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads of every engine")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per row (interleaved); the median is reported")
-    parser.add_argument("--beam", type=int, default=5, help="beam size of the beam rows")
-    parser.add_argument("--max-tokens", type=int, default=4096, help="source tokens per batch, padding included")
+    parser.add_argument("--threads", type=positive, default=2, help="CPU threads of every engine")
+    parser.add_argument("--repeats", type=positive, default=3, help="timed runs per row (interleaved); the median is reported")
+    parser.add_argument("--beam", type=at_least(2), default=5, help="beam size of the beam rows")
+    parser.add_argument("--max-tokens", type=positive, default=4096, help="source tokens per batch, padding included")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available here")
@@ -259,8 +262,20 @@ def main() -> None:
     if unknown := set(engines) - {"native", "ctranslate2", "hf"}:
         parser.error(f"--engines: unknown {', '.join(sorted(unknown))}; use native, ctranslate2, hf")
 
-    _, tokenizer, run_config = load_for_inference(args.ckpt)
+    try:
+        _, tokenizer, run_config = load_for_inference(args.ckpt)
+    except CheckpointError as err:
+        parser.error(f"--ckpt: {err}")
     src_lang, tgt_lang = run_config["data"]["src_lang"], run_config["data"]["tgt_lang"]
+    test_sets = args.test_sets.split(",")
+    if unknown := [name for name in test_sets if name not in TEST_SETS]:
+        parser.error(f"--test-sets: unknown {', '.join(map(repr, unknown))}; use {', '.join(TEST_SETS)}")
+    for name in test_sets:
+        folder, stem = TEST_SETS[name]
+        for lang in (src_lang, tgt_lang):
+            if not (args.data / folder / f"{stem}.{lang}").is_file():
+                parser.error(f"--test-sets {name}: {args.data / folder / f'{stem}.{lang}'} does not exist (the "
+                             f"checkpoint translates {src_lang}->{tgt_lang}); set --data to the folder holding {folder}/")
     base = compose("translate", ["ckpt=unused", f"max_tokens={args.max_tokens}"])  # the shipped search settings
     configs = {"greedy": replace(base, beam_size=1), f"beam{args.beam}": replace(base, beam_size=args.beam)}
     # The shipped stop is CTranslate2's and transformers' (once beam_size hypotheses have ended); the
@@ -285,7 +300,7 @@ def main() -> None:
     print(f"checkpoint {args.ckpt} ({src_lang}->{tgt_lang}); max_tokens {args.max_tokens}, "
           f"length limit {base.max_len_a} * source + {base.max_len_b}, len_penalty {base.len_penalty}; "
           f"each engine in a process of its own")
-    for name in args.test_sets.split(","):
+    for name in test_sets:
         folder, stem = TEST_SETS[name]
         sources = read_lines(args.data / folder / f"{stem}.{src_lang}")
         references = read_lines(args.data / folder / f"{stem}.{tgt_lang}")

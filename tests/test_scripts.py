@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from conftest import FIXTURE_CORPUS
 
@@ -15,11 +19,32 @@ TINY = ("model=tiny model.d_model=32 model.ffn_dim=64 data.splits.test=test data
         "train.max_tokens=256 train.max_steps=4 train.valid_every=2 train.valid_max_sentences=8 train.device=cpu")
 
 
-def run_script(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / args[0]), *args[1:]], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def run_script(*args: str, cwd: Path, returncode: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / args[0]), *args[1:]], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert proc.returncode == returncode, proc.stderr[-3000:]
     return proc
+
+
+def refused(*args: str, cwd: Path, message: str) -> None:
+    """The script stops at once with argparse's one line (exit status 2) holding ``message``, no traceback."""
+    proc = run_script(*args, cwd=cwd, returncode=2)
+    assert "Traceback" not in proc.stderr and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+
+
+def corpus_named_like_multi30k(folder: Path, langs=("de", "en")) -> Path:
+    """The fixture corpus with Multi30k's split names (train, valid, test2016)."""
+    folder.mkdir(parents=True)
+    for lang in langs:
+        for split, theirs in (("train", "train"), ("valid", "valid"), ("test2016", "test")):
+            shutil.copy(FIXTURE_CORPUS / f"{theirs}.{lang}", folder / f"{split}.{lang}")
+    return folder
+
+
+# Overrides that make the quickstart recipe's runs tiny: a few updates of a d_model 32 model.
+TINY_QUICKSTART = ["model.d_model=32", "model.ffn_dim=64", "model.n_heads=2", "data.tokenizer.vocab_size=400",
+                   "train.max_tokens=256", "train.update_freq=1", "train.valid_every=2", "train.valid_max_sentences=8",
+                   "train.device=cpu", "train.ema_decay=0.0"]
 
 
 def test_bench_recipes_trains_scores_and_tabulates(tmp_path):
@@ -41,3 +66,103 @@ def test_bench_recipes_trains_scores_and_tabulates(tmp_path):
     speed = run_script("bench_recipes.py", "--speed", "10", "--repeats", "1", "--setting", f"a={TINY}", *common,
                        cwd=tmp_path)
     assert "| a `" in speed.stdout and "1.00x |" in speed.stdout
+
+
+def test_bench_matmul_prints_its_table_and_refuses_bad_sizes(tmp_path):
+    proc = run_script("bench_matmul.py", "--threads", "1", "--rows", "4,2", "--d-model", "8", "--vocab", "16",
+                      "--shapes", "1", "--calls", "1", cwd=tmp_path)
+    assert sum(line.startswith("| 4 x 8") or line.startswith("| 2 x 8") for line in proc.stdout.splitlines()) == 4
+    for args, message in ((["--threads", "0"], "argument --threads: must be a whole number of at least 1, got 0"),
+                          (["--calls", "0"], "argument --calls: must be a whole number of at least 1, got 0"),
+                          (["--rows", ""], "argument --rows: must list one or more whole numbers")):
+        refused("bench_matmul.py", *args, cwd=tmp_path, message=message)
+
+
+def test_bench_train_times_a_tiny_model_and_refuses_an_unknown_one(tmp_path):
+    proc = run_script("bench_train.py", "--device", "cpu", "--models", "tiny", "--lengths", "multi30k",
+                      "--max-tokens", "256", "--steps", "1", "--warmup", "0", "--no-hf", "--compile", "off",
+                      "--precision", "fp32", "--vocab", "64", "--threads", "1", cwd=tmp_path)
+    assert "tiny multi30k 256 compile=off attnmt:" in proc.stdout and "tgt tok/s" in proc.stdout
+    refused("bench_train.py", "--models", "nosuch", "--no-hf", cwd=tmp_path, message="--models: no model config 'nosuch'")
+    refused("bench_train.py", "--max-tokens", "0", "--no-hf", cwd=tmp_path, message="argument --max-tokens")
+
+
+def test_bench_data_measures_batches_and_memory_at_scale(tmp_path):
+    common = ("--root", str(FIXTURE_CORPUS), "--vocab-size", "400", "--out", str(tmp_path / "out"))
+    proc = run_script("bench_data.py", *common, "--max-tokens", "512", "--workers", "0", cwd=tmp_path)
+    assert "|        512 |       0 |" in proc.stdout and "%" in proc.stdout
+    scaled = run_script("bench_data.py", *common, "--scale", "300", cwd=tmp_path)
+    assert "| 300 | first (empty cache) |" in scaled.stdout and "| 300 | second (new run dir) |" in scaled.stdout
+    refused("bench_data.py", "--root", str(tmp_path), cwd=tmp_path, message=f"{tmp_path} lacks train.de, train.en")
+    refused("bench_data.py", "--update-freq", "0", cwd=tmp_path, message="argument --update-freq")
+
+
+def test_bench_translate_times_the_native_engine_and_refuses_bad_inputs(trained_checkpoint, tmp_path):
+    data = tmp_path / "data"
+    corpus_named_like_multi30k(data / "multi30k")
+    common = ("--engines", "native", "--max-sentences", "4", "--repeats", "1", "--beam", "2", "--threads", "1")
+    proc = run_script("bench_translate.py", "--ckpt", str(trained_checkpoint), "--data", str(data),
+                      "--test-sets", "test2016", *common, cwd=tmp_path)
+    assert "test2016 (de->en)" in proc.stdout and "attnmt native" in proc.stdout
+    notes = tmp_path / "notes.pt"
+    notes.write_text("not a checkpoint")
+    refused("bench_translate.py", "--ckpt", str(tmp_path / "none.pt"), cwd=tmp_path, message="none.pt is not a file")
+    refused("bench_translate.py", "--ckpt", str(notes), cwd=tmp_path, message="--ckpt: ")
+    refused("bench_translate.py", "--ckpt", str(trained_checkpoint), "--data", str(data), "--test-sets", "nosuch",
+            cwd=tmp_path, message="--test-sets: unknown 'nosuch'")
+    refused("bench_translate.py", "--ckpt", str(trained_checkpoint), "--data", str(data), "--test-sets",
+            "newstest2014", cwd=tmp_path, message="newstest2014.de does not exist")
+
+
+def test_backtranslate_runs_its_steps_and_refuses_bad_arguments(tmp_path):
+    corpus = corpus_named_like_multi30k(tmp_path / "multi30k")
+    proc = run_script("backtranslate.py", "--multi30k", str(corpus), "--work", str(tmp_path / "work"),
+                      "--parallel", "300", "--steps", "2", "--reverse-steps", "2", "--train-overrides",
+                      *TINY_QUICKSTART, cwd=tmp_path)
+    assert "| + tagged back-translation |" in proc.stdout and "gain:" in proc.stdout
+    assert len((tmp_path / "work" / "synthetic" / "train.en").read_text().splitlines()) == 100  # one line per line
+    refused("backtranslate.py", "--multi30k", str(tmp_path / "none"), cwd=tmp_path, message="none is not a folder")
+    (tmp_path / "a_file").write_text("")
+    refused("backtranslate.py", "--multi30k", str(corpus), "--work", str(tmp_path / "a_file" / "work"), cwd=tmp_path,
+            message="a_file is a file")
+    refused("backtranslate.py", "--multi30k", str(corpus), "--parallel", "-5", cwd=tmp_path,
+            message="argument --parallel: must be a whole number of at least 1, got -5")
+    refused("backtranslate.py", "--multi30k", str(corpus), "--parallel", "400", cwd=tmp_path,
+            message="--parallel 400 leaves no monolingual text")
+
+
+def test_bench_multilingual_scores_every_direction(multi30k, tmp_path):
+    corpus = tmp_path / "multi30k"
+    corpus.mkdir()
+    for lang in ("en", "de", "fr", "cs"):
+        for split, lines in (("train", 300), ("valid", 20), ("test2016", 20)):
+            text = (multi30k / f"{split}.{lang}").read_text(encoding="utf-8").splitlines(keepends=True)
+            (corpus / f"{split}.{lang}").write_text("".join(text[:lines]), encoding="utf-8")
+    proc = run_script("bench_multilingual.py", "--multi30k", str(corpus), "--work", str(tmp_path / "work"),
+                      "--steps", "3", "--train-overrides", *TINY_QUICKSTART, cwd=tmp_path)
+    assert "| bilingual |" in proc.stdout and "| multilingual |" in proc.stdout
+    refused("bench_multilingual.py", "--multi30k", str(FIXTURE_CORPUS), cwd=tmp_path, message="lacks train.fr, train.cs")
+
+
+def test_prepare_multi30k_keeps_a_local_copy_and_says_what_to_do_offline(tmp_path):
+    corpus = corpus_named_like_multi30k(tmp_path / "multi30k")
+    assert "already in" in run_script("prepare_multi30k.py", str(corpus), cwd=tmp_path).stdout
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    proc = run_script("prepare_multi30k.py", str(tmp_path / "new"), cwd=tmp_path, returncode=1, env=offline)
+    assert "could not fetch the HF hub dataset bentrevett/multi30k" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_quickstart_sh_trains_evaluates_and_translates(tmp_path):
+    # A copy of the repository's top level, so that its runs/ and .venv stay out of the checkout; the
+    # environment running the tests (where attnmt is installed) is the one the script uses.
+    for name in ("scripts", "configs", "src", "pyproject.toml"):
+        (tmp_path / name).symlink_to(REPO / name)
+    corpus = corpus_named_like_multi30k(tmp_path / "multi30k")
+    env = {**os.environ, "VIRTUAL_ENV": sys.prefix, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(tmp_path / "scripts" / "quickstart.sh"), str(corpus), "train.max_steps=4",
+                           *TINY_QUICKSTART], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "== evaluating test2016" in proc.stdout and '"bleu":' in proc.stdout and "== done" in proc.stdout
+    assert (tmp_path / "runs" / "quickstart" / "checkpoints" / "best.pt").is_file()
+    assert not (tmp_path / ".venv").exists()
