@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -87,9 +88,9 @@ def test_train_with_each_optim(hydra_config_dir, optim):
     check_config(run_cfg.model, run_cfg.optim, run_cfg.train, max_sentence_tokens(run_cfg.data))
 
 
-def test_hydra_writes_into_the_run_dir(hydra_config_dir):
+def test_hydra_writes_nothing_and_leaves_the_run_dir_to_attnmt(hydra_config_dir):
     cfg = compose(config_name="train", overrides=["train.run_dir=/tmp/somewhere"], return_hydra_config=True)
-    assert cfg.hydra.run.dir == "/tmp/somewhere"
+    assert cfg.hydra.run.dir == "."  # attnmt creates train.run_dir, with its own errors
     assert cfg.hydra.output_subdir is None  # attnmt writes config.yaml itself
     assert cfg.hydra.job.chdir is False  # relative data paths stay relative to where the command started
 
@@ -191,6 +192,68 @@ def test_a_data_mix_entry_needs_only_its_source_and_languages(hydra_config_dir):
                            ("{root: bt, src_lang: en, tgt_lang: de, weight: -1}", r"data.mix\[0\].weight=-1.0 must not")):
         with pytest.raises(ConfigError, match=message):
             OmegaConf.to_object(compose(config_name="train", overrides=[f"data.mix=[{entry}]"]))
+
+
+@pytest.mark.parametrize("tag", ["a,b", "s", "unk", "pad", "/s", "2de", "0x41", "b t", "bt\u00e9"])
+def test_a_data_mix_tag_that_is_no_plain_identifier_or_names_a_special_token_is_refused(hydra_config_dir, tag):
+    # "a,b" would be split by SentencePiece's list of symbols, "s" becomes <s> (BOS), "2de" a language tag,
+    # "0x41" a byte piece.
+    from attnmt.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.mix\[0\]\.tag=.* must be a plain identifier"):
+        OmegaConf.to_object(compose(config_name="train", overrides=[
+            f"data.mix=[{{root: bt, src_lang: en, tgt_lang: de, tag: '{tag}'}}]"]))
+    ok = OmegaConf.to_object(compose(config_name="train", overrides=[
+        "data.mix=[{root: bt, src_lang: en, tgt_lang: de, tag: bt_2}]"]))
+    assert ok.data.mix[0].tag == "bt_2"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=nan", "optim.lr"), ("optim.betas=[0.9,nan]", "optim.betas"), ("model.dropout=inf", "model.dropout"),
+    ("data.temperature=nan", "data.temperature"), ("data.max_len_ratio=-inf", "data.max_len_ratio"),
+    ("train.ema_decay=nan", "train.ema_decay"), ("train.max_hours=inf", "train.max_hours"),
+    ("data.mix=[{root: bt, src_lang: en, tgt_lang: de, weight: nan}]", r"data.mix\[0\].weight"),
+    ("data.mix=[{root: bt, src_lang: en, tgt_lang: de, weight: inf}]", r"data.mix\[0\].weight"),
+    ("train.valid_decode.len_penalty=nan", "train.valid_decode.len_penalty"),
+])
+def test_a_non_finite_training_value_is_refused_before_any_work(hydra_config_dir, override, key):
+    # nan passes every range check (nan < 0 is false): each float is checked for finiteness by itself.
+    from attnmt.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"^{key}=.*(nan|inf).* must (be a finite number|hold finite numbers only)"):
+        run_cfg = OmegaConf.to_object(compose(config_name="train", overrides=[override]))
+        check_config(run_cfg.model, run_cfg.optim, run_cfg.train, max_sentence_tokens(run_cfg.data))
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["sampling=true", "temperature=inf"], "temperature"), (["len_penalty=nan"], "len_penalty"),
+    (["max_len_a=nan"], "max_len_a"), (["sampling=true", "top_p=nan"], "top_p"),
+])
+def test_a_non_finite_decoding_value_is_refused_at_check(hydra_config_dir, overrides, key):
+    from attnmt.config import ConfigError
+
+    for name in ("translate", "evaluate"):
+        cfg = OmegaConf.to_object(compose(config_name=name, overrides=["ckpt=x.pt", *overrides]))
+        with pytest.raises(ConfigError, match=rf"^{key}=(nan|inf) must be a finite number"):
+            cfg.check()
+
+
+def test_a_length_penalty_that_overflows_is_refused_and_one_at_the_edge_is_not(hydra_config_dir):
+    from attnmt.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"len_penalty=1e\+30 is out of range"):
+        OmegaConf.to_object(compose(config_name="translate", overrides=["ckpt=x.pt", "len_penalty=1e30"])).check()
+    OmegaConf.to_object(compose(config_name="translate", overrides=["ckpt=x.pt", "len_penalty=-100"])).check()
+
+
+def test_epoch_shares_stay_finite_at_extreme_weights_and_temperatures():
+    from attnmt.data import shares
+
+    for weights, temperature in (([1.0, 1e308], 1.0), ([1.0, 1.0], 0.001), ([1e-300, 1.0], 1e6), ([0.0, 2.0], 5.0)):
+        got = shares([29_000, 1_000], weights, temperature)
+        assert np.isfinite(got).all() and got.sum() == pytest.approx(1.0), (weights, temperature, got)
+    assert shares([29_000, 1_000], [1.0, 1.0], 0.001)[0] == pytest.approx(1.0)  # T -> 0: the largest takes all
+    assert shares([29_000, 1_000], [1.0, 1.0], 1.0) == pytest.approx([0.9667, 0.0333], abs=1e-4)
 
 
 def test_best_metric_names_a_direction_of_the_data(hydra_config_dir):

@@ -11,11 +11,12 @@ Python code and tests.
 
 from __future__ import annotations
 
+import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 
 
@@ -28,6 +29,17 @@ def _check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}={value!r} is unknown; use one of {', '.join(choices)}")
 
 
+def _check_finite(config: Any, prefix: str) -> None:
+    """Refuse ``nan`` and ``inf`` in the float fields of ``config``: such values pass every range check
+    (``nan < 0`` is false) and then silently empty or break the work, so they fail here, named."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            what = "hold finite numbers only" if isinstance(value, list) else "be a finite number"
+            raise ConfigError(f"{prefix}{f.name}={value} must {what}")
+
+
 ACTIVATIONS = ("relu", "gelu")
 POSITIONS = ("sinusoidal_fairseq", "sinusoidal", "learned")
 SCHEDULES = ("inverse_sqrt", "cosine")
@@ -35,6 +47,8 @@ TOKENIZER_TYPES = ("unigram", "bpe")
 DATA_FORMATS = ("folder", "tsv", "jsonl", "hub", "disk")
 PRECISION_NAMES = ("auto", "fp32", "bf16", "fp16")
 BEAM_STOPS = ("exact", "finished")
+# <s>, <unk>, <pad> are the tokenizer's special tokens; a data.mix tag with one of these names would become one.
+RESERVED_TAGS = ("s", "unk", "pad")
 
 
 @dataclass
@@ -66,6 +80,7 @@ class ModelConfig:
     pad_id: int
 
     def __post_init__(self) -> None:
+        _check_finite(self, "model.")
         _check_choice("model.activation", self.activation, ACTIVATIONS)
         _check_choice("model.positions", self.positions, POSITIONS)
 
@@ -92,6 +107,7 @@ class OptimConfig:
     fused: bool | None  # fused AdamW kernel; None = on CUDA only
 
     def __post_init__(self) -> None:
+        _check_finite(self, "optim.")
         _check_choice("optim.schedule", self.schedule, SCHEDULES)
 
 
@@ -115,6 +131,7 @@ class TokenizerConfig:
     model: str | None
 
     def __post_init__(self) -> None:
+        _check_finite(self, "data.tokenizer.")
         _check_choice("data.tokenizer.model_type", self.model_type, TOKENIZER_TYPES)
 
 
@@ -141,15 +158,17 @@ class CorpusConfig:
     def check(self, key: str) -> None:
         """Raise :class:`ConfigError` on settings that cannot work, keys named with ``key`` (``data.mix[0]``)."""
         _check_choice(f"{key}.format", self.format, DATA_FORMATS)
+        _check_finite(self, f"{key}.")
         if self.weight < 0:
             raise ConfigError(f"{key}.weight={self.weight} must not be negative")
         if self.format == "hub" and not self.hub_id:
             raise ConfigError(f"{key}: format=hub needs hub_id (a dataset id of the Hugging Face hub)")
         if self.format != "hub" and not self.root:
             raise ConfigError(f"{key}: format={self.format} reads from a folder: give its root")
-        if self.tag is not None and not re.fullmatch(r"[^\s<>]+", self.tag):
-            raise ConfigError(f"{key}.tag={self.tag!r} must be a word without spaces or angle brackets "
-                              "(it becomes the token <TAG>), e.g. bt")
+        if self.tag is not None and (not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.tag) or self.tag in RESERVED_TAGS):
+            raise ConfigError(f"{key}.tag={self.tag!r} must be a plain identifier (ASCII letters, digits and _, not "
+                              f"starting with a digit) other than {', '.join(RESERVED_TAGS)} (it becomes the token "
+                              "<TAG>, which must not be a special token or a piece of the vocabulary), e.g. bt")
 
 
 @dataclass
@@ -185,6 +204,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_choice("data.format", self.format, DATA_FORMATS)
+        _check_finite(self, "data.")
         if self.temperature <= 0:
             raise ConfigError(f"data.temperature={self.temperature} must be positive (1 = proportional to sizes)")
         if self.langs is not None:
@@ -233,6 +253,28 @@ class DataConfig:
 DATA_KEYS_ADDED = {"langs": None, "directions": None, "mix": [], "temperature": 1.0}
 
 
+def unknown_keys(schema: type, saved: Any, prefix: str) -> list[str]:
+    """The keys of ``saved`` (a config stored in a checkpoint) that ``schema`` has no field for, in
+    nested configs and lists of them too, named from ``prefix`` (``data.new_option``): what a newer
+    attnmt wrote, which this one cannot honour."""
+    if not isinstance(saved, dict):
+        return []
+    hints = get_type_hints(schema)
+    unknown = []
+    for key, value in saved.items():
+        if key not in hints:
+            unknown.append(f"{prefix}{key}")
+            continue
+        kind = hints[key]
+        nested = next((t for t in (kind, *get_args(kind)) if is_dataclass(t)), None)
+        if nested is not None and isinstance(value, dict):
+            unknown += unknown_keys(nested, value, f"{prefix}{key}.")
+        elif nested is not None and isinstance(value, list):
+            for i, item in enumerate(value):
+                unknown += unknown_keys(nested, item, f"{prefix}{key}[{i}].")
+    return unknown
+
+
 def trained_data_config(trained: dict, overrides: Any = None) -> DataConfig:
     """The data config a checkpoint was trained with (its ``config["data"]``), keys added since filled
     in, with ``overrides`` (a dict or ``DictConfig`` of its keys) on top.
@@ -274,6 +316,7 @@ class DecodeConfig:
 
     def check(self, prefix: str = "") -> None:
         """Raise :class:`ConfigError` on settings that cannot work, keys named with ``prefix``."""
+        _check_finite(self, prefix)
         for key in ("beam_size", "nbest", "max_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{prefix}{key}={getattr(self, key)} must be at least 1")
@@ -285,6 +328,9 @@ class DecodeConfig:
                               f"{prefix}top_p={self.top_p}: temperature and top_k must not be negative, top_p in (0, 1]")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"{prefix}seed={self.seed} must be between 0 and 2**63 - 1")
+        if abs(self.len_penalty) > 100:  # ((5 + length) / 6) ** alpha overflows a float at long outputs past that
+            raise ConfigError(f"{prefix}len_penalty={self.len_penalty} is out of range: GNMT's alpha is used between "
+                              "0 and 2, and must lie within [-100, 100]")
         if self.min_len < 0 or self.max_len_a < 0:
             raise ConfigError(f"{prefix}min_len={self.min_len} and {prefix}max_len_a={self.max_len_a} "
                               "must not be negative")
@@ -324,6 +370,7 @@ class TrainConfig:
     progress_bar: bool  # at a terminal; elsewhere (nohup, a scheduler, 2> file) only the log lines
 
     def __post_init__(self) -> None:
+        _check_finite(self, "train.")
         _check_choice("train.precision", self.precision, PRECISION_NAMES)
 
 

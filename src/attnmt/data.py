@@ -558,9 +558,14 @@ def direction(cfg: DataConfig, src: str | None, tgt: str | None) -> Stream:
 def shares(sizes: Sequence[int], weights: Sequence[float], temperature: float) -> np.ndarray:
     """Each stream's share of an epoch: ``size ** (1 / temperature) * weight``, normalised (M2M-100's
     temperature sampling: 1 = proportional to sizes, larger = flatter)."""
-    raw = np.asarray(sizes, dtype=np.float64) ** (1.0 / temperature) * np.asarray(weights, dtype=np.float64)
-    if raw.sum() <= 0:
+    sizes, weights = np.asarray(sizes, dtype=np.float64), np.asarray(weights, dtype=np.float64)
+    used = (sizes > 0) & (weights > 0)
+    if not used.any():
         raise DataError("every corpus in the mix has weight 0 or no pairs; give one a positive data.mix[].weight")
+    # In logarithms: size ** (1 / T) overflows a float at T = 0.001, as a weight of 1e308 does times a size.
+    log = np.full(len(sizes), -np.inf)
+    log[used] = np.log(sizes[used]) / temperature + np.log(weights[used])
+    raw = np.exp(log - log.max())
     return raw / raw.sum()
 
 
