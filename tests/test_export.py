@@ -210,6 +210,42 @@ def test_engine_cache_is_keyed_by_the_checkpoints_content(trained_checkpoint, tm
         json.loads((first / "attnmt.json").read_text())["checkpoint_sha256"]
 
 
+@pytest.mark.parametrize("damage", ["model_bin_removed", "model_bin_cut", "meta_removed", "another_checkpoints"])
+def test_a_damaged_or_foreign_engine_cache_is_converted_again(trained_checkpoint, tmp_path, caplog, damage) -> None:
+    pytest.importorskip("ctranslate2")
+    from attnmt.export.ctranslate2 import CTranslate2Engine, cached_model
+
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(trained_checkpoint, ckpt)
+    cached = cached_model([ckpt])
+    whole = {p.name: p.read_bytes() for p in cached.iterdir()}
+    if damage == "model_bin_removed":
+        (cached / "model.bin").unlink()
+        why = "lacks model.bin"
+    elif damage == "model_bin_cut":
+        (cached / "model.bin").write_bytes(whole["model.bin"][:1000])
+        why = "has a model.bin of 1000 bytes where"
+    elif damage == "meta_removed":
+        (cached / "attnmt.json").unlink()
+        why = "has no readable attnmt.json"
+    else:  # another checkpoint's conversion copied under this checkpoint's key
+        other = tmp_path / "other.pt"
+        from attnmt.checkpoint import load_checkpoint, save_checkpoint
+
+        state = load_checkpoint(ckpt)
+        state["model"]["encoder_norm.weight"] += 1.0
+        save_checkpoint(state, other)
+        foreign = cached_model([other])
+        shutil.rmtree(cached)
+        shutil.copytree(foreign, cached)
+        why = "was converted from another checkpoint"
+    with caplog.at_level("WARNING", logger="attnmt.export.ctranslate2"):
+        assert cached_model([ckpt]) == cached
+    assert any(why in r.getMessage() and str(cached) in r.getMessage() for r in caplog.records), caplog.text
+    assert {p.name: p.read_bytes() for p in cached.iterdir()} == whole
+    CTranslate2Engine(cached)  # loads
+
+
 def test_translate_and_evaluate_with_engine_ctranslate2(trained_checkpoint, tmp_path) -> None:
     pytest.importorskip("ctranslate2")
     ckpt = tmp_path / "model.pt"

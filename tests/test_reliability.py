@@ -285,6 +285,16 @@ def test_a_read_only_folder_fails_at_start_with_one_line(tmp_path, read_only, wh
     assert sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*")) == before
 
 
+def test_a_run_dir_that_cannot_be_created_gets_one_line(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = run_cli_train(tmp_path, f"train.run_dir={blocker / 'run'}", "train.max_steps=2")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = error_lines(proc.stderr)
+    assert f"train.run_dir={blocker / 'run'} cannot be written" in line and "Not a directory" in line, line
+
+
 # ----------------------------------------------------------------------------------------------------
 # Refused commands change nothing; bad inputs get one line
 
@@ -345,7 +355,15 @@ def bad_checkpoints(tmp_path, trained_checkpoint) -> dict[str, Path]:
     save_checkpoint({**state, "model_config": {**state["model_config"], "d_model": 32, "ffn_dim": 64}}, wrong_shape)
     evil = tmp_path / "evil.pt"
     torch.save({"format": checkpoint.FORMAT, "run": os.system}, evil)
-    return {"text": text, "no_config": no_config, "wrong_shape": wrong_shape, "evil": evil}
+    # Written by a newer attnmt: a model or data option this version does not know.
+    newer_model = tmp_path / "newer_model.pt"
+    save_checkpoint({**state, "attnmt_version": "9.0.0", "model_config": {**state["model_config"], "norm": "rms"}},
+                    newer_model)
+    newer_data = tmp_path / "newer_data.pt"
+    config = {**state["config"], "data": {**state["config"]["data"], "new_option": 1}}
+    save_checkpoint({**{k: v for k, v in state.items() if k != "attnmt_version"}, "config": config}, newer_data)
+    return {"text": text, "no_config": no_config, "wrong_shape": wrong_shape, "evil": evil,
+            "newer_model": newer_model, "newer_data": newer_data}
 
 
 EXPECTED = {
@@ -353,6 +371,9 @@ EXPECTED = {
     "no_config": r"no_config\.pt lacks 'model_config'",
     "wrong_shape": r"wrong_shape\.pt: its weights do not match",
     "evil": r"evil\.pt was refused: .*would run as code",
+    "newer_model": r"newer_model\.pt has config keys attnmt \S+ does not know: model\.norm \(written by attnmt 9\.0\.0\)",
+    "newer_data": r"newer_data\.pt has config keys attnmt \S+ does not know: data\.new_option \(written by an attnmt "
+                  r"that did not record its version\)",
 }
 
 
@@ -372,7 +393,7 @@ def test_a_wrong_file_as_checkpoint_gets_one_line_from_every_command(kind, bad_c
         "average": lambda: average.main([str(path), str(path), "--out", str(tmp_path / "avg.pt")]),
     }
     for name, command in commands.items():
-        if kind in ("no_config", "wrong_shape") and name == "average":
+        if kind in ("no_config", "wrong_shape", "newer_model", "newer_data") and name == "average":
             continue  # averaging reads only the weights; what it writes is checked when it is used
         with pytest.raises(SystemExit) as exit_info:
             command()
@@ -404,3 +425,211 @@ def test_the_log_of_a_run_without_a_terminal_holds_no_progress_bar_redraws(tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "\r" not in proc.stderr
     assert "step 4 |" in proc.stderr and "step 12 |" in proc.stderr  # the periodic log lines stay
+
+
+# ----------------------------------------------------------------------------------------------------
+# The data cache: what a resumed run compares, what proves a cache file whole
+
+
+def test_resume_refuses_a_corpus_whose_text_changed_with_the_same_line_count(tmp_path):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(FIXTURE_CORPUS, corpus)
+    train(tmp_path / "run", "train.max_steps=4", "train.valid_every=4", corpus=corpus)
+    english = (corpus / "train.en").read_text()
+    (corpus / "train.en").write_text(english.replace("a", "o"))  # same lines, same size, other text
+    with pytest.raises(CheckpointError, match=rf"was trained on other text: {corpus / 'train.en'} has changed since"):
+        train(tmp_path / "run", "train.max_steps=8", "train.resume=auto", corpus=corpus)
+    # The same text with a new modification time is the same corpus: the run continues.
+    (corpus / "train.en").write_text(english)
+    assert train(tmp_path / "run", "train.max_steps=8", "train.resume=auto", corpus=corpus)["step"] == 8
+
+
+def prepare_train_split(cfg):
+    """The cached pipeline of a train split: raw, cleaned (an empty pair dropped: a kept-row index), tokenized."""
+    from attnmt.data import load_split, tokenize, train_tokenizer
+
+    ds = load_split(cfg, "train", train=True)
+    return tokenize(ds, train_tokenizer([ds], cfg), cfg, train=True)
+
+
+def corpus_with_an_empty_pair(folder: Path) -> Path:
+    shutil.copytree(FIXTURE_CORPUS, folder)
+    for lang in ("de", "en"):
+        with open(folder / f"train.{lang}", "a") as f:
+            f.write("\n" if lang == "de" else "an English side without its German\n")
+    return folder
+
+
+def cut_at_a_record_batch(path: Path) -> None:
+    """What a crash can leave: a valid Arrow stream that ends after its first half of record batches."""
+    import pyarrow as pa
+
+    with pa.OSFile(str(path)) as f:
+        reader = pa.ipc.open_stream(f)
+        schema, batches = reader.schema, list(reader)
+    assert len(batches) >= 2, "the test needs files of several record batches"
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for batch in batches[: len(batches) // 2]:
+            writer.write_batch(batch)
+
+
+@pytest.mark.parametrize("damage", ["cut_at_a_record_batch", "empty", "garbage", "seal_lost"])
+@pytest.mark.parametrize("entry", ["raw", "clean", "kept", "tokenized"])
+def test_a_damaged_cache_file_is_rebuilt_with_one_warning_naming_it(tmp_path, monkeypatch, caplog, entry, damage):
+    from attnmt import data
+    from conftest import data_config
+
+    monkeypatch.setattr(data, "_BATCH_ROWS", 64)  # files of several record batches, as a large corpus has
+    monkeypatch.setattr(data, "_MAP_ROWS", 64)
+    monkeypatch.setattr(data, "_INDEX_ROWS", 64)
+    cfg = data_config(root=str(corpus_with_an_empty_pair(tmp_path / "corpus")), cache_dir=str(tmp_path / "cache"),
+                      tokenizer=tokenizer_config(vocab_size=400), num_proc=1)
+    expected = list(prepare_train_split(cfg)["src_ids"])  # a copy: the file it maps is damaged below
+    assert len(expected) == 400  # the empty pair dropped
+    (path,) = (tmp_path / "cache").glob(f"{entry}-*.arrow")
+    if damage == "cut_at_a_record_batch":
+        cut_at_a_record_batch(path)
+    elif damage == "empty":
+        path.write_bytes(b"")  # what a rename can leave after a power cut
+    elif damage == "garbage":
+        size = path.stat().st_size
+        path.write_bytes(bytes(range(256)) * (size // 256) + b"\0" * (size % 256))  # the same size, not Arrow
+    else:
+        path.with_name(path.stem + ".seal").unlink()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="attnmt.data"):
+        rebuilt = list(prepare_train_split(cfg)["src_ids"])
+    assert rebuilt == expected
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and f"cache file {path} " in warnings[0] and "rebuilding it" in warnings[0], warnings
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="attnmt.data"):
+        assert list(prepare_train_split(cfg)["src_ids"]) == expected  # sealed again: used as it is
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_warm_cache_is_used_read_only_and_a_cold_one_gets_one_line(tmp_path, read_only):
+    from attnmt.data import DataError
+    from conftest import data_config
+
+    cache = tmp_path / "cache"
+    cfg = data_config(root=str(corpus_with_an_empty_pair(tmp_path / "corpus")), cache_dir=str(cache),
+                      tokenizer=tokenizer_config(vocab_size=400), num_proc=1)
+    expected = list(prepare_train_split(cfg)["tgt_ids"])
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in cache.rglob("*"))
+    read_only(cache)  # e.g. a corpus cache shared on a cluster's read-only mount
+    assert list(prepare_train_split(cfg)["tgt_ids"]) == expected
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in cache.rglob("*")) == before  # nothing rewritten
+    other = tmp_path / "other"
+    shutil.copytree(tmp_path / "corpus", other)
+    (other / "train.de").write_text((other / "train.de").read_text().replace("Hund", "Katze"))
+    with pytest.raises(DataError, match=rf"raw-\w+\.arrow is not in the cache .* data\.cache_dir={cache} cannot be "
+                                        r"written \((Read-only file system|Permission denied)\)"):
+        prepare_train_split(data_config(**{**cfg.__dict__, "root": str(other)}))
+
+
+def test_the_first_use_of_a_cache_removes_the_temporary_files_a_killed_run_left(tmp_path, caplog):
+    from attnmt import data
+    from conftest import data_config
+
+    cache = tmp_path / "cache"
+    cfg = data_config(root=str(FIXTURE_CORPUS), cache_dir=str(cache), tokenizer=tokenizer_config(vocab_size=400))
+    prepare_train_split(cfg)
+    left = [cache / "tmpk3x9_q2a", cache / ".raw-0123456789abcdef0123.arrow.tmp4242",
+            cache / ".clean-0123456789abcdef0123.seal.tmp77"]  # datasets' and attnmt's temporary names
+    for path in left:
+        path.write_bytes(b"x" * 1000)
+    kept = cache / "notes.txt"
+    kept.write_text("the user's")
+    data._swept.clear()  # a new process
+    with caplog.at_level("WARNING", logger="attnmt.data"):
+        prepare_train_split(cfg)  # warm: nothing is built
+    assert not any(p.exists() for p in left) and kept.read_text() == "the user's"
+    assert any("removing 3 temporary files" in r.getMessage() for r in caplog.records)
+
+
+def test_a_null_cache_lives_in_the_run_dir_and_orphaned_temporary_caches_are_removed(tmp_path):
+    from attnmt import data
+    from conftest import data_config
+
+    train(tmp_path / "run", "train.max_steps=2", "train.valid_every=2")  # data.cache_dir=null
+    seals = sorted(p.name.split("-")[0] for p in (tmp_path / "run" / "data-cache").glob("*.seal"))
+    assert seals.count("raw") == 2 and seals.count("tokenized") == 2, seals  # train and valid, sealed
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = Path(tempfile.gettempdir()) / f"attnmt-data-{finished.stdout.strip()}-abc123"  # a killed process's
+    orphan.mkdir()
+    (orphan / "raw-x.arrow").write_bytes(b"x" * 1000)
+    mine = Path(tempfile.gettempdir()) / f"attnmt-data-{os.getpid()}-alive"  # a running process's
+    mine.mkdir(exist_ok=True)
+    try:
+        monkey = data._temporary_cache
+        data._temporary_cache = None
+        root = data.cache_root(data_config(cache_dir=None))
+        assert root.name.startswith(f"attnmt-data-{os.getpid()}-") and not orphan.exists() and mine.exists()
+    finally:
+        data._temporary_cache = monkey
+        shutil.rmtree(mine, ignore_errors=True)
+
+
+def test_a_disk_that_fills_while_caching_gets_one_line_and_leaves_no_temporary_file(multi30k, small_disk, tmp_path):
+    from attnmt.data import DataError, load_split
+    from conftest import data_config
+
+    for lang in ("de", "en"):  # 43,500 pairs: the raw copy (6 MB) fits the 8 MB disk, the cleaned one does not
+        lines = (multi30k / f"train.{lang}").read_text().splitlines(keepends=True)
+        (tmp_path / f"train.{lang}").write_text("".join(lines + lines[: len(lines) // 2]))
+    cache = small_disk / "cache"
+    cfg = data_config(root=str(tmp_path), cache_dir=str(cache), num_proc=2)  # cleaned in two processes
+    for attempt in range(2):  # a retry fails the same way, not on a disk full of the first try's leftovers
+        with pytest.raises(DataError, match=r"cannot write .*-\w+\.arrow: not enough disk space \(it needs about "
+                                            r"[\d.]+ MB, [\d.]+ MB free\); free some space or set data\.cache_dir"):
+            load_split(cfg, "train", train=True)
+        names = sorted(p.name for p in cache.iterdir())
+        assert not [n for n in names if n.startswith("tmp") or ".tmp" in n], names
+        sealed = {n.removesuffix(".seal") for n in names if n.endswith(".seal")}
+        assert all(n in (".lock", f"{n.removesuffix('.arrow')}") or n.removesuffix(".arrow") in sealed
+                   or n.endswith(".seal") for n in names), names  # every data file there is whole
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_workers_stop_with_a_checkpoint_when_the_torchrun_agent_is_killed(tmp_path):
+    import time
+
+    run_dir = tmp_path / "run"
+    log = open(tmp_path / "out.log", "w")
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "attnmt.cli.train", "model=tiny",
+         f"data.root={FIXTURE_CORPUS}", "data.splits.test=test", "data.tokenizer.vocab_size=400", "data.cache_dir=null",
+         f"train.run_dir={run_dir}", "train.max_steps=1000000", "train.valid_every=1000000", "train.device=cpu",
+         "train.max_tokens=512", "train.progress_bar=false", "train.log_every=5"],
+        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while "step 10 |" not in (tmp_path / "out.log").read_text() and time.monotonic() < deadline:
+            assert agent.poll() is None, (tmp_path / "out.log").read_text()[-3000:]
+            time.sleep(0.5)
+        workers = [int(pid) for path in Path(f"/proc/{agent.pid}/task").glob("*/children")
+                   for pid in path.read_text().split()]
+        assert len(workers) == 2, workers
+        agent.kill()  # kill -9: the agent can tell its workers nothing
+        agent.wait()
+        deadline = time.monotonic() + 60
+        while any(Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+                  for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()
+                 and "zombie" not in Path(f"/proc/{pid}/status").read_text()]
+        assert not alive, f"workers {alive} still run after their agent died"
+    finally:
+        agent.kill()
+        for pid in [p for p in workers if Path(f"/proc/{p}").exists()]:
+            os.kill(pid, 9)
+    out = (tmp_path / "out.log").read_text()
+    assert "the torchrun agent exited" in out and "Traceback" not in out, out[-3000:]
+    step = load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
+    assert step >= 10 and (run_dir / "checkpoints" / f"step_{step}.pt").is_file()

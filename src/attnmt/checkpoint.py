@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnmt.config import ModelConfig
+from attnmt import __version__
+from attnmt.config import DataConfig, ModelConfig, unknown_keys
 from attnmt.model import build_model
 from attnmt.tokenizer import Tokenizer
 
@@ -67,6 +68,9 @@ class TrainState:
         rng             one dict per rank: python, numpy, torch and CUDA generator states
         best_bleu, validations_without_improvement, metrics   early stopping; the latest valid metrics
         validation_pending  a signal stopped the run at a validation step: the resumed run validates first
+        corpus          each training stream's text: its files and the SHA-256 of each side (a resumed run
+                        refuses other text, whatever the files' dates)
+        attnmt_version  the version that wrote it
 
     Evaluation and translation read only :data:`INFERENCE_KEYS`.
     """
@@ -87,8 +91,28 @@ class TrainState:
     metrics: dict = field(default_factory=dict)
     validation_pending: bool = False
     ema: nn.Module | None = None  # the moving average of model's weights (train.ema_decay); None = off
+    corpus: list = field(default_factory=list)  # each training stream's attnmt.data.corpus_fingerprint
 
     RESUME_KEYS: ClassVar[tuple[str, ...]] = ("optimizer", "scaler", "sampler", "rng")
+
+    def check_same_corpus(self, saved: list | None, path: str | Path) -> None:
+        """Refuse to continue on text other than the checkpoint's, naming the file that changed (a
+        checkpoint written before the fingerprints were kept is compared by the sampler's counts only)."""
+        if saved is None:
+            return
+        if len(saved) != len(self.corpus):
+            raise CheckpointError(f"{path} was trained on {len(saved)} corpora or directions, this run has "
+                                  f"{len(self.corpus)}; resume with the data config it was trained with")
+        for theirs, mine in zip(saved, self.corpus):
+            for i, side in enumerate(("src", "tgt")):
+                if theirs["sha256"][side] != mine["sha256"][side]:
+                    files = mine["files"]
+                    what = files[min(i, len(files) - 1)] if files else f"the {side} side of the {mine['origin']}"
+                    raise CheckpointError(
+                        f"{path} was trained on other text: {what} has changed since ({mine['pairs']} pairs now, "
+                        f"{theirs['pairs']} then; the SHA-256 of its sentences differs); resume with the corpus it "
+                        f"was trained on, or start a new run from these weights with train.init_from={path} in "
+                        "another train.run_dir")
 
     @property
     def translation_model(self) -> nn.Module:
@@ -99,6 +123,7 @@ class TrainState:
         """The checkpoint dict; ``rng`` holds every rank's :func:`rng_state`, in rank order."""
         return {
             "format": FORMAT,
+            "attnmt_version": __version__,
             "model": self.translation_model.state_dict(),
             **({} if self.ema is None else {"trained_model": self.model.state_dict()}),
             "model_config": asdict(self.model_config),
@@ -115,6 +140,7 @@ class TrainState:
             "validations_without_improvement": self.stale_validations,
             "metrics": {k: v for k, v in self.metrics.items() if isinstance(v, (int, float))},
             "validation_pending": self.validation_pending,
+            "corpus": self.corpus,
         }
 
     def restore(self, state: dict, path: str | Path) -> list[dict]:
@@ -144,6 +170,7 @@ class TrainState:
             raise CheckpointError(f"{path}: its optimizer state does not fit this model ({err})") from None
         if self.scaler.is_enabled() and state["scaler"]:  # empty when the checkpoint's run had no fp16 scaling
             self.scaler.load_state_dict(state["scaler"])
+        self.check_same_corpus(state.get("corpus"), path)
         try:
             self.sampler.load_state_dict(state["sampler"])
         except ValueError as err:
@@ -433,6 +460,20 @@ def load_weights(model: nn.Module, weights: dict, path: str | Path, what: str = 
         raise CheckpointError(f"{path}: its weights do not match {what} ({detail})") from None
 
 
+def check_known_keys(state: dict, path: str | Path) -> None:
+    """Refuse, in one line naming the keys and both versions, a checkpoint whose model or data config
+    has keys this attnmt does not know (written by a newer attnmt, or edited): translating with an
+    option ignored would give other output than the model was trained to give."""
+    config = state.get("config") or {}
+    unknown = unknown_keys(ModelConfig, state.get("model_config"), "model.") + unknown_keys(
+        DataConfig, config.get("data"), "data.")
+    if unknown:
+        written = state.get("attnmt_version")
+        by = f"attnmt {written}" if written else "an attnmt that did not record its version"
+        raise CheckpointError(f"{path} has config keys attnmt {__version__} does not know: {', '.join(unknown)} "
+                              f"(written by {by}); use the attnmt version that wrote it, or a newer one")
+
+
 def build_from_state(state: dict, path: str | Path, weights: dict | None = None) -> nn.Module:
     """The model a checkpoint describes, with its weights (or ``weights``) loaded, on the CPU.
 
@@ -440,6 +481,7 @@ def build_from_state(state: dict, path: str | Path, weights: dict | None = None)
         CheckpointError: naming ``path``, when the model config is not one attnmt can build or the
             weights do not fit it.
     """
+    check_known_keys(state, path)
     try:
         model = build_model(ModelConfig(**state["model_config"]))
     except (TypeError, ValueError) as err:

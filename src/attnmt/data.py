@@ -31,10 +31,14 @@ keep every line in its order, so they stay aligned with their references.
 from __future__ import annotations
 
 import atexit
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import unicodedata
@@ -61,12 +65,13 @@ _CHUNK_BYTES = 1 << 24  # read 16 MB of a text file at a time
 # memory at 4.5M pairs, for nothing). A batch's Python lists are transient memory of the map workers.
 _BATCH_ROWS = 50_000  # raw files, written by attnmt itself from Arrow arrays
 _MAP_ROWS = 10_000  # cleaned and tokenized files
+_INDEX_ROWS = 1 << 20  # rows per record batch of a kept-row index file
 _PARALLEL_FROM = 10_000  # splits with fewer rows are processed in one process
 
 # Per-row flags of load_split, one bit each.
 _SRC_CHANGED, _TGT_CHANGED, _SRC_NOT_NFKC, _TGT_NOT_NFKC, _EMPTY = 1, 2, 4, 8, 16
 
-__all__ = ["DataError", "Stream", "direction", "load_references", "load_split", "read_lines", "read_split", "shares",
+__all__ = ["DataError", "Stream", "corpus_fingerprint", "direction", "load_references", "load_split", "read_lines", "read_split", "shares",
            "streams", "tags", "token_lengths", "tokenize", "train_tokenizer"]
 
 
@@ -79,11 +84,15 @@ class DataError(ValueError):
 
 
 _temporary_cache: Path | None = None
+_TEMPORARY_PREFIX = "attnmt-data-"
+_swept: set[Path] = set()  # cache folders whose stale temporary files this process has removed
 
 
 def cache_root(cfg: DataConfig) -> Path:
     """``data.cache_dir``, created; with ``data.cache_dir=null`` a temporary folder of this process,
-    removed when it exits (the data are still memory-mapped, never held in memory whole)."""
+    removed when it exits (the data are still memory-mapped, never held in memory whole). Training
+    puts the null cache in its run directory instead (:func:`attnmt.training.train`), which every rank
+    shares and a resumed run finds again."""
     global _temporary_cache
     if cfg.cache_dir:
         root = Path(cfg.cache_dir)
@@ -92,11 +101,210 @@ def cache_root(cfg: DataConfig) -> Path:
         except OSError as err:
             raise DataError(f"data.cache_dir={cfg.cache_dir} cannot be created ({err.strerror}); choose another "
                             "folder, or data.cache_dir=null for a temporary one") from None
+        if root not in _swept:
+            _swept.add(root)
+            _remove_stale_temporaries(root)
         return root
     if _temporary_cache is None:
-        _temporary_cache = Path(tempfile.mkdtemp(prefix="attnmt-data-"))
+        _remove_orphaned_temporary_caches()
+        _temporary_cache = Path(tempfile.mkdtemp(prefix=f"{_TEMPORARY_PREFIX}{os.getpid()}-"))
         atexit.register(shutil.rmtree, _temporary_cache, ignore_errors=True)
     return _temporary_cache
+
+
+def _remove_orphaned_temporary_caches() -> None:
+    """Remove the temporary caches (``data.cache_dir=null``) of processes that no longer run: a kill
+    -9 skips the removal at exit."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{_TEMPORARY_PREFIX}*-*"):
+        pid = folder.name[len(_TEMPORARY_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+# Every file in the cache proves it is whole by a seal written after it: ``NAME.seal`` beside
+# ``NAME.arrow`` records the size of each of its files (a map over several processes writes one file
+# each) and its number of rows. Writing order: the files, fsynced; the seal, atomically (a temporary
+# file and a rename), fsynced with its folder. A file without a seal, or whose size or row count is
+# not the seal's (cut by a crash or a full disk, emptied by a power cut), is rebuilt, with a warning
+# naming it. A warm, sealed cache is only read, so it can be read-only. Building holds the cache
+# folder's lock (``.lock``), so two runs never build the same file, and the first to hold it removes
+# the temporary files a killed run left.
+
+
+def _seal_path(path: Path) -> Path:
+    return path.with_name(path.with_suffix("").name + ".seal")
+
+
+def _read_seal(path: Path) -> tuple[dict | None, str]:
+    """What the seal of the cache file ``path`` records, when every file it lists is there with the size
+    it lists; else None and why not."""
+    try:
+        record = json.loads(_seal_path(path).read_text())
+        listed = dict(record["files"])
+    except FileNotFoundError:
+        return None, "has no seal (cut by a crash or a full disk, or written before attnmt sealed its cache)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None, "has a damaged seal"
+    try:
+        sizes = {name: (path.parent / name).stat().st_size for name in listed}
+    except OSError:
+        return None, "lacks a file its seal lists"
+    if sizes != listed or not isinstance(record.get("rows"), int):
+        return None, "is not the size its seal records (cut by a crash, a full disk or a power cut)"
+    return record, ""
+
+
+def _write_seal(path: Path, files: Sequence[Path], rows: int, **extra) -> dict:
+    for file in files:
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    record = {"rows": rows, "files": {file.name: file.stat().st_size for file in files}, **extra}
+    seal = _seal_path(path)
+    tmp = seal.with_name(f".{seal.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(record, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, seal)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_folder(path.parent)
+    return record
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files_of(path: Path) -> list[Path]:
+    """The files of the cache entry ``path`` (``NAME.arrow``, and ``NAME_00000_of_00004.arrow`` shards)."""
+    stem = path.with_suffix("").name
+    return [p for p in path.parent.glob(f"{stem}*{path.suffix}") if p.name == path.name or p.name.startswith(f"{stem}_")]
+
+
+def _discard(path: Path, why: str) -> None:
+    """Remove the files of the cache entry ``path`` and its seal; warn when there were files to remove."""
+    files = _files_of(path)
+    if files:
+        logger.warning("cache file %s %s; rebuilding it", path, why)
+    for file in [*files, _seal_path(path)]:
+        file.unlink(missing_ok=True)
+
+
+_TEMPORARY_NAME = re.compile(r"^(tmp[a-z0-9_]{8}|\..+\.tmp\d+)$")  # datasets' tempfile names; attnmt's .NAME.tmpPID
+
+
+def _is_temporary(name: str) -> bool:
+    return bool(_TEMPORARY_NAME.match(name))
+
+
+def _remove_temporaries(root: Path) -> None:
+    """Remove the temporary files in ``root``: only with its lock held, when no one else writes there."""
+    stale = [p for p in root.iterdir() if _is_temporary(p.name) and p.is_file()]
+    if stale:
+        logger.warning("removing %d temporary files (%.1f MB) that a stopped process left in %s", len(stale),
+                       sum(p.stat().st_size for p in stale) / 1e6, root)
+        for p in stale:
+            p.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    """At a process's first use of a cache folder: the temporary files a killed run left there, removed
+    when no other process holds the folder's lock (one that does is writing, and cleans up itself)."""
+    try:
+        with open(root / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _remove_temporaries(root)
+    except OSError:  # a read-only cache (nothing to clean there), or another process is writing
+        pass
+
+
+@contextlib.contextmanager
+def _building(path: Path, needs: int):
+    """Hold the cache folder's lock while the entry ``path`` is built (about ``needs`` bytes); the first
+    holder removes stale temporary files. A folder that cannot be written, or a disk that fills, ends
+    in one :class:`DataError` naming the file, with no partial or temporary file left.
+    """
+    root = path.parent
+    try:
+        lock = open(root / ".lock", "a+")
+    except OSError as err:
+        raise DataError(f"{path} is not in the cache (or not whole) and data.cache_dir={root} cannot be written "
+                        f"({err.strerror}): a read-only cache must hold every file a run needs, sealed, from a run "
+                        "with the same data and settings; point data.cache_dir at a writable folder") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            logger.info("waiting for another process that writes into data.cache_dir=%s", root)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        _remove_temporaries(root)
+        try:
+            yield
+        except BaseException as err:
+            for p in [*_files_of(path), _seal_path(path)] + [p for p in root.iterdir() if _is_temporary(p.name)]:
+                p.unlink(missing_ok=True)
+            if _disk_full(err):
+                free = shutil.disk_usage(root).free
+                raise DataError(f"cannot write {path}: not enough disk space (it needs about {needs / 1e6:.1f} MB, "
+                                f"{free / 1e6:.1f} MB free); free some space or set data.cache_dir to a larger "
+                                "disk") from None
+            raise
+
+
+def _disk_full(err: BaseException) -> bool:
+    """A full disk, however deep in the chain (datasets' worker processes re-raise their errors)."""
+    while err is not None:
+        if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _check(path: Path, load: Callable[[], datasets.Dataset]) -> tuple[datasets.Dataset | None, dict | None, str]:
+    """The cache entry ``path`` loaded and its seal, when it is whole; else (None, seal, why not)."""
+    seal, why = _read_seal(path)
+    if seal is None:
+        return None, None, why
+    try:
+        ds = load()
+    except (OSError, ValueError, IndexError, pa.ArrowException) as err:  # ArrowInvalid is a ValueError
+        return None, seal, f"cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+    if len(ds) != seal["rows"]:
+        return None, seal, f"has {len(ds)} rows where its seal says {seal['rows']}"
+    return ds, seal, ""
+
+
+def _cached(path: Path, build: Callable[[], tuple[list[Path], int, dict]], load: Callable[[], datasets.Dataset],
+            needs: int) -> tuple[datasets.Dataset, dict]:
+    """The cache entry ``path``, loaded, and its seal; built first when it is missing, unsealed or
+    damaged: ``build`` writes it and returns its files, its row count and what else the seal records."""
+    ds, seal, why = _check(path, load)
+    if ds is not None:
+        return ds, seal
+    with _building(path, needs):
+        ds, seal, why = _check(path, load)  # another process may have built it while this one waited
+        if ds is None:
+            _discard(path, why)
+            files, rows, extra = build()
+            seal = _write_seal(path, files, rows, **extra)
+            ds = load()
+    return ds, seal
 
 
 def _key(*parts) -> str:
@@ -356,21 +564,46 @@ def _read_disk(cfg: DataConfig, name: str):
 _READERS: dict[str, Reader] = {"folder": _read_folder, "tsv": _read_tsv, "jsonl": _read_jsonl, "hub": _read_hub,
                                "disk": _read_disk}
 _RAW_SCHEMA = pa.schema([("src", pa.string()), ("tgt", pa.string())])
+_INDEX_SCHEMA = pa.schema([("indices", pa.uint64())])
 
 
-def _write_pairs(path: Path, batches: Iterable[tuple], desc: str) -> None:
+def _write_pairs(path: Path, batches: Iterable[tuple], desc: str) -> tuple[int, dict]:
     """Write (src, tgt) batches to the Arrow file ``path``, atomically (a temporary file, then a rename),
-    with a progress bar at a terminal."""
+    with a progress bar at a terminal; return the number of pairs and the SHA-256 of each side's text
+    (what :func:`corpus_fingerprint` compares: the text itself, not the files' dates)."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    rows, digests = 0, {"src": _TextDigest(), "tgt": _TextDigest()}
     try:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, _RAW_SCHEMA) as writer, \
                 tqdm(desc=desc, unit=" pairs", unit_scale=True, disable=None) as bar:
             for src, tgt in batches:
-                writer.write_batch(pa.record_batch([_strings(src), _strings(tgt)], schema=_RAW_SCHEMA))
-                bar.update(len(src))
+                batch = pa.record_batch([_strings(src), _strings(tgt)], schema=_RAW_SCHEMA)
+                for side, column in zip(("src", "tgt"), batch.columns):
+                    digests[side].update(column)
+                writer.write_batch(batch)
+                rows += batch.num_rows
+                bar.update(batch.num_rows)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return rows, {side: digest.hexdigest() for side, digest in digests.items()}
+
+
+class _TextDigest:
+    """SHA-256 of a column of sentences, the same however they are cut into batches: the lengths and
+    the bytes go into two digests, combined at the end."""
+
+    def __init__(self) -> None:
+        self.lengths, self.data = hashlib.sha256(), hashlib.sha256()
+
+    def update(self, column: pa.StringArray) -> None:
+        offsets = np.frombuffer(column.buffers()[1], dtype=np.int32)[column.offset : column.offset + len(column) + 1]
+        self.lengths.update(np.diff(offsets).astype("<i8").tobytes())
+        if column.buffers()[2] is not None:
+            self.data.update(memoryview(column.buffers()[2])[offsets[0] : offsets[-1]])
+
+    def hexdigest(self) -> str:
+        return hashlib.sha256(self.lengths.digest() + self.data.digest()).hexdigest()
 
 
 def _strings(values) -> pa.Array:
@@ -381,7 +614,9 @@ def _strings(values) -> pa.Array:
     return pa.array(values, pa.string())
 
 
-def _read(cfg: DataConfig, split: str) -> tuple[datasets.Dataset, str]:
+def _read(cfg: DataConfig, split: str) -> tuple[datasets.Dataset, str, dict]:
+    """The raw pairs of a split (memory-mapped), where they come from in words, and the seal of their
+    cache file (with the SHA-256 of each side's text)."""
     if cfg.format not in _READERS:
         raise DataError(f"data.format={cfg.format!r}: expected one of {', '.join(DATA_FORMATS)}")
     if cfg.src_lang == cfg.tgt_lang:
@@ -392,9 +627,23 @@ def _read(cfg: DataConfig, split: str) -> tuple[datasets.Dataset, str]:
     origin = f"{split} split ({name!r}, {cfg.src_lang}-{cfg.tgt_lang}, in {where})"
     key = _key("raw", cfg.format, identity, cfg.src_lang, cfg.tgt_lang)
     path = cache_root(cfg) / f"raw-{key}.arrow"
-    if not path.is_file():
-        _write_pairs(path, batches(), f"reading the {split} split")
-    return datasets.Dataset.from_file(str(path)), origin
+    files = [entry[0] for entry in identity if isinstance(entry, (list, tuple)) and len(entry) == 3]
+
+    def build():
+        rows, sha256 = _write_pairs(path, batches(), f"reading the {split} split")
+        return [path], rows, {"sha256": sha256, "source_files": files, "origin": origin}
+
+    needs = sum(entry[1] for entry in identity if isinstance(entry, (list, tuple)) and len(entry) == 3) or 1 << 20
+    ds, seal = _cached(path, build, lambda: datasets.Dataset.from_file(str(path)), needs)
+    return ds, origin, seal
+
+
+def corpus_fingerprint(cfg: DataConfig, split: str = "train") -> dict:
+    """What a split's text is, to tell another corpus from this one on resume: its origin, its files
+    (for a folder, tsv or jsonl source), its number of pairs and the SHA-256 of each side's text.
+    Read from the seal of its cached copy: no text is read again when the files are unchanged."""
+    _, origin, seal = _read(cfg, split)
+    return {"origin": origin, "files": seal.get("source_files", []), "pairs": seal["rows"], "sha256": seal["sha256"]}
 
 
 def read_split(cfg: DataConfig, split: str) -> datasets.Dataset:
@@ -452,7 +701,7 @@ def load_split(cfg: DataConfig, split: str, train: bool) -> datasets.Dataset:
         DataError: a missing file or split, misaligned files, bad UTF-8 or JSON, an unknown language,
             a split with no lines, or (train) no pairs left after filtering.
     """
-    raw, origin = _read(cfg, split)
+    raw, origin, _ = _read(cfg, split)
     if len(raw) == 0:
         raise DataError(f"{origin} has no lines; point data.splits.{split} at a split with sentence pairs")
     dedup = train and cfg.dedup
@@ -460,10 +709,8 @@ def load_split(cfg: DataConfig, split: str, train: bool) -> datasets.Dataset:
     features = {"src": datasets.Value("string"), "tgt": datasets.Value("string"), "flags": datasets.Value("uint8")}
     if dedup:
         features["pair_hash"] = datasets.Value("int64")
-    ds = raw.map(_clean, batched=True, batch_size=_MAP_ROWS, writer_batch_size=_MAP_ROWS, fn_kwargs={"dedup": dedup},
-                 features=datasets.Features(features),
-                 num_proc=_procs(cfg, len(raw)), cache_file_name=str(cache_root(cfg) / f"clean-{key}.arrow"),
-                 new_fingerprint=key, desc=f"cleaning the {split} split")
+    ds = _map(raw, cfg, cache_root(cfg) / f"clean-{key}.arrow", _clean, 1.1, fn_kwargs={"dedup": dedup},
+              features=datasets.Features(features), new_fingerprint=key, desc=f"cleaning the {split} split")
 
     flags = _numpy(ds, "flags")
     keep = (flags & _EMPTY) == 0 if train else np.ones(len(ds), bool)
@@ -488,13 +735,47 @@ def load_split(cfg: DataConfig, split: str, train: bool) -> datasets.Dataset:
     return _keep(ds, keep, key)
 
 
+def _map(ds: datasets.Dataset, cfg: DataConfig, path: Path, function: Callable, growth: float,
+         **kwargs) -> datasets.Dataset:
+    """``ds.map(function, batched=True, **kwargs)`` into the cache entry ``path`` (one file per process
+    with ``data.num_proc``), sealed: a second call, or another rank, memory-maps what the first wrote.
+    ``growth`` is about how many times the input's bytes the result takes (for a full disk's message)."""
+    options = dict(batched=True, batch_size=_MAP_ROWS, writer_batch_size=_MAP_ROWS, cache_file_name=str(path), **kwargs)
+
+    def build():
+        out = ds.map(function, num_proc=_procs(cfg, len(ds)), **options)
+        return [Path(f["filename"]) for f in out.cache_files], len(out), {}
+
+    def load():  # with the number of processes that wrote the files, whatever data.num_proc is now
+        written = len(_files_of(path))
+        return ds.map(function, num_proc=written if written > 1 else None, **options)
+
+    needs = int(growth * sum(Path(f["filename"]).stat().st_size for f in ds.cache_files))
+    return _cached(path, build, load, needs)[0]
+
+
 def _keep(ds: datasets.Dataset, keep: np.ndarray, key: str) -> datasets.Dataset:
-    """The rows of ``ds`` where ``keep`` is True, by an index file beside the data (nothing is copied)."""
+    """The rows of ``ds`` where ``keep`` is True, by an index file beside the data (nothing is copied),
+    sealed, and only read once it is there (a warm cache may be read-only)."""
     if keep.all():
         return ds
+    assert ds._indices is None, "rows are kept of a dataset file, not of a selection"
     kept_key = _key("kept", key)
-    return ds.select(np.flatnonzero(keep), new_fingerprint=kept_key,
-                     indices_cache_file_name=str(Path(ds.cache_files[0]["filename"]).with_name(f"kept-{kept_key}.arrow")))
+    path = Path(ds.cache_files[0]["filename"]).with_name(f"kept-{kept_key}.arrow")
+
+    def build():  # the index file datasets itself writes for a selection: one uint64 column "indices"
+        rows = pa.array(np.flatnonzero(keep).astype(np.uint64))
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, _INDEX_SCHEMA) as writer:
+                writer.write_table(pa.table([rows], schema=_INDEX_SCHEMA), max_chunksize=_INDEX_ROWS)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return [path], len(rows), {}
+
+    load = lambda: ds._new_dataset_with_indices(indices_cache_file_name=str(path), fingerprint=kept_key)  # noqa: E731
+    return _cached(path, build, load, needs=8 * len(keep) + (1 << 16))[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -644,11 +925,9 @@ def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, cfg: DataConfig, train:
     features["tgt_ids"] = datasets.Sequence(datasets.Value(dtype))
     features["src_len"] = features["tgt_len"] = datasets.Value("int32")
     key = _key("tok", ds._fingerprint, tokenizer.fingerprint, dtype, list(prefix))
-    ds = ds.map(_encode, batched=True, batch_size=_MAP_ROWS, writer_batch_size=_MAP_ROWS,
-                fn_kwargs={"tokenizer": tokenizer, "prefix": list(prefix)},
-                features=features,
-                num_proc=_procs(cfg, len(ds)), cache_file_name=str(cache_root(cfg) / f"tokenized-{key}.arrow"),
-                new_fingerprint=key, desc="tokenizing")
+    ds = _map(ds, cfg, cache_root(cfg) / f"tokenized-{key}.arrow", _encode, 1.8,
+              fn_kwargs={"tokenizer": tokenizer, "prefix": list(prefix)}, features=features, new_fingerprint=key,
+              desc="tokenizing")
     if train:
         ds = _filter_lengths(ds, cfg, key, len(prefix), name)
     return ds

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -41,6 +43,8 @@ def setup(backend: str | None = None) -> DistInfo:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world_size)
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        stop_with_parent()
     if world_size > 1 and not dist.is_initialized():
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -49,6 +53,25 @@ def setup(backend: str | None = None) -> DistInfo:
         # A long timeout: rank 0 validates (BLEU over the whole valid split) while the others wait.
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
     return info
+
+
+# Sent by Linux to a torchrun worker when the agent that started it dies (:func:`stop_with_parent`).
+PARENT_DIED = signal.SIGUSR2
+
+
+def stop_with_parent() -> None:
+    """Have Linux send this process :data:`PARENT_DIED` when its parent (the torchrun agent) dies: a
+    kill -9 of the agent would otherwise leave its workers training on. The training loop turns it
+    into a checkpoint and a stop, agreed by every rank; before the loop, its default action ends the
+    process. Elsewhere than Linux: nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, PARENT_DIED)
+    if os.getppid() == 1:  # the parent died before the request was made
+        os.kill(os.getpid(), PARENT_DIED)
 
 
 def cleanup() -> None:

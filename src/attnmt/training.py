@@ -26,6 +26,7 @@ import logging.handlers
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -48,7 +49,8 @@ from attnmt import checkpoint, distributed
 from attnmt.batching import Batch, TokenBucketSampler, collate, make_dataloader
 from attnmt.checkpoint import CheckpointError, TrainState
 from attnmt.config import ConfigError, DataConfig, DecodeConfig, ModelConfig, OptimConfig, TrainConfig, TrainRunConfig
-from attnmt.data import DataError, Stream, load_references, load_split, shares, streams, tags, token_lengths, tokenize, train_tokenizer
+from attnmt.data import (DataError, Stream, corpus_fingerprint, load_references, load_split, shares, streams, tags,
+                         token_lengths, tokenize, train_tokenizer)
 from attnmt.device import autocast as autocast_context
 from attnmt.device import resolve_device, resolve_precision
 from attnmt.evaluation import attention_figure, corpus_scores, cross_attention, missing_glyphs_allowed, translate
@@ -471,14 +473,22 @@ def check_same_model(state: dict, model: ModelConfig, path: Path) -> None:
 
 def install_stop_handlers() -> tuple[dict, dict]:
     """Turn the first SIGINT/SIGTERM into a request to checkpoint and stop; a second one acts as usual.
+    The signal that says the torchrun agent died (:data:`attnmt.distributed.PARENT_DIED`) asks the
+    same, however often it comes (Linux may send it more than once).
 
     Returns:
         (flag, previous handlers): ``flag["signal"]`` is set to the signal's name when one arrives.
     """
     flag: dict = {"signal": None}
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, distributed.PARENT_DIED)}
 
     def handler(signum, _frame):
+        if signum == distributed.PARENT_DIED:
+            if flag["signal"] is None:
+                flag["signal"] = distributed.PARENT_DIED.name
+                logger.warning("the torchrun agent exited (%s): saving a checkpoint after this update, then stopping",
+                               flag["signal"])
+            return
         flag["signal"] = signal.Signals(signum).name
         signal.signal(signum, previous[signal.Signals(signum)])  # a second Ctrl-C interrupts at once
         logger.warning("%s received: saving a checkpoint after this update, then stopping", flag["signal"])
@@ -506,11 +516,13 @@ class RunDir:
     ``train.log``, begun only when a start is accepted (:meth:`accept`).
 
     Records logged before then (data hygiene, tokenizer training) are held in memory and written
-    first, so a refused start leaves ``train.log`` and ``config.yaml`` as they were.
+    first, so a refused start leaves ``train.log`` and ``config.yaml`` as they were; a refused start in
+    a folder that did not exist removes what it made there (the cache of ``data.cache_dir=null``).
     """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.existed = path.exists()
         self.lock: Any = None
         self.buffer = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1,
                                                      flushOnClose=False)
@@ -570,6 +582,8 @@ class RunDir:
             self.log_file.close()
         if self.lock is not None:
             self.lock.close()
+        if self.log_file is None and not self.existed:  # a refused fresh start
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -659,6 +673,7 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
     source, source_path = (resumed, resume_from) if resumed else (init, t.init_from)
     if source is not None:
         checkpoint.require(source, checkpoint.INFERENCE_KEYS, source_path, "train.resume and train.init_from")
+        checkpoint.check_known_keys(source, source_path)
         check_same_model(source, cfg.model, source_path)
     if resumed is not None:
         check_same_tokenizer(resumed, cfg.data.tokenizer, resume_from)
@@ -666,7 +681,9 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
     # Data and model. Every rank builds the same initial weights from the same seed.
     seed_everything(t.seed)
     tokenizer = Tokenizer.from_state(source["tokenizer"]) if source is not None else None
-    tokenizer, train_ds, mix, valid_sets = prepare_data(cfg.data, Path(t.run_dir) / "tokenizer", tokenizer)
+    # data.cache_dir=null: a cache in the run directory, which every rank shares and a resumed run finds again.
+    data_cfg = cfg.data if cfg.data.cache_dir else replace(cfg.data, cache_dir=str(Path(t.run_dir) / "data-cache"))
+    tokenizer, train_ds, mix, valid_sets = prepare_data(data_cfg, Path(t.run_dir) / "tokenizer", tokenizer)
     model_cfg = replace(cfg.model, src_vocab_size=tokenizer.src_vocab_size, tgt_vocab_size=tokenizer.tgt_vocab_size,
                         pad_id=PAD_ID)
     model = build_model(model_cfg).to(device)
@@ -679,7 +696,8 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
                                  shares=mix[1] if mix else None)
     state = TrainState(model, model_cfg, tokenizer, asdict(cfg), build_optimizer(model, cfg.optim, device),
                        torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), sampler,
-                       ema=moving_average(model) if t.ema_decay else None)
+                       ema=moving_average(model) if t.ema_decay else None,
+                       corpus=[corpus_fingerprint(stream.cfg) for stream in streams(data_cfg)])
     seed_everything(t.seed + info.rank)  # ranks differ from here on (dropout)
     rng_to_restore = None
     if resumed is not None:

@@ -34,6 +34,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -169,8 +170,10 @@ def export(model: Transformer, tokenizer: Tokenizer, out: str | Path, quantizati
         spec.save(str(tmp))
         for name, data in spm_files.items():
             (tmp / name).write_bytes(data)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         (tmp / "README.md").write_text(_readme(Path(out).name, spm_files, model.cfg, meta["quantization"], tokenizer.tags))
+        # Written last, with every other file's size: what a cached conversion is checked against.
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        (tmp / META_FILE).write_text(json.dumps({**meta, "files": files}, indent=2) + "\n")
 
     return write_directory(out, fill)
 
@@ -230,10 +233,19 @@ def cached_model(paths: Sequence[str | Path]) -> Path:
     for path in paths:
         if not path.is_file():
             raise CheckpointError(f"checkpoint {path} does not exist")
-    key = hashlib.sha256(f"{FORMAT}:{checkpoint_hash(paths)}".encode()).hexdigest()[:16]
+    digest = checkpoint_hash(paths)
+    key = hashlib.sha256(f"{FORMAT}:{digest}".encode()).hexdigest()[:16]
     out = paths[-1].with_name(f"{paths[-1].name}.ct2-{key}")
-    if (out / META_FILE).is_file():
-        return out
+    if out.exists():
+        why = _conversion_problem(out, digest)
+        if why is None:
+            return out
+        log.warning("the cached CTranslate2 conversion %s %s; converting again", out, why)
+        try:
+            shutil.rmtree(out)
+        except PermissionError as err:
+            raise ExportError(f"the cached CTranslate2 conversion {out} {why}, and cannot be removed ({err.strerror}); "
+                              "remove it, or export elsewhere with attnmt-export to=ctranslate2") from None
     model, tokenizer, run_config = load_for_inference(paths, "cpu")
     log.info("converting %s to CTranslate2 into %s (once per checkpoint)", ", ".join(map(str, paths)), out)
     try:
@@ -241,6 +253,25 @@ def cached_model(paths: Sequence[str | Path]) -> Path:
     except PermissionError as err:
         raise ExportError(f"cannot write the CTranslate2 conversion beside the checkpoint, in {out.parent} "
                           f"({err.strerror}); export it elsewhere with attnmt-export to=ctranslate2") from None
+
+
+def _conversion_problem(out: Path, digest: str) -> str | None:
+    """Why the conversion directory ``out`` cannot be used for the checkpoint(s) of SHA-256 ``digest``
+    (another checkpoint's, a file missing or cut), or None when it holds what its ``attnmt.json`` lists."""
+    try:
+        meta = json.loads((out / META_FILE).read_text())
+        files = dict(meta["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"has no readable {META_FILE} listing its files (cut short, or converted by an older attnmt)"
+    if meta.get("checkpoint_sha256") != digest:
+        return "was converted from another checkpoint"
+    for name, size in files.items():
+        path = out / name
+        if not path.is_file():
+            return f"lacks {name}"
+        if path.stat().st_size != size:
+            return f"has a {name} of {path.stat().st_size} bytes where {size} were written"
+    return None
 
 
 def search_options(cfg: DecodeConfig, limit: int, suppress: list[list[str]]) -> dict:
