@@ -16,12 +16,13 @@ import torch
 
 from attnmt.config import compose
 
-STEPS = 300
-# Valid BLEU at step 300 on the 2-core AMD EPYC of CI (torch 2.13.0 CPU, 2 threads), 2026-12-06: the
-# fresh-clone quickstart run of docs/BENCHMARKS.md logged it, and this test reproduces it (training on
-# the CPU is deterministic). The recipe before (one 4096-token batch per update, one length class
-# each) gives 21.14 here, and this test fails on it.
-RECORDED = 23.25
+STEPS = 200
+# Valid BLEU at step 200 on the 2-core AMD EPYC of CI (torch 2.13.0 CPU, 2 threads), 2026-12-06, as
+# this test measured it (training on the CPU is deterministic for a given thread count). Step 200,
+# not later: the recipes differ most there (the recipe before this guard, one 4096-token batch per
+# update, gives 9.36 here, and this test fails on it), and the test stays within the suite's
+# time (2.5 minutes; step 300 took 3.5).
+RECORDED = 13.52
 TOLERANCE = 1.0
 
 

@@ -84,17 +84,21 @@ def test_bench_train_times_a_tiny_model_and_refuses_an_unknown_one(tmp_path):
                       "--precision", "fp32", "--vocab", "64", "--threads", "1", cwd=tmp_path)
     assert "tiny multi30k 256 compile=off attnmt:" in proc.stdout and "tgt tok/s" in proc.stdout
     refused("bench_train.py", "--models", "nosuch", "--no-hf", cwd=tmp_path, message="--models: no model config 'nosuch'")
-    refused("bench_train.py", "--max-tokens", "0", "--no-hf", cwd=tmp_path, message="argument --max-tokens")
 
 
-def test_bench_data_measures_batches_and_memory_at_scale(tmp_path):
+def test_bench_data_measures_batches_and_refuses_bad_arguments(tmp_path):
     common = ("--root", str(FIXTURE_CORPUS), "--vocab-size", "400", "--out", str(tmp_path / "out"))
     proc = run_script("bench_data.py", *common, "--max-tokens", "512", "--workers", "0", cwd=tmp_path)
     assert "|        512 |       0 |" in proc.stdout and "%" in proc.stdout
-    scaled = run_script("bench_data.py", *common, "--scale", "300", cwd=tmp_path)
-    assert "| 300 | first (empty cache) |" in scaled.stdout and "| 300 | second (new run dir) |" in scaled.stdout
     refused("bench_data.py", "--root", str(tmp_path), cwd=tmp_path, message=f"{tmp_path} lacks train.de, train.en")
     refused("bench_data.py", "--update-freq", "0", cwd=tmp_path, message="argument --update-freq")
+
+
+@pytest.mark.slow  # two training processes: about 20 s
+def test_bench_data_measures_memory_at_scale(tmp_path):
+    common = ("--root", str(FIXTURE_CORPUS), "--vocab-size", "400", "--out", str(tmp_path / "out"))
+    scaled = run_script("bench_data.py", *common, "--scale", "300", cwd=tmp_path)
+    assert "| 300 | first (empty cache) |" in scaled.stdout and "| 300 | second (new run dir) |" in scaled.stdout
 
 
 def test_bench_translate_times_the_native_engine_and_refuses_bad_inputs(trained_checkpoint, tmp_path):
@@ -114,13 +118,8 @@ def test_bench_translate_times_the_native_engine_and_refuses_bad_inputs(trained_
             "newstest2014", cwd=tmp_path, message="newstest2014.de does not exist")
 
 
-def test_backtranslate_runs_its_steps_and_refuses_bad_arguments(tmp_path):
+def test_backtranslate_refuses_bad_arguments_at_once(tmp_path):
     corpus = corpus_named_like_multi30k(tmp_path / "multi30k")
-    proc = run_script("backtranslate.py", "--multi30k", str(corpus), "--work", str(tmp_path / "work"),
-                      "--parallel", "300", "--steps", "2", "--reverse-steps", "2", "--train-overrides",
-                      *TINY_QUICKSTART, cwd=tmp_path)
-    assert "| + tagged back-translation |" in proc.stdout and "gain:" in proc.stdout
-    assert len((tmp_path / "work" / "synthetic" / "train.en").read_text().splitlines()) == 100  # one line per line
     refused("backtranslate.py", "--multi30k", str(tmp_path / "none"), cwd=tmp_path, message="none is not a folder")
     (tmp_path / "a_file").write_text("")
     refused("backtranslate.py", "--multi30k", str(corpus), "--work", str(tmp_path / "a_file" / "work"), cwd=tmp_path,
@@ -131,6 +130,28 @@ def test_backtranslate_runs_its_steps_and_refuses_bad_arguments(tmp_path):
             message="--parallel 400 leaves no monolingual text")
 
 
+@pytest.mark.slow  # six attnmt commands, each a process of its own: about 25 s
+def test_backtranslate_runs_its_steps(tmp_path):
+    corpus = corpus_named_like_multi30k(tmp_path / "multi30k")
+    proc = run_script("backtranslate.py", "--multi30k", str(corpus), "--work", str(tmp_path / "work"),
+                      "--parallel", "300", "--steps", "2", "--reverse-steps", "2", "--train-overrides",
+                      *TINY_QUICKSTART, cwd=tmp_path)
+    assert "| + tagged back-translation |" in proc.stdout and "gain:" in proc.stdout
+    assert len((tmp_path / "work" / "synthetic" / "train.en").read_text().splitlines()) == 100  # one line per line
+
+
+def test_bench_multilingual_refuses_a_corpus_without_its_languages(tmp_path):
+    refused("bench_multilingual.py", "--multi30k", str(FIXTURE_CORPUS), cwd=tmp_path, message="lacks train.fr, train.cs")
+    four = tmp_path / "four"
+    four.mkdir()
+    for split in ("train", "valid", "test2016"):
+        for lang in ("en", "de", "fr", "cs"):
+            (four / f"{split}.{lang}").write_text("")
+    refused("bench_multilingual.py", "--multi30k", str(four), "--steps", "2", cwd=tmp_path,
+            message="argument --steps: must be a whole number of at least 3, got 2")
+
+
+@pytest.mark.slow  # ten attnmt commands, each a process of its own: about 45 s
 def test_bench_multilingual_scores_every_direction(multi30k, tmp_path):
     corpus = tmp_path / "multi30k"
     corpus.mkdir()
@@ -141,7 +162,6 @@ def test_bench_multilingual_scores_every_direction(multi30k, tmp_path):
     proc = run_script("bench_multilingual.py", "--multi30k", str(corpus), "--work", str(tmp_path / "work"),
                       "--steps", "3", "--train-overrides", *TINY_QUICKSTART, cwd=tmp_path)
     assert "| bilingual |" in proc.stdout and "| multilingual |" in proc.stdout
-    refused("bench_multilingual.py", "--multi30k", str(FIXTURE_CORPUS), cwd=tmp_path, message="lacks train.fr, train.cs")
 
 
 def test_prepare_multi30k_keeps_a_local_copy_and_says_what_to_do_offline(tmp_path):
