@@ -85,7 +85,9 @@ def throughput(args: argparse.Namespace) -> None:
 
 def synthetic_corpus(multi30k: Path, n: int, folder: Path) -> Path:
     """``folder/train.{de,en}`` with ``n`` pairs, each two random Multi30k train pairs joined (seeded),
-    and Multi30k's own valid split; written once."""
+    and Multi30k's own valid split; written once. As in a real corpus, the rules drop a few pairs: in
+    every thousand, one has an empty English side and one a one-word German side (a length ratio over
+    3), so the cache holds kept-row indexes, as it does for real data."""
     if (folder / "train.en").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,11 +98,21 @@ def synthetic_corpus(multi30k: Path, n: int, folder: Path) -> Path:
         with open(tmp, "w", encoding="utf-8") as f:
             for start in range(0, n, 100_000):
                 picks = rng_lang.integers(0, len(lines), size=(min(100_000, n - start), 2))
-                f.write("".join(f"{lines[a]} {lines[b]}\n" for a, b in picks.tolist()))
+                f.write("".join(_damaged(lang, start + i, f"{lines[a]} {lines[b]}") + "\n"
+                                for i, (a, b) in enumerate(picks.tolist())))
         tmp.rename(folder / f"train.{lang}")
     for lang in ("de", "en"):
         shutil.copy(multi30k / f"valid.{lang}", folder / f"valid.{lang}")
     return folder
+
+
+def _damaged(lang: str, i: int, line: str) -> str:
+    """Pair ``i``'s ``lang`` side as :func:`synthetic_corpus` writes it: two pairs in a thousand damaged."""
+    if lang == "en" and i % 1000 == 999:
+        return ""
+    if lang == "de" and i % 1000 == 499:
+        return line.split()[0]
+    return line
 
 
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")

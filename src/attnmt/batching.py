@@ -253,7 +253,9 @@ class TokenBucketSampler:
 
     def _rank_batches(self) -> list[np.ndarray]:
         if self._cache is None or self._cache[0] != self.epoch:
+            self._cache = None  # the last epoch's batches go before this one's are made
             self._cache = (self.epoch, self._epoch_batches(self.epoch)[self.rank :: self.world_size])
+            release_free_memory()
         return self._cache[1]
 
     def _mixed_rows(self, rng: np.random.Generator) -> np.ndarray:
@@ -270,12 +272,22 @@ class TokenBucketSampler:
                         np.empty(0, np.int32))
             offset += size
         order = np.concatenate(rows)
-        return order[rng.permutation(len(order))]
+        rng.shuffle(order)  # in place: order[rng.permutation(len(order))] without its int64 copy
+        return order
 
     def _sorted(self, rows: np.ndarray, longest: np.ndarray) -> np.ndarray:
         """``rows`` by the longer side, then by each side, so both source and target padding stay small;
-        the stable sort keeps the shuffled order among equal lengths."""
-        return rows[np.lexsort((self.src_lens[rows], self.tgt_lens[rows], longest[rows]))]
+        the stable sort keeps the shuffled order among equal lengths.
+
+        The three lengths (each below ``max_tokens`` < 2**21) are packed into one int64 key, sorted
+        once: np.lexsort's order, with a third of its memory at the start of an epoch."""
+        if self.max_tokens >= 1 << 21:
+            return rows[np.lexsort((self.src_lens[rows], self.tgt_lens[rows], longest[rows]))]
+        key = longest[rows].astype(np.int64)
+        for lengths in (self.tgt_lens, self.src_lens):
+            key <<= 21
+            key |= lengths[rows]
+        return rows[np.argsort(key, kind="stable")]
 
     def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """All ranks' batches of ``epoch``, in order: the same on every rank."""
@@ -284,7 +296,7 @@ class TokenBucketSampler:
         if not self.shuffle:
             return _split_for_ranks(pack(self._sorted(np.arange(len(longest), dtype=np.int32), longest), longest,
                                          self.max_tokens), self.world_size)
-        order = self._mixed_rows(rng) if self.streams is not None else rng.permutation(len(longest)).astype(np.int32)
+        order = self._mixed_rows(rng) if self.streams is not None else _permutation(rng, len(longest))
         group = self.update_freq * self.world_size  # micro-batches in one update, all ranks together
         # Sentences per window, from the mean length and updated with each window's packing, so that a
         # window fills about `window` updates; a function of (seed, epoch) alone, as resuming needs.
@@ -297,7 +309,7 @@ class TokenBucketSampler:
         start = 0
         while start < len(order) or len(carried):
             take = max(per_window - len(carried), 1)
-            rows = np.concatenate([carried, order[start : start + take]])
+            rows = np.concatenate([carried, order[start : start + take]]) if len(carried) else order[start : start + take]
             start += take
             window = pack(self._sorted(rows, longest), longest, self.max_tokens)
             per_window = max(group, round(len(rows) * wanted / len(window)))
@@ -310,6 +322,28 @@ class TokenBucketSampler:
                 window = [b for j, b in enumerate(window) if j not in out]
             batches += _deal(window, group, rng)
         return _split_for_ranks(batches, self.world_size)
+
+
+def _permutation(rng: np.random.Generator, n: int) -> np.ndarray:
+    """``rng.permutation(n)`` as int32, without its int64 copy: the same order (one shuffle, the same draws)."""
+    order = np.arange(n, dtype=np.int32)
+    rng.shuffle(order)
+    return order
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free memory back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    An epoch's order is made of arrays of 4 to 8 bytes a sentence pair; once freed, glibc keeps them
+    in the heap (its threshold for giving large blocks back rises with each one freed), which added
+    about 12 bytes a pair to the process's resident memory at 3M pairs (docs/BENCHMARKS.md, "Memory
+    per pair")."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _split_to_multiple(batches: list[np.ndarray], group: int) -> list[np.ndarray]:
