@@ -59,6 +59,13 @@ def test_bench_recipes_trains_scores_and_tabulates(tmp_path):
     result = json.loads((work / "ema" / "seed1" / "result.json").read_text())
     assert result["seed"] == 1 and sorted(result["curve"]) == ["2", "4"]
     assert 0 <= result["valid"] <= 100 and 0 <= result["trained_test"] <= 100
+
+
+@pytest.mark.slow  # three more runs of the script: about 20 s
+def test_bench_recipes_reads_finished_runs_and_times_settings(tmp_path):
+    work = tmp_path / "work"
+    common = ("--multi30k", str(FIXTURE_CORPUS), "--work", str(work), "--threads", "1", "--decode", "beam_size=2")
+    run_script("bench_recipes.py", "--setting", f"plain={TINY}", "--seeds", "1", *common, cwd=tmp_path)
     # A second call reads the results instead of training again, beside a run it trains.
     again = run_script("bench_recipes.py", "--setting", f"plain={TINY}", "--seeds", "1", "2", *common, cwd=tmp_path)
     assert "plain seed 1" not in again.stdout and "plain seed 2" in again.stdout and "| plain" in again.stdout
