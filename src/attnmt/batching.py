@@ -279,8 +279,9 @@ class TokenBucketSampler:
         """``rows`` by the longer side, then by each side, so both source and target padding stay small;
         the stable sort keeps the shuffled order among equal lengths.
 
-        The three lengths (each below ``max_tokens`` < 2**21) are packed into one int64 key, sorted
-        once: np.lexsort's order, with a third of its memory at the start of an epoch."""
+        The three lengths (each at most ``max_tokens`` < 2**21) are packed into one int64 key, sorted
+        once: np.lexsort's order without its three gathered keys (30 instead of 34 bytes a pair at
+        the peak of an epoch's start, 3M pairs)."""
         if self.max_tokens >= 1 << 21:
             return rows[np.lexsort((self.src_lens[rows], self.tgt_lens[rows], longest[rows]))]
         key = longest[rows].astype(np.int64)
