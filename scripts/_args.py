@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 
@@ -74,6 +74,13 @@ def new_or_folder(text: str) -> Path:
     if not probe.is_dir():
         raise argparse.ArgumentTypeError(f"{path} cannot be a folder: {probe} is a file")
     return path
+
+
+def without_keys(overrides: Sequence[str], replaced: Sequence[str]) -> list[str]:
+    """Hydra ``overrides`` but those whose key one of ``replaced`` sets (Hydra refuses a key given twice):
+    a script's own settings, with the user's ``--train-overrides`` taking their place."""
+    keys = {item.split("=", 1)[0] for item in replaced}
+    return [item for item in overrides if item.split("=", 1)[0] not in keys]
 
 
 def existing_file(text: str) -> Path:

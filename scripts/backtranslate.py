@@ -30,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _args import folder_with, new_or_folder, non_negative_float, positive
+from _args import folder_with, new_or_folder, non_negative_float, positive, without_keys
 
 
 def run(cmd: list[str], log: Path | None = None) -> str:
@@ -67,12 +67,6 @@ def corpora(multi30k: Path, work: Path, n_parallel: int) -> tuple[Path, Path]:
 # update into four micro-batches of 1024 (4 BLEU better there); these runs have not been re-measured
 # with that yet, so the script keeps the batches its figures came from.
 MEASURED_WITH = ("train.max_tokens=4096", "train.update_freq=1", "train.valid_every=200")
-
-
-def without_keys(overrides: tuple[str, ...], replaced: list[str]) -> list[str]:
-    """``overrides`` but those whose key one of ``replaced`` sets (Hydra refuses a key given twice)."""
-    keys = {item.split("=", 1)[0] for item in replaced}
-    return [item for item in overrides if item.split("=", 1)[0] not in keys]
 
 
 def train(name: str, work: Path, steps: int, *overrides: str, extra: list[str]) -> Path:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _args import at_least, folder_with, new_or_folder
+from _args import at_least, folder_with, new_or_folder, without_keys
 
 DIRECTIONS = ("en-de", "en-fr", "en-cs")
 
@@ -44,12 +44,10 @@ MEASURED_WITH = ("train.max_tokens=4096", "train.update_freq=1")
 def train(run_dir: Path, steps: int, overrides: list[str], extra: list[str]) -> Path:
     """Train with the quickstart recipe, ``extra`` overrides last (a key there replaces the recipe's)."""
     best = run_dir / "checkpoints" / "best.pt"
-    replaced = {item.split("=", 1)[0] for item in extra}
-    recipe = [item for item in MEASURED_WITH if item.split("=", 1)[0] not in replaced]
     if not (run_dir / "checkpoints" / f"step_{steps}.pt").is_file():
-        run([sys.executable, "-m", "attnmt.cli.train", "experiment=quickstart", *recipe, f"train.run_dir={run_dir}",
-             f"train.max_steps={steps}", f"train.valid_every={steps // 3}", "train.progress_bar=false", *overrides,
-             *extra], log=run_dir.with_suffix(".log"))
+        run([sys.executable, "-m", "attnmt.cli.train", "experiment=quickstart", *without_keys(MEASURED_WITH, extra),
+             f"train.run_dir={run_dir}", f"train.max_steps={steps}", f"train.valid_every={steps // 3}",
+             "train.progress_bar=false", *overrides, *extra], log=run_dir.with_suffix(".log"))
     return best
 
 

@@ -635,13 +635,14 @@ def _read(cfg: DataConfig, split: str) -> tuple[datasets.Dataset, str, dict]:
     origin = f"{split} split ({name!r}, {cfg.src_lang}-{cfg.tgt_lang}, in {where})"
     key = _key("raw", cfg.format, identity, cfg.src_lang, cfg.tgt_lang)
     path = cache_root(cfg) / f"raw-{key}.arrow"
-    files = [entry[0] for entry in identity if isinstance(entry, (list, tuple)) and len(entry) == 3]
+    # A file source's identity is (path, size, mtime) per file; a hub or disk dataset's is its fingerprint.
+    sources = [entry for entry in identity if isinstance(entry, (list, tuple)) and len(entry) == 3]
 
     def build():
         rows, sha256 = _write_pairs(path, batches(), f"reading the {split} split")
-        return [path], rows, {"sha256": sha256, "source_files": files, "origin": origin}
+        return [path], rows, {"sha256": sha256, "source_files": [p for p, _, _ in sources], "origin": origin}
 
-    needs = sum(entry[1] for entry in identity if isinstance(entry, (list, tuple)) and len(entry) == 3) or 1 << 20
+    needs = sum(size for _, size, _ in sources) or 1 << 20
     ds, seal = _cached(path, build, lambda: datasets.Dataset.from_file(str(path)), needs)
     return ds, origin, seal
 
