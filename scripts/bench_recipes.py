@@ -66,14 +66,11 @@ def trained_weights(last: Path, out: Path) -> Path | None:
     moving average); None without EMA."""
     import torch  # here: the script starts without torch
 
-    from attnmt.checkpoint import load_checkpoint, save_checkpoint
+    from attnmt.checkpoint import load_checkpoint, save_checkpoint, trained_weights_checkpoint
 
-    state = load_checkpoint(last)
-    if "trained_model" not in state:
+    state = trained_weights_checkpoint(load_checkpoint(last))
+    if state is None:
         return None
-    state["model"] = state.pop("trained_model")
-    for key in ("optimizer", "scaler", "sampler", "rng"):
-        state.pop(key, None)
     save_checkpoint({k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}, out)
     return out
 

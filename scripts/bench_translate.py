@@ -3,16 +3,17 @@
 
 Engines, each with greedy search and beam search (``--beam``, 5):
 
-- ``attnmt native``: ``attnmt.evaluation.translate``, attnmt's own search (fp32 on the CPU, bf16 on GPUs),
+- ``attnmt native``: ``engine=native`` (:mod:`attnmt.inference.native`), attnmt's own search (fp32 on the CPU, bf16 on GPUs),
   beam search with the shipped stop (once ``beam_size`` hypotheses have ended, as CTranslate2 and
   transformers stop) and with ``beam_stop=exact``;
-- ``attnmt ctranslate2 <type>``: ``engine=ctranslate2`` (``CTranslate2Engine``) with compute_type
+- ``attnmt ctranslate2 <type>``: ``engine=ctranslate2`` (:mod:`attnmt.inference.ctranslate2`) with compute_type
   float32 and int8 (and float16, bfloat16 on a GPU);
 - ``CTranslate2 raw <type>``: the same loaded CTranslate2 model called as its README says, one
   ``translate_batch`` over the whole test set with SentencePiece around it: what attnmt's engine
   costs on top of CTranslate2;
-- ``HF generate``: the ``attnmt-export to=hf`` folder through ``AutoModelForSeq2SeqLM.generate``
-  (``attnmt.export.hf.translate``), when the model exports (pre-norm with sinusoidal_fairseq
+- ``HF generate``: the model of the ``attnmt-export to=hf`` folder, loaded by ``AutoModelForSeq2SeqLM``,
+  searching with ``generate()`` behind attnmt's engine interface (``engine=transformers``'s backend,
+  :mod:`attnmt.inference.transformers`), when the model exports (pre-norm with sinusoidal_fairseq
   positions, or post-norm with sinusoidal ones).
 
 Every engine gets the same threads (``--threads``, 2: torch's intra-op threads and CTranslate2's
@@ -54,11 +55,12 @@ from pathlib import Path
 
 import torch
 
+from attnmt import inference
 from attnmt.checkpoint import CheckpointError, load_for_inference
 from attnmt.config import DecodeConfig, compose
 from attnmt.data import read_lines
 from attnmt.decoding import max_length
-from attnmt.evaluation import corpus_scores, translate
+from attnmt.evaluation import corpus_scores
 from attnmt.tokenizer import normalize
 
 from _args import at_least, existing_file, positive
@@ -90,10 +92,15 @@ class Row:
     hypotheses: list[str] = field(default_factory=list)
 
 
+def best_texts(engine: inference.Engine, cfg: DecodeConfig) -> Callable[[list[str]], list[str]]:
+    return lambda lines: [t.texts[0] for t in engine.translate(lines, cfg)]
+
+
 def native_engines(ckpt: Path, device: torch.device, configs: dict[str, DecodeConfig]) -> list[Engine]:
-    model, tokenizer, _ = load_for_inference(ckpt, device)
-    return [Engine("attnmt native", search, lambda lines, cfg=cfg: [t.texts[0] for t in translate(model, tokenizer, lines, cfg)])
-            for search, cfg in configs.items()]
+    from attnmt.inference import native
+
+    engine = inference.Engine("native", *native.open_backend([ckpt], device, "default"))
+    return [Engine("attnmt native", search, best_texts(engine, cfg)) for search, cfg in configs.items()]
 
 
 def ctranslate2_engines(ckpt: Path, device: torch.device, compute_type: str, threads: int,
@@ -101,34 +108,36 @@ def ctranslate2_engines(ckpt: Path, device: torch.device, compute_type: str, thr
     """attnmt's engine=ctranslate2, and the same translator called directly (``raw``)."""
     import sentencepiece as spm
 
-    from attnmt.export.ctranslate2 import JOINT_SPM, SOURCE_SPM, TARGET_SPM, CTranslate2Engine, cached_model, search_options
+    from attnmt.export.ctranslate2 import JOINT_SPM, SOURCE_SPM, TARGET_SPM
+    from attnmt.inference.ctranslate2 import CTranslate2Backend, cached_model, search_options
 
     model_dir = cached_model([ckpt])
-    engine = CTranslate2Engine(model_dir, device.type, device.index or 0, compute_type, threads)
+    backend = CTranslate2Backend(model_dir, device.type, device.index or 0, compute_type, threads)
+    engine = inference.Engine("ctranslate2", backend, backend.tokenizer, backend.run_config or {})
     joint = (model_dir / JOINT_SPM).is_file()
     source_sp = spm.SentencePieceProcessor(model_file=str(model_dir / (JOINT_SPM if joint else SOURCE_SPM)))
     target_sp = spm.SentencePieceProcessor(model_file=str(model_dir / (JOINT_SPM if joint else TARGET_SPM)))
 
     def raw(lines: list[str], cfg: DecodeConfig) -> list[str]:
         pieces = [source_sp.encode(normalize(line), out_type=str) for line in lines]
-        limit = max(max_length(len(p) + 1, cfg.max_len_a, cfg.max_len_b, engine.max_positions) for p in pieces)
-        options = search_options(cfg, limit, engine.suppress)
+        limit = max(max_length(len(p) + 1, cfg.max_len_a, cfg.max_len_b, backend.max_positions) for p in pieces)
+        options = search_options(cfg, limit, backend.suppress)
         options.update(num_hypotheses=1, return_scores=False, return_end_token=False)  # what a user would ask
-        results = engine.translator.translate_batch(pieces, max_batch_size=cfg.max_tokens, batch_type="tokens", **options)
+        results = backend.translator.translate_batch(pieces, max_batch_size=cfg.max_tokens, batch_type="tokens", **options)
         return [target_sp.decode(result.hypotheses[0]) for result in results]
 
     rows = []
     for search, cfg in configs.items():
-        rows.append(Engine(f"attnmt ctranslate2 {compute_type}", search,
-                           lambda lines, cfg=cfg: [t.texts[0] for t in engine.translate(lines, cfg)]))
+        rows.append(Engine(f"attnmt ctranslate2 {compute_type}", search, best_texts(engine, cfg)))
         rows.append(Engine(f"CTranslate2 raw {compute_type}", search, lambda lines, cfg=cfg: raw(lines, cfg)))
     return rows
 
 
 def hf_engines(ckpt: Path, device: torch.device, configs: dict[str, DecodeConfig], out: Path) -> list[Engine]:
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    from transformers import AutoModelForSeq2SeqLM
 
     from attnmt.export import ExportError, hf
+    from attnmt.inference.transformers import TransformersBackend
 
     model, tokenizer, _ = load_for_inference(ckpt)
     try:
@@ -136,10 +145,9 @@ def hf_engines(ckpt: Path, device: torch.device, configs: dict[str, DecodeConfig
     except ExportError as err:
         print(f"HF rows left out: {err}", file=sys.stderr)
         return []
-    hf_model = AutoModelForSeq2SeqLM.from_pretrained(out).to(device).eval()
-    hf_tok = AutoTokenizer.from_pretrained(out)
-    return [Engine("HF generate", search, lambda lines, cfg=cfg: hf.translate(hf_model, hf_tok, lines, cfg))
-            for search, cfg in configs.items()]
+    backend = TransformersBackend(AutoModelForSeq2SeqLM.from_pretrained(out).to(device))
+    engine = inference.Engine("transformers", backend, tokenizer)
+    return [Engine("HF generate", search, best_texts(engine, cfg)) for search, cfg in configs.items()]
 
 
 def serve(conn: Connection, kind: str, ckpt: Path, device: str, threads: int,

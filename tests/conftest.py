@@ -63,6 +63,25 @@ def _shipped_tiny_model() -> ModelConfig:
     return _shipped("model=tiny").model
 
 
+@functools.cache
+def _translate_config(*overrides: str):
+    return compose("translate", ["ckpt=unused", *overrides])
+
+
+def decode_config(**settings):
+    """The shipped search settings of attnmt-translate (``configs/decode/beam.yaml`` composed, a
+    :class:`TranslateConfig`, which is a ``DecodeConfig``) with ``settings`` given as overrides."""
+    return copy.deepcopy(_translate_config(*(f"{key}={value}" for key, value in sorted(settings.items()))))
+
+
+def native_engine(ckpt: Path):
+    """``engine=native`` on checkpoint ``ckpt``, on the CPU, with no target prefix."""
+    from attnmt.inference import Engine
+    from attnmt.inference import native
+
+    return Engine("native", *native.open_backend([ckpt], torch.device("cpu"), "default"))
+
+
 def data_config(**fields) -> DataConfig:
     """The shipped data config (``data=multi30k``) with ``fields`` replaced; by default without a root,
     with the splits train/valid/test and the default tokenizer settings."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,3 +120,60 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"format": checkpoint.FORMAT, "model": build_model(tiny_config())}, tmp_path / "pickled.pt")
     with pytest.raises(CheckpointError, match="objects other than tensors"):
         load_checkpoint(tmp_path / "pickled.pt")
+
+
+OLD_CHECKPOINT = Path(__file__).parent / "fixtures" / "checkpoint-5ba9c4e.pt"
+
+
+def test_a_checkpoint_written_before_the_model_gained_options_loads_and_translates_as_it_did(tmp_path):
+    """tests/fixtures/checkpoint-5ba9c4e.pt was written by attnmt at 5ba9c4e (make_checkpoint.md), before
+    the model keys of MODEL_KEYS_ADDED existed; its .json holds what that version translated."""
+    from attnmt.config import MODEL_KEYS_ADDED
+    from attnmt.inference import Engine
+    from attnmt.inference.native import NativeBackend
+    from conftest import decode_config
+
+    state = load_checkpoint(OLD_CHECKPOINT)
+    assert MODEL_KEYS_ADDED and not set(MODEL_KEYS_ADDED) & set(state["model_config"]), "the fixture predates them"
+    recorded = json.loads(OLD_CHECKPOINT.with_suffix(".json").read_text(encoding="utf-8"))
+    lines = (Path(__file__).parent / "fixtures" / "tiny" / "test.de").read_text(encoding="utf-8").splitlines()
+    model, tokenizer, _ = checkpoint.load_for_inference(OLD_CHECKPOINT)
+    engine = Engine("native", NativeBackend(model), tokenizer)
+    for name, expected in recorded["translations"].items():
+        cfg = decode_config(**dict(item.split("=") for item in expected["overrides"]))
+        ours = engine.translate(lines, cfg)
+        assert [t.texts for t in ours] == expected["texts"], name
+        for t, scores in zip(ours, expected["scores"]):
+            assert t.scores == pytest.approx(scores, abs=1e-5, nan_ok=True), name
+    # It is an ordinary checkpoint for the other commands: averaged, and continued from (init_from).
+    averaged = checkpoint.average_checkpoints([OLD_CHECKPOINT, OLD_CHECKPOINT], tmp_path / "avg.pt")
+    assert checkpoint.model_config(load_checkpoint(averaged), averaged) == checkpoint.model_config(state, OLD_CHECKPOINT)
+
+
+def test_model_keys_added_later_get_the_values_that_reproduce_old_checkpoints():
+    """Every key of MODEL_KEYS_ADDED exists in the schema and in configs/model/base.yaml; a checkpoint
+    without it builds the model it was trained as (the added key's value changes nothing)."""
+    from dataclasses import fields
+
+    from attnmt.config import MODEL_KEYS_ADDED, ModelConfig
+
+    state = load_checkpoint(OLD_CHECKPOINT)
+    base = compose_model()
+    assert set(MODEL_KEYS_ADDED) <= {f.name for f in fields(ModelConfig)} and set(MODEL_KEYS_ADDED) <= set(vars(base))
+    old = checkpoint.model_config(state, OLD_CHECKPOINT)
+    rebuilt = checkpoint.build_from_state(state, OLD_CHECKPOINT)
+    assert [type(m).__name__ + str(getattr(m, "p", "")) for m in rebuilt.modules()] == [
+        type(m).__name__ + str(getattr(m, "p", "")) for m in build_model(old).modules()]
+    # The activation dropout of a checkpoint without the key is its dropout, as it was trained.
+    saved = dict(state["model_config"], dropout=0.3)
+    train_model = build_model(checkpoint.model_config({**state, "model_config": saved}, OLD_CHECKPOINT))
+    assert train_model.encoder_layers[0].ffn.dropout.p == 0.3
+    # A key this version does not know is refused, naming it, as a newer attnmt's checkpoint.
+    with pytest.raises(CheckpointError, match=r"has config keys attnmt .* does not know: model.some_new_option"):
+        checkpoint.model_config({**state, "model_config": {**state["model_config"], "some_new_option": 1}}, "new.pt")
+
+
+def compose_model():
+    from attnmt.config import compose
+
+    return compose("train").model

@@ -26,13 +26,10 @@ def run(command: str, *args: str, stdin: str | bytes | None = None, timeout: flo
 
 def translate_alone(ckpt: Path, lines: list[str], **decode) -> list[str]:
     """Each line translated on its own, in this process: the reference for order and batching."""
-    from attnmt.checkpoint import load_for_inference
-    from attnmt.config import compose
-    from attnmt.evaluation import translate
+    from conftest import decode_config, native_engine
 
-    model, tokenizer, _ = load_for_inference(ckpt)
-    cfg = compose("translate", ["ckpt=unused", *(f"{key}={value}" for key, value in decode.items())])
-    return [translate(model, tokenizer, [line], cfg)[0].texts[0] for line in lines]
+    engine, cfg = native_engine(ckpt), decode_config(**decode)
+    return [engine.translate([line], cfg)[0].texts[0] for line in lines]
 
 
 def test_evaluate_json_bleu_is_sacrebleu_on_the_hyp_file(trained_checkpoint, tmp_path) -> None:
@@ -220,17 +217,15 @@ def hostile_sentences(n: int, seed: int = 0) -> list[str]:
 def test_any_text_argument_reaches_the_model_verbatim(monkeypatch, capsys, restore_logging) -> None:
     """Each text= argument is one input line exactly as typed, and gives exactly one output line."""
     import attnmt.cli.translate as command
-    from attnmt.evaluation import Translation
+    from attnmt.inference import Translation
 
     received: list[list[str]] = []
 
-    def fake_translate(model, tokenizer, lines, cfg, first_line=1, on_batch=None, prefix=()):
+    def fake_translate(lines, cfg, first_line=1, on_batch=None, prefix=None):
         received.append(list(lines))
         return [Translation([f"out{first_line + i}"], [0.0], [[]]) for i in range(len(lines))]
 
-    tokenizer = SimpleNamespace(tags=[])  # a model of one language pair: no tags
-    monkeypatch.setattr(command, "load_for_inference", lambda paths, device: (None, tokenizer, {}))
-    monkeypatch.setattr(command, "translate", fake_translate)
+    monkeypatch.setattr(command, "open_engine", lambda cfg, paths, device: SimpleNamespace(translate=fake_translate))
     for text in hostile_sentences(120):
         monkeypatch.setattr(sys, "argv", ["attnmt-translate", "ckpt=model.pt", f"text={text}", "beam_size=2"])
         command.main()

@@ -9,11 +9,26 @@ import math
 import pytest
 import torch
 
-from attnmt.decoding import beam_search, greedy_search, length_penalty
+from attnmt.config import ConfigError
+from attnmt.decoding import STRATEGIES, beam_search, greedy_search, length_penalty, search, strategy
 from attnmt.model import build_model
 from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from conftest import tiny_config
+from conftest import decode_config, tiny_config
 from test_model import padded_batch
+
+
+def settings(**fields):
+    """The shipped search settings with ``fields``; the exact stop unless a test chooses, since these
+    properties (beam = exhaustive search, ...) are about a search that never stops early."""
+    return decode_config(**{"beam_stop": "exact", **fields})
+
+
+def greedy(model, src, src_mask, **fields) -> list[list[int]]:
+    return [hyps[0].tokens for hyps in greedy_search(model, src, src_mask, settings(**fields))]
+
+
+def beam(model, src, src_mask, **fields):
+    return beam_search(model, src, src_mask, settings(**fields))
 
 
 def sequence_log_prob(model, src: torch.Tensor, src_mask: torch.Tensor, tokens: list[int]) -> float:
@@ -44,14 +59,14 @@ def eager_model():
 def test_beam_size_one_equals_greedy(which, request) -> None:
     model = request.getfixturevalue(which)
     src, src_mask = padded_batch([5, 2, 8, 6, 3, 7])
-    greedy = greedy_search(model, src, src_mask)
+    greedy_out = greedy(model, src, src_mask)
     # With alpha = 0, a finished hypothesis is final for beam 1 (every live extension scores lower),
     # which is exactly greedy's stopping rule.
-    beam = beam_search(model, src, src_mask, beam_size=1, len_penalty=0.0)
-    assert [hyps[0].tokens for hyps in beam] == greedy
+    beam_out = beam(model, src, src_mask, beam_size=1, len_penalty=0.0)
+    assert [hyps[0].tokens for hyps in beam_out] == greedy_out
     if which == "eager_model":  # EOS, not the length limit, ended some sentences
         limits = [int(1.5 * n + 10) for n in src_mask.sum(1).tolist()]
-        assert any(len(out) < limit for out, limit in zip(greedy, limits)), greedy
+        assert any(len(out) < limit for out, limit in zip(greedy_out, limits)), greedy_out
 
 
 def test_beam_search_finds_the_exhaustive_best() -> None:
@@ -70,18 +85,16 @@ def test_beam_search_finds_the_exhaustive_best() -> None:
                     if score > best_score:
                         best_tokens, best_score = list(tokens), score
             # 4^3 live prefixes x 5 continuations = 320 candidates at most: a beam of 512 never prunes.
-            hyp = beam_search(model, src, src_mask, beam_size=512, len_penalty=alpha,
-                              max_len_a=0.0, max_len_b=max_tokens)[0][0]
+            hyp = beam(model, src, src_mask, beam_size=512, len_penalty=alpha, max_len_a=0.0, max_len_b=max_tokens)[0][0]
             assert hyp.tokens == best_tokens, (alpha, trial)
             assert hyp.score == pytest.approx(best_score, abs=1e-4)
-            greedy = greedy_search(model, src, src_mask, max_len_a=0.0, max_len_b=max_tokens)[0]
-            greedy_misses += greedy != best_tokens
+            greedy_misses += greedy(model, src, src_mask, max_len_a=0.0, max_len_b=max_tokens)[0] != best_tokens
     assert greedy_misses > 0, "the search problem is too easy to tell exhaustive search from greedy"
 
 
 def test_beam_scores_are_the_models_normalised_log_probs(model) -> None:
     src, src_mask = padded_batch([6, 4])
-    for i, hyps in enumerate(beam_search(model, src, src_mask, beam_size=4, len_penalty=0.6, nbest=4)):
+    for i, hyps in enumerate(beam(model, src, src_mask, beam_size=4, len_penalty=0.6, nbest=4)):
         assert len(hyps) == 4
         assert [h.score for h in hyps] == sorted((h.score for h in hyps), reverse=True)
         assert len({tuple(h.tokens) for h in hyps}) == 4
@@ -101,8 +114,8 @@ def test_batched_equals_one_by_one(which: str, search: str, request) -> None:
 
     def run(s, m):
         if search == "greedy":
-            return [(tokens, []) for tokens in greedy_search(model, s, m)]
-        hyps = beam_search(model, s, m, beam_size=3, nbest=2)
+            return [(tokens, []) for tokens in greedy(model, s, m)]
+        hyps = beam(model, s, m, beam_size=3, nbest=2)
         return [([h.tokens for h in sent], [h.score for h in sent]) for sent in hyps]
 
     batched = run(src, src_mask)
@@ -121,11 +134,11 @@ def test_beam_search_in_blocks_of_rows_equals_all_rows_at_once(eager_model, monk
     import attnmt.decoding
 
     src, src_mask = padded_batch([9, 3, 6, 1, 7, 2, 5])
-    kwargs = dict(beam_size=3, nbest=3, stop=stop, max_len_a=0.5, max_len_b=3)
-    whole = beam_search(eager_model, src, src_mask, **kwargs)
+    cfg = settings(beam_size=3, nbest=3, beam_stop=stop, max_len_a=0.5, max_len_b=3)
+    whole = beam_search(eager_model, src, src_mask, cfg)
     for rows in (1, 2, 5):  # a block that splits a sentence's beams, and a last block shorter than the rest
         monkeypatch.setattr(attnmt.decoding, "_ROWS_PER_BLOCK", rows)
-        blocks = beam_search(eager_model, src, src_mask, **kwargs)
+        blocks = beam_search(eager_model, src, src_mask, cfg)
         assert [[h.tokens for h in sent] for sent in blocks] == [[h.tokens for h in sent] for sent in whole]
         for sent_blocks, sent_whole in zip(blocks, whole):
             assert [h.score for h in sent_blocks] == pytest.approx([h.score for h in sent_whole], abs=1e-5)
@@ -135,13 +148,13 @@ def test_outputs_hold_no_special_ids_and_respect_lengths(eager_model) -> None:
     model = eager_model
     src, src_mask = padded_batch([5, 2, 8, 6, 3, 7])
     src_lens = src_mask.sum(1).tolist()
-    unconstrained = greedy_search(model, src, src_mask, max_len_a=1.0, max_len_b=20)
+    unconstrained = greedy(model, src, src_mask, max_len_a=1.0, max_len_b=20)
     assert any(len(out) < 3 for out in unconstrained), "min_len would change nothing for this model"
     for a, b, min_len in [(1.0, 2, 0), (0.0, 4, 3), (0.5, 1, 2), (1.0, 20, 3)]:
         outputs = {
-            "greedy": greedy_search(model, src, src_mask, max_len_a=a, max_len_b=b, min_len=min_len),
-            "beam": [hyps[0].tokens for hyps in
-                     beam_search(model, src, src_mask, beam_size=3, max_len_a=a, max_len_b=b, min_len=min_len)],
+            "greedy": greedy(model, src, src_mask, max_len_a=a, max_len_b=b, min_len=min_len),
+            "beam": [hyps[0].tokens for hyps in beam(model, src, src_mask, beam_size=3, max_len_a=a, max_len_b=b,
+                                                     min_len=min_len)],
         }
         for name, outs in outputs.items():
             for out, n in zip(outs, src_lens):
@@ -151,25 +164,37 @@ def test_outputs_hold_no_special_ids_and_respect_lengths(eager_model) -> None:
                 assert not {PAD_ID, BOS_ID, EOS_ID} & set(out), (name, out)
 
 
-def test_nbest_above_beam_size_is_refused(model) -> None:
-    src, src_mask = padded_batch([4])
-    with pytest.raises(ValueError, match="nbest=3 must be between 1 and beam_size=2"):
-        beam_search(model, src, src_mask, beam_size=2, nbest=3)
+def test_nbest_above_beam_size_is_refused() -> None:
+    with pytest.raises(ConfigError, match="nbest=3 needs beam_size >= 3"):
+        settings(beam_size=2, nbest=3).check()
+
+
+def test_search_runs_the_strategy_the_config_asks_for(eager_model) -> None:
+    src, src_mask = padded_batch([5, 2, 8])
+    asked = {"greedy": settings(beam_size=1), "beam": settings(beam_size=3, nbest=2),
+             "sampling": settings(sampling="true", nbest=2, seed=3)}
+    assert {strategy(cfg).name for cfg in asked.values()} == {s.name for s in STRATEGIES} == set(asked)
+    for name, cfg in asked.items():
+        own = next(s for s in STRATEGIES if s.name == name).search(eager_model, src, src_mask, cfg)
+        via = search(eager_model, src, src_mask, cfg)
+        assert [[h.tokens for h in sent] for sent in via] == [[h.tokens for h in sent] for sent in own], name
+    assert search(eager_model, src, src_mask, settings(beam_size=1, nbest=1)) != search(
+        eager_model, src, src_mask, settings(beam_size=1, nbest=1, sampling="true", seed=3))
 
 
 def test_decoding_never_exceeds_model_positions() -> None:
     model = build_model(tiny_config(max_positions=12)).eval()
     src, src_mask = padded_batch([10])
-    out = greedy_search(model, src, src_mask, max_len_a=5.0, max_len_b=50, min_len=100)
+    out = greedy(model, src, src_mask, max_len_a=5.0, max_len_b=50, min_len=100)
     assert len(out[0]) == 11  # BOS + 11 tokens fill the 12 positions; EOS is implied at the limit
-    hyp = beam_search(model, src, src_mask, beam_size=2, max_len_a=5.0, max_len_b=50, min_len=100)[0][0]
+    hyp = beam(model, src, src_mask, beam_size=2, max_len_a=5.0, max_len_b=50, min_len=100)[0][0]
     assert len(hyp.tokens) == 11
 
 
 def test_stopping_once_beam_size_have_ended_never_beats_the_exact_stop(trained_checkpoint, monkeypatch) -> None:
     from attnmt.batching import pad
     from attnmt.checkpoint import load_for_inference
-    from attnmt.evaluation import encode_sources
+    from attnmt.inference import encode_sources
     from attnmt.model import Transformer
     from conftest import FIXTURE_CORPUS
 
@@ -185,10 +210,10 @@ def test_stopping_once_beam_size_have_ended_never_beats_the_exact_stop(trained_c
 
     monkeypatch.setattr(Transformer, "decode_states", counted)
     for mode in ("exact", "finished"):
-        results[mode] = beam_search(model, src, src_mask, beam_size=4, len_penalty=1.0, nbest=2, stop=mode)
+        results[mode] = beam(model, src, src_mask, beam_size=4, len_penalty=1.0, nbest=2, beam_stop=mode)
     for exact, early in zip(results["exact"], results["finished"]):
         assert len(early) == 2 and early[0].score <= exact[0].score + 1e-6  # the exact stop searched on from there
     # A trained model ends its best beams early; only the exact bound keeps the others going.
     assert steps["finished"] < steps["exact"], steps
-    with pytest.raises(ValueError, match="stop='soon' is unknown"):
-        beam_search(model, src, src_mask, stop="soon")
+    with pytest.raises(ConfigError, match="beam_stop='soon' is unknown"):
+        settings(beam_stop="soon")

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from attnmt.cli.common import UserError, available_chunks, iter_lines
-from attnmt.evaluation import corpus_scores, length_batches
+from attnmt.batching import length_batches
+from attnmt.evaluation import corpus_scores
 
 
 def test_length_batches_cover_every_sentence_once_within_max_tokens() -> None:
@@ -29,17 +30,15 @@ def test_a_sentence_longer_than_max_tokens_gets_its_own_batch() -> None:
 
 @pytest.mark.parametrize("beam_size", [1, 4])
 def test_a_translation_does_not_depend_on_max_tokens(trained_checkpoint, beam_size: int) -> None:
-    from attnmt.checkpoint import load_for_inference
     from attnmt.config import compose
-    from attnmt.evaluation import translate
-    from conftest import FIXTURE_CORPUS
+    from conftest import FIXTURE_CORPUS, native_engine
 
-    model, tokenizer, _ = load_for_inference(trained_checkpoint)
+    engine = native_engine(trained_checkpoint)
     lines = (FIXTURE_CORPUS / "test.de").read_text(encoding="utf-8").splitlines()
     results = []
     for max_tokens in [1, 40, 200, 100_000]:  # one sentence per batch ... all in one batch
         cfg = compose("translate", ["ckpt=unused", f"beam_size={beam_size}", f"nbest={beam_size}", f"max_tokens={max_tokens}"])
-        results.append(translate(model, tokenizer, lines, cfg))
+        results.append(engine.translate(lines, cfg))
     for other in results[1:]:
         assert [t.texts for t in other] == [t.texts for t in results[0]]
         for a, b in zip(other, results[0]):  # up to float rounding: matmuls block differently per batch size

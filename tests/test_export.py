@@ -1,4 +1,4 @@
-"""attnmt-export and engine=ctranslate2: exported models compute what attnmt computes.
+"""attnmt-export, engine=ctranslate2 and engine=transformers: exported models compute what attnmt computes.
 
 Logits are compared on untrained models of every model option (CTranslate2: all of them; transformers:
 equal or refused with one line naming the option), greedy outputs on tiny models trained on the
@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from attnmt.batching import pad
-from attnmt.config import compose
-from attnmt.evaluation import encode_sources, translate
+from attnmt.config import ConfigError
 from attnmt.export import ExportError, write_directory
+from attnmt.inference import Engine, encode_sources
+from attnmt.inference.native import NativeBackend
 from attnmt.model import build_model
 from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer, normalize
-from conftest import FIXTURE_CORPUS, tiny_config, tokenizer_config, train_tiny
+from conftest import FIXTURE_CORPUS, decode_config, tiny_config, tokenizer_config, train_tiny
 from test_cli import run
 
 LOGITS_TOL = 1e-4
@@ -51,9 +52,16 @@ OPTIONS = {
 }
 
 
-def decode_config(**settings):
-    """The shipped search settings of attnmt-translate with ``settings`` replaced."""
-    return compose("translate", ["ckpt=unused", *(f"{key}={value}" for key, value in settings.items())])
+def native(model, tokenizer) -> Engine:
+    return Engine("native", NativeBackend(model), tokenizer)
+
+
+def ct2_engine(model_dir: Path, **options) -> Engine:
+    """engine=ctranslate2 on an exported directory."""
+    from attnmt.inference.ctranslate2 import CTranslate2Backend
+
+    backend = CTranslate2Backend(model_dir, **options)
+    return Engine("ctranslate2", backend, backend.tokenizer, backend.run_config or {})
 
 
 def fixture_texts(split: str = "train") -> tuple[list[str], list[str]]:
@@ -97,9 +105,9 @@ def test_ctranslate2_logits_equal_attnmts_for_every_model_option(option, tokeniz
     overrides, tokenizer_kind, _ = OPTIONS[option]
     tokenizer = tokenizers[tokenizer_kind]
     model = untrained(overrides, tokenizer)
-    engine = ct2.CTranslate2Engine(ct2.export(model, tokenizer, tmp_path / "ct2"))
+    engine = ct2_engine(ct2.export(model, tokenizer, tmp_path / "ct2"))
     sources = encode_sources(tokenizer, fixture_texts("test")[0][:4], 64)
-    results = engine.translator.translate_batch(
+    results = engine.backend.translator.translate_batch(
         [tokenizer.src_pieces(s[:-1]) for s in sources], beam_size=1, max_decoding_length=10, min_decoding_length=0,
         max_input_length=0, return_logits_vocab=True, return_end_token=True)
     for source, result in zip(sources, results):
@@ -120,10 +128,10 @@ def test_ctranslate2_engine_translates_as_attnmt_greedy(trained_checkpoint, post
     lines = (FIXTURE_CORPUS / "test.de").read_text(encoding="utf-8").splitlines() + ["", HOSTILE[0], HOSTILE[3]]
     for ckpt in (trained_checkpoint, postnorm_checkpoint):
         model, tokenizer, _ = load_for_inference(ckpt)
-        engine = ct2.CTranslate2Engine(ct2.export(model, tokenizer, tmp_path / ckpt.parent.parent.name))
+        engine = ct2_engine(ct2.export(model, tokenizer, tmp_path / ckpt.parent.parent.name))
         for cfg in (decode_config(beam_size=1), decode_config(beam_size=1, max_len_a=0.0, max_len_b=3, max_tokens=64),
                     decode_config(beam_size=1, min_len=12)):
-            ours = translate(model, tokenizer, lines, cfg)
+            ours = native(model, tokenizer).translate(lines, cfg)
             theirs = engine.translate(lines, cfg)
             assert [t.tokens for t in theirs] == [t.tokens for t in ours], cfg
             assert [t.texts for t in theirs] == [t.texts for t in ours]
@@ -139,7 +147,7 @@ def test_ctranslate2_beam_nbest_is_ranked_by_attnmts_penalty(trained_checkpoint,
     from attnmt.export import ctranslate2 as ct2
 
     model, tokenizer, _ = load_for_inference(trained_checkpoint)
-    engine = ct2.CTranslate2Engine(ct2.export(model, tokenizer, tmp_path / "ct2"))
+    engine = ct2_engine(ct2.export(model, tokenizer, tmp_path / "ct2"))
     lines = (FIXTURE_CORPUS / "test.de").read_text(encoding="utf-8").splitlines()[:10]
     cfg = decode_config(beam_size=4, nbest=3, len_penalty=1.0)
     for line, translation in zip(lines, engine.translate(lines, cfg)):
@@ -154,8 +162,8 @@ def test_ctranslate2_beam_nbest_is_ranked_by_attnmts_penalty(trained_checkpoint,
             logits = logits.log_softmax(-1)
         log_prob = logits.gather(1, torch.tensor(tokens + [EOS_ID])[:, None]).sum().item()
         assert translation.scores[0] == pytest.approx(log_prob / length_penalty(len(tokens) + 1, 1.0), abs=1e-3)
-    assert engine.translate(lines, cfg)[0].texts[0] == translate(model, tokenizer, lines[:1], decode_config(beam_size=4))[0].texts[0]
-    with pytest.raises(ValueError, match="beam_stop=exact needs attnmt's own search"):
+    assert engine.translate(lines, cfg)[0].texts[0] == native(model, tokenizer).translate(lines[:1], decode_config(beam_size=4))[0].texts[0]
+    with pytest.raises(ConfigError, match="beam_stop=exact needs engine=native"):
         engine.translate(lines, decode_config(beam_size=4, beam_stop="exact"))
 
 
@@ -169,7 +177,7 @@ def test_quantized_export_translates(trained_checkpoint, tmp_path) -> None:
     assert json.loads((out / "attnmt.json").read_text())["quantization"] == "int8"
     assert (out / "model.bin").stat().st_size < 0.5 * sum(p.numel() * 4 for p in model.parameters())
     lines = (FIXTURE_CORPUS / "test.de").read_text(encoding="utf-8").splitlines()[:10]
-    int8 = ct2.CTranslate2Engine(out).translate(lines, decode_config(beam_size=1))
+    int8 = ct2_engine(out).translate(lines, decode_config(beam_size=1))
     assert all(t.texts[0] for t in int8)
     with pytest.raises(ExportError, match="quantization=int3 is not a CTranslate2 weight type"):
         ct2.export(model, tokenizer, tmp_path / "bad", quantization="int3")
@@ -192,7 +200,7 @@ def test_an_interrupted_export_leaves_nothing(tmp_path) -> None:
 
 def test_engine_cache_is_keyed_by_the_checkpoints_content(trained_checkpoint, tmp_path) -> None:
     pytest.importorskip("ctranslate2")
-    from attnmt.export.ctranslate2 import cached_model
+    from attnmt.inference.ctranslate2 import cached_model
 
     ckpt = tmp_path / "model.pt"
     shutil.copy(trained_checkpoint, ckpt)
@@ -213,7 +221,7 @@ def test_engine_cache_is_keyed_by_the_checkpoints_content(trained_checkpoint, tm
 @pytest.mark.parametrize("damage", ["model_bin_removed", "model_bin_cut", "meta_removed", "another_checkpoints"])
 def test_a_damaged_or_foreign_engine_cache_is_converted_again(trained_checkpoint, tmp_path, caplog, damage) -> None:
     pytest.importorskip("ctranslate2")
-    from attnmt.export.ctranslate2 import CTranslate2Engine, cached_model
+    from attnmt.inference.ctranslate2 import cached_model
 
     ckpt = tmp_path / "model.pt"
     shutil.copy(trained_checkpoint, ckpt)
@@ -239,11 +247,11 @@ def test_a_damaged_or_foreign_engine_cache_is_converted_again(trained_checkpoint
         shutil.rmtree(cached)
         shutil.copytree(foreign, cached)
         why = "was converted from another checkpoint"
-    with caplog.at_level("WARNING", logger="attnmt.export.ctranslate2"):
+    with caplog.at_level("WARNING", logger="attnmt.inference.ctranslate2"):
         assert cached_model([ckpt]) == cached
     assert any(why in r.getMessage() and str(cached) in r.getMessage() for r in caplog.records), caplog.text
     assert {p.name: p.read_bytes() for p in cached.iterdir()} == whole
-    CTranslate2Engine(cached)  # loads
+    ct2_engine(cached)  # loads
 
 
 def test_translate_and_evaluate_with_engine_ctranslate2(trained_checkpoint, tmp_path) -> None:
@@ -280,6 +288,8 @@ def test_translate_and_evaluate_with_engine_ctranslate2(trained_checkpoint, tmp_
     (["engine=ctranslate2", "compute_type=int3"], "compute_type=int3"),
     (["engine=ctranslate2", "attention_plot=plots"], "attention_plot needs engine=native"),
     (["engine=ctranslate2", "beam_stop=exact"], "beam_stop=exact needs engine=native"),
+    (["engine=ctranslate2", "sampling=true"], "sampling=true asks for sampling, which engine=ctranslate2 does not run"),
+    (["engine=transformers", "nbest=2"], "nbest=2 needs engine=native or engine=ctranslate2"),
 ])
 def test_engine_errors_are_one_line(args, expected, trained_checkpoint, tmp_path) -> None:
     pytest.importorskip("ctranslate2")
@@ -332,7 +342,7 @@ def test_hf_export_generates_as_attnmt_greedy(trained_checkpoint, postnorm_check
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from attnmt.checkpoint import load_for_inference
-    from attnmt.export import hf
+    from attnmt.inference.transformers import TransformersBackend
 
     lines = (FIXTURE_CORPUS / "test.de").read_text(encoding="utf-8").splitlines() + ["", HOSTILE[0]]
     cfg = decode_config(beam_size=1, max_tokens=256)
@@ -344,11 +354,19 @@ def test_hf_export_generates_as_attnmt_greedy(trained_checkpoint, postnorm_check
         hf_tok = AutoTokenizer.from_pretrained(out)
         assert hf_model.config.model_type == architecture
         model, tokenizer, _ = load_for_inference(ckpt)
-        assert hf.translate(hf_model, hf_tok, lines, cfg) == [t.texts[0] for t in translate(model, tokenizer, lines, cfg)]
+        ours = [t.texts[0] for t in native(model, tokenizer).translate(lines, cfg)]
+        theirs = Engine("transformers", TransformersBackend(hf_model), tokenizer).translate(lines, cfg)
+        assert [t.texts[0] for t in theirs] == ours
         # generate()'s own defaults (generation_config.json) are attnmt's greedy search too.
         batch = hf_tok(lines[:8], return_tensors="pt", padding=True)
         plain = hf_tok.batch_decode(hf_model.generate(**batch), skip_special_tokens=True)
-        assert plain == [t.texts[0] for t in translate(model, tokenizer, lines[:8], cfg)]
+        assert plain == ours[:8]
+    # engine=transformers converts the checkpoint in memory: the command's output is native's.
+    stdin = "".join(line + "\n" for line in lines[:12])
+    native_out = run("translate", f"ckpt={trained_checkpoint}", "beam_size=1", stdin=stdin)
+    hf_out = run("translate", f"ckpt={trained_checkpoint}", "beam_size=1", "engine=transformers", stdin=stdin)
+    assert hf_out.returncode == 0, hf_out.stderr
+    assert hf_out.stdout == native_out.stdout and hf_out.stdout.count("\n") == 12
 
 
 def test_hf_tokenizer_encodes_multi30k_as_attnmt(multi30k, tmp_path) -> None:
@@ -393,3 +411,27 @@ def test_export_errors_are_one_line(args, expected, trained_checkpoint, tmp_path
     errors = [line for line in result.stderr.splitlines() if "error:" in line.lower()]
     assert len(errors) == 1 and expected in errors[0], result.stderr
     assert (existing / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("target", ["ctranslate2", "hf"])
+def test_every_model_option_is_declared_by_each_exporter_and_a_new_one_is_refused(target, tokenizers, tmp_path,
+                                                                                 monkeypatch) -> None:
+    """Each exporter lists every model option it converts; one it does not list (an option added to the
+    model after the exporter was written) is refused in one line before anything is written, not
+    converted wrongly or failed on deep inside the conversion."""
+    from dataclasses import fields
+
+    from attnmt.config import ModelConfig
+
+    module = pytest.importorskip(f"attnmt.export.{target}")
+    pytest.importorskip("ctranslate2" if target == "ctranslate2" else "transformers")
+    assert set(module.EXPRESSIBLE) == {f.name for f in fields(ModelConfig)}
+    model = untrained({}, tokenizers["joint"])
+    monkeypatch.delitem(module.EXPRESSIBLE, "norm_first")
+    with pytest.raises(ExportError) as refusal:
+        module.export(model, tokenizers["joint"], tmp_path / "out")
+    assert str(refusal.value).startswith(f"model.norm_first=True: attnmt-export to={target} does not convert this option")
+    assert "\n" not in str(refusal.value) and not (tmp_path / "out").exists()
+    monkeypatch.setitem(module.EXPRESSIBLE, "norm_first", (False,))
+    with pytest.raises(ExportError, match=f"model.norm_first=True: to={target} expresses False only"):
+        module.export(model, tokenizers["joint"], tmp_path / "out")

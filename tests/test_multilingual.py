@@ -67,16 +67,17 @@ def overlap(hypotheses: list[str], references: list[str]) -> float:
 
 @pytest.mark.data
 def test_the_tag_picks_the_output_language(en_to_de_fr, multi30k_slice):
-    from attnmt.evaluation import target_prefix, translate
+    from attnmt.inference import target_prefix
+    from conftest import native_engine
 
-    model, tokenizer, run_config = load_for_inference(en_to_de_fr)
+    engine = native_engine(en_to_de_fr)
+    tokenizer, run_config = engine.tokenizer, engine.run_config
     assert sorted(tokenizer.tags) == ["<2de>", "<2fr>"]
     sources = (multi30k_slice / "valid.en").read_text(encoding="utf-8").splitlines()
     refs = {lang: (multi30k_slice / f"valid.{lang}").read_text(encoding="utf-8").splitlines() for lang in ("de", "fr")}
     decode = compose("translate", ["ckpt=unused", "beam_size=1"])
     for lang, other in (("fr", "de"), ("de", "fr")):
-        hyps = [t.texts[0] for t in translate(model, tokenizer, sources, decode,
-                                              prefix=target_prefix(tokenizer, run_config, lang))]
+        hyps = [t.texts[0] for t in engine.translate(sources, decode, prefix=target_prefix(tokenizer, run_config, lang))]
         own, wrong = overlap(hyps, refs[lang]), overlap(hyps, refs[other])
         # Measured after 400 updates (seed 1): 0.49 of the French output's words are in the French
         # reference, 0.05 in the German one; German output 0.41 vs 0.04.

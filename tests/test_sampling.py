@@ -10,13 +10,18 @@ from dataclasses import replace
 import pytest
 import torch
 
-from attnmt.config import ConfigError, DecodeConfig
-from attnmt.decoding import _filter, _forbid, greedy_search, sample_search, uniform_noise
+from attnmt.config import ConfigError
+from attnmt.decoding import _filter, _forbid, sample_search, uniform_noise
 from attnmt.model import build_model
 from attnmt.tokenizer import BOS_ID, EOS_ID
-from conftest import tiny_config
-from test_decoding import sequence_log_prob
+from conftest import decode_config, native_engine, tiny_config
+from test_decoding import greedy, sequence_log_prob
 from test_model import padded_batch
+
+
+def sample(model, src, src_mask, line_ids, **fields):
+    """One draw per source (``nbest=1``) with the shipped settings and ``fields``."""
+    return [hyps[0] for hyps in sample_search(model, src, src_mask, decode_config(sampling="true", **fields), line_ids)]
 
 
 @pytest.fixture
@@ -46,31 +51,31 @@ def ids(n: int) -> torch.Tensor:
                                       dict(top_p=1e-9)])
 def test_the_limits_of_sampling_are_greedy_search(eager_model, settings) -> None:
     src, src_mask = padded_batch([5, 2, 8, 6, 3, 7])
-    greedy = greedy_search(eager_model, src, src_mask)
-    sampled = sample_search(eager_model, src, src_mask, ids(6), seed=7, **settings)
-    assert [h.tokens for h in sampled] == greedy
-    assert len({len(tokens) for tokens in greedy}) > 1, greedy  # sentences ended at different steps
+    greedy_out = greedy(eager_model, src, src_mask)
+    sampled = sample(eager_model, src, src_mask, ids(6), seed=7, **settings)
+    assert [h.tokens for h in sampled] == greedy_out
+    assert len({len(tokens) for tokens in greedy_out}) > 1, greedy_out  # sentences ended at different steps
 
 
 def test_draws_are_reproducible_and_independent_of_the_batch(eager_model) -> None:
     lengths = [9, 3, 6, 1, 7]
     src, src_mask = padded_batch(lengths)
     line_ids = torch.tensor([10, 11, 12, 13, 14])
-    batched = sample_search(eager_model, src, src_mask, line_ids, seed=5, top_p=0.9)
-    alone = [sample_search(eager_model, src[i : i + 1, :n], src_mask[i : i + 1, :n], line_ids[i : i + 1],
-                           seed=5, top_p=0.9)[0] for i, n in enumerate(lengths)]
+    batched = sample(eager_model, src, src_mask, line_ids, seed=5, top_p=0.9)
+    alone = [sample(eager_model, src[i : i + 1, :n], src_mask[i : i + 1, :n], line_ids[i : i + 1],
+                    seed=5, top_p=0.9)[0] for i, n in enumerate(lengths)]
     assert [h.tokens for h in batched] == [h.tokens for h in alone]
     assert [h.score for h in batched] == pytest.approx([h.score for h in alone], abs=1e-4)
-    reordered = sample_search(eager_model, src.flip(0), src_mask.flip(0), line_ids.flip(0), seed=5, top_p=0.9)
+    reordered = sample(eager_model, src.flip(0), src_mask.flip(0), line_ids.flip(0), seed=5, top_p=0.9)
     assert [h.tokens for h in reordered][::-1] == [h.tokens for h in batched]
     # Another seed draws other translations (the model is random enough that some differ).
-    other = sample_search(eager_model, src, src_mask, line_ids, seed=6, top_p=0.9)
+    other = sample(eager_model, src, src_mask, line_ids, seed=6, top_p=0.9)
     assert [h.tokens for h in other] != [h.tokens for h in batched]
 
 
 def test_a_draw_is_scored_by_its_log_probability_under_the_model(eager_model) -> None:
     src, src_mask = padded_batch([6, 4, 8])
-    for h, i in zip(sample_search(eager_model, src, src_mask, ids(3), seed=2, temperature=1.5), range(3)):
+    for h, i in zip(sample(eager_model, src, src_mask, ids(3), seed=2, temperature=1.5), range(3)):
         n = int(src_mask[i].sum())
         expected = sequence_log_prob(eager_model, src[i : i + 1, :n], src_mask[i : i + 1, :n], h.tokens)
         assert h.score == pytest.approx(expected, abs=1e-4)
@@ -84,8 +89,8 @@ def first_token_frequencies(model, draws: int, **settings) -> tuple[torch.Tensor
     _forbid(logits, 0, 0)
     probs = _filter(logits, settings.get("temperature", 1.0), settings.get("top_k", 0),
                     settings.get("top_p", 1.0)).softmax(-1)[0]
-    hyps = sample_search(model, src.expand(draws, -1), src_mask.expand(draws, -1), ids(draws), seed=11,
-                         max_len_a=0.0, max_len_b=1, **settings)  # one token, then EOS
+    hyps = sample(model, src.expand(draws, -1), src_mask.expand(draws, -1), ids(draws), seed=11,
+                  max_len_a=0.0, max_len_b=1, **settings)  # one token, then EOS
     counts = Counter(h.tokens[0] if h.tokens else EOS_ID for h in hyps)
     frequencies = torch.tensor([counts[t] / draws for t in range(probs.numel())])
     return frequencies, probs
@@ -125,16 +130,13 @@ def test_noise_is_uniform_and_depends_on_its_counter_alone() -> None:
 
 
 def test_translations_of_a_line_are_the_same_whatever_the_batching(trained_checkpoint) -> None:
-    from attnmt.checkpoint import load_for_inference
-    from attnmt.evaluation import translate
     from conftest import FIXTURE_CORPUS
 
-    model, tokenizer, _ = load_for_inference(trained_checkpoint)
+    engine = native_engine(trained_checkpoint)
     lines = (FIXTURE_CORPUS / "valid.de").read_text(encoding="utf-8").splitlines()[:12]
-    cfg = DecodeConfig(beam_size=5, len_penalty=1.0, nbest=3, max_len_a=1.5, max_len_b=10, min_len=0,
-                       max_tokens=4096, beam_stop="exact", sampling=True, temperature=1.0, top_k=0, top_p=0.95, seed=1)
-    whole = translate(model, tokenizer, lines, cfg)
-    one_by_one = [translate(model, tokenizer, [line], replace(cfg, max_tokens=1), first_line=i + 1)[0]
+    cfg = decode_config(sampling="true", nbest=3, top_p=0.95, seed=1)
+    whole = engine.translate(lines, cfg)
+    one_by_one = [engine.translate([line], replace(cfg, max_tokens=1), first_line=i + 1)[0]
                   for i, line in enumerate(lines)]
     assert [t.texts for t in whole] == [t.texts for t in one_by_one]
     for t in whole:  # nbest draws per line, best first
@@ -142,26 +144,26 @@ def test_translations_of_a_line_are_the_same_whatever_the_batching(trained_check
     # The draws of a line are several: sampling does not collapse onto one translation.
     assert any(len(set(t.texts)) > 1 for t in whole)
     # Reproducible from run to run.
-    again = translate(model, tokenizer, lines, cfg)
+    again = engine.translate(lines, cfg)
     assert [t.texts for t in again] == [t.texts for t in whole]
 
 
 def test_sampling_settings_that_cannot_work_are_refused() -> None:
-    base = dict(beam_size=1, len_penalty=1.0, nbest=8, max_len_a=1.5, max_len_b=10, min_len=0, max_tokens=4096,
-                beam_stop="exact", sampling=True, temperature=1.0, top_k=0, top_p=1.0, seed=1)
-    DecodeConfig(**base).check()  # nbest draws need no beams
+    base = dict(beam_size=1, nbest=8, sampling="true")
+    decode_config(**base).check()  # nbest draws need no beams
     for key, value in (("temperature", -1.0), ("top_k", -2), ("top_p", 0.0), ("top_p", 1.5), ("seed", -1)):
         with pytest.raises(ConfigError, match=f"{key}={value}"):
-            DecodeConfig(**{**base, key: value}).check()
+            decode_config(**{**base, key: value}).check()
 
 
-def test_sampling_is_refused_with_the_ctranslate2_engine() -> None:
-    from attnmt.cli.common import UserError, check_engine
-    from attnmt.config import compose
+def test_sampling_is_refused_by_the_engines_that_cannot_reproduce_it() -> None:
+    from attnmt.inference import ENGINES, capabilities_of, check_capabilities
 
-    check_engine(compose("translate", ["ckpt=unused", "sampling=true"]))
-    with pytest.raises(UserError, match="sampling=true needs engine=native"):
-        check_engine(compose("translate", ["ckpt=unused", "sampling=true", "engine=ctranslate2"]))
+    cfg = decode_config(sampling="true")
+    check_capabilities("native", capabilities_of("native"), cfg)
+    for engine in set(ENGINES) - {"native"}:
+        with pytest.raises(ConfigError, match=f"sampling=true asks for sampling, which engine={engine} does not run.*use engine=native$"):
+            check_capabilities(engine, capabilities_of(engine), cfg)
 
 
 def test_the_command_line_draws_the_same_whatever_its_buffer(trained_checkpoint) -> None:

@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnmt.config import ConfigError, DecodeConfig, compose
+from attnmt.config import ConfigError, compose
 from attnmt.device import resolve_precision
 from attnmt.model import build_model
 from attnmt.training import check_config, label_smoothed_nll, lr_at, train_step
-from conftest import fixture_train_config, tiny_config
+from conftest import decode_config, fixture_train_config, tiny_config
 
 PAD, BOS, EOS = 0, 2, 3
 
@@ -178,7 +178,9 @@ def test_non_finite_loss_skips_the_update():
         ({}, dict(max_steps=0), {}, r"no stopping rule"),
         ({}, {}, dict(schedule="linear"), r"optim.schedule='linear' is unknown"),
         ({}, dict(max_steps=0, max_epochs=2), dict(schedule="cosine"), r"optim.schedule=cosine .* train.max_steps"),
-        ({}, dict(valid_decode=DecodeConfig(0, 1.0, 1, 1.5, 10, 0, 4096, "exact", False, 1.0, 0, 1.0, 1)), {}, r"train.valid_decode.beam_size=0"),
+        ({}, dict(valid_decode=decode_config(beam_size=0)), {}, r"train.valid_decode.beam_size=0"),
+        (dict(activation_dropout=1.0), {}, {}, r"model.activation_dropout=1.0 must be in \[0, 1\)"),
+        (dict(dropout=-0.1), {}, {}, r"model.dropout=-0.1 must be in \[0, 1\)"),
         ({}, dict(init_from="a.pt", resume="auto"), {}, r"train.init_from=a.pt .* set only one"),
         ({}, dict(average_last=1), {}, r"train.average_last=1 must be 0 \(off\) or from 2 to train.keep_last=5"),
         ({}, dict(average_last=6), {}, r"train.average_last=6 must be"),

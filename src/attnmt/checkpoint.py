@@ -2,7 +2,9 @@
 
 A checkpoint is one ``torch.save``'d dict holding only tensors, dicts, lists, tuples, strings, numbers
 and None, so ``torch.load(path, weights_only=True)`` reads it without unpickling any class. Its keys
-are written and read in one place, :class:`TrainState`.
+are written and read in this module only: :class:`TrainState` writes and restores a run, and the
+functions below read what other modules need of a checkpoint (:func:`model_config`,
+:func:`tokenizer_of`, :func:`load_model_weights`, :func:`run_config`, the checks of a resume).
 
 A run's ``checkpoints/`` folder holds ``last.pt``, ``best.pt`` (highest valid BLEU) and the newest
 ``keep_last`` numbered ``step_<N>.pt``.
@@ -17,7 +19,7 @@ import random
 import re
 import shutil
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -26,9 +28,9 @@ import torch
 from torch import nn
 
 from attnmt import __version__
-from attnmt.config import DataConfig, ModelConfig, unknown_keys
+from attnmt.config import MODEL_KEYS_ADDED, ConfigError, DataConfig, ModelConfig, TokenizerConfig, unknown_keys
 from attnmt.model import build_model
-from attnmt.tokenizer import Tokenizer
+from attnmt.tokenizer import Tokenizer, tokenizer_settings
 
 if TYPE_CHECKING:
     from attnmt.batching import TokenBucketSampler
@@ -49,9 +51,10 @@ class CheckpointError(RuntimeError):
 class TrainState:
     """Everything a checkpoint holds to continue a run exactly: the one owner of the checkpoint format.
 
-    :meth:`to_checkpoint` writes the dict and :meth:`restore` reads it back, so saving and resuming a
-    new field is an edit of this class alone; the loop only changes the field (the EMA of the weights,
-    ``ema``, took this class plus its creation and its update in ``training.py``). The checkpoint's keys:
+    :meth:`to_checkpoint` writes the dict and :meth:`restore` reads it back: saving and resuming a new
+    field is an edit of this class, besides where the loop creates and changes it (the EMA of the
+    weights, ``ema``, took this class plus its creation and its update in ``training.py``). The
+    checkpoint's keys:
 
         format          "attnmt-checkpoint-1"
         model           the weights to translate with, as a state_dict (unwrapped: no DDP ``module.`` or
@@ -474,6 +477,91 @@ def check_known_keys(state: dict, path: str | Path) -> None:
                               f"(written by {by}); use the attnmt version that wrote it, or a newer one")
 
 
+def model_config(state: dict, path: str | Path) -> ModelConfig:
+    """The checkpoint's :class:`ModelConfig`, keys added to the model since it was written filled in
+    with the values that reproduce it (:data:`~attnmt.config.MODEL_KEYS_ADDED`).
+
+    Raises:
+        CheckpointError: naming ``path``: keys this attnmt does not know (:func:`check_known_keys`),
+            or values that cannot build a model.
+    """
+    check_known_keys(state, path)
+    try:
+        return ModelConfig(**{**MODEL_KEYS_ADDED, **state["model_config"]})
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: its model_config cannot build a model ({err})") from None
+
+
+def tokenizer_of(state: dict, path: str | Path) -> Tokenizer:
+    """The checkpoint's tokenizer.
+
+    Raises:
+        CheckpointError: naming ``path``, when it cannot be rebuilt.
+    """
+    try:
+        return Tokenizer.from_state(state["tokenizer"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"{path}: its tokenizer cannot be rebuilt ({_first_line(err)})") from None
+
+
+def load_model_weights(model: nn.Module, state: dict, path: str | Path, what: str = "its model_config") -> None:
+    """Load the checkpoint's translation weights into ``model`` (see :func:`load_weights`)."""
+    load_weights(model, state["model"], path, what)
+
+
+def run_config(path: str | Path) -> dict:
+    """The run config (``model``, ``data``, ``optim``, ``train``) a checkpoint was trained with.
+
+    Raises:
+        CheckpointError: the file is missing, is not a complete attnmt checkpoint, or has config keys
+            this attnmt does not know (:func:`check_known_keys`).
+    """
+    state = load_checkpoint(path)
+    require(state, INFERENCE_KEYS, path, "translation")
+    check_known_keys(state, path)
+    return state["config"]
+
+
+def record_metrics(state: dict, metrics: dict) -> dict:
+    """``state`` with ``metrics`` (their numbers) as the checkpoint's latest valid metrics."""
+    return {**state, "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+
+
+def trained_weights_checkpoint(state: dict) -> dict | None:
+    """With ``train.ema_decay``, a checkpoint for evaluation whose weights are the ones the optimizer
+    trained (not their moving average); None for a checkpoint without EMA."""
+    if "trained_model" not in state:
+        return None
+    out = {k: v for k, v in state.items() if k not in (*TrainState.RESUME_KEYS, "trained_model")}
+    return {**out, "model": state["trained_model"]}
+
+
+def check_same_tokenizer(state: dict, cfg_tokenizer: TokenizerConfig, path: str | Path) -> None:
+    """A resumed run keeps its checkpoint's tokenizer: refuse, naming the keys, when the config asks for another."""
+    if cfg_tokenizer.model:
+        return  # a user-supplied model: its settings are whatever that file holds
+    saved, wanted = state["tokenizer"].get("settings") or {}, tokenizer_settings(cfg_tokenizer)
+    changed = [f"data.tokenizer.{k}={wanted[k]!r} (checkpoint: {saved[k]!r})" for k in wanted
+               if k in saved and saved[k] != wanted[k]]
+    if changed:
+        raise ConfigError(f"{path} was trained with another tokenizer: {', '.join(changed)}; resume with the "
+                          f"checkpoint's settings, or start a new run in another train.run_dir")
+
+
+# Keys of ModelConfig that may change between a checkpoint and the run that continues from it.
+_MODEL_KEYS_FREE = ("dropout", "attention_dropout", "activation_dropout", "src_vocab_size", "tgt_vocab_size", "pad_id")
+
+
+def check_same_model(state: dict, model: ModelConfig, path: str | Path) -> None:
+    """Refuse, naming the keys, a checkpoint whose model has another shape than ``model``."""
+    saved = model_config(state, path)
+    changed = [f"model.{f.name}={getattr(model, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
+               for f in fields(model) if f.name not in _MODEL_KEYS_FREE and getattr(saved, f.name) != getattr(model, f.name)]
+    if changed:
+        raise ConfigError(f"{path} holds another model: {', '.join(changed)}; use the checkpoint's model settings "
+                          "(e.g. the same model= and experiment=)")
+
+
 def build_from_state(state: dict, path: str | Path, weights: dict | None = None) -> nn.Module:
     """The model a checkpoint describes, with its weights (or ``weights``) loaded, on the CPU.
 
@@ -481,9 +569,9 @@ def build_from_state(state: dict, path: str | Path, weights: dict | None = None)
         CheckpointError: naming ``path``, when the model config is not one attnmt can build or the
             weights do not fit it.
     """
-    check_known_keys(state, path)
+    cfg = model_config(state, path)
     try:
-        model = build_model(ModelConfig(**state["model_config"]))
+        model = build_model(cfg)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: its model_config cannot build a model ({err})") from None
     load_weights(model, state["model"] if weights is None else weights, path)
@@ -508,9 +596,6 @@ def load_for_inference(path: str | Path | list[str | Path], device: str | torch.
     state = load_checkpoint(paths[-1])
     require(state, INFERENCE_KEYS, paths[-1], "translation")
     model = build_from_state(state, paths[-1], average_model_states(paths) if len(paths) > 1 else None)
-    try:
-        tokenizer = Tokenizer.from_state(state["tokenizer"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{paths[-1]}: its tokenizer cannot be rebuilt ({_first_line(err)})") from None
+    tokenizer = tokenizer_of(state, paths[-1])
     model.to(device).eval()
     return model, tokenizer, state["config"]

@@ -66,6 +66,7 @@ class ModelConfig:
     decoder_layers: int
     dropout: float
     attention_dropout: float
+    activation_dropout: float | None  # dropout after the feed-forward's activation; None = model.dropout
     activation: str  # relu | gelu
     norm_first: bool  # pre-norm (with a final LayerNorm per stack); False = the paper's post-norm
     # sinusoidal_fairseq: fairseq's (and M2M100's) sin/cos table, what configs/model/ choose, so that a
@@ -247,6 +248,10 @@ class DataConfig:
         """The languages a model trained on this config translates into; two or more need target-language tags."""
         return sorted({tgt for _, tgt in self.trained_pairs()})
 
+
+# Model-config keys added after checkpoints were written, with the value that reproduces the model
+# those were trained as; checkpoint.model_config fills them in (tests/fixtures/checkpoint-5ba9c4e.pt).
+MODEL_KEYS_ADDED = {"activation_dropout": None}
 
 # Data-config keys added after checkpoints were written, with the value that reproduces what those
 # were trained with; commands that rebuild a checkpoint's data config merge these first.

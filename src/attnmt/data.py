@@ -53,7 +53,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from attnmt.config import DATA_FORMATS, DataConfig
-from attnmt.tokenizer import EOS_ID, Tokenizer, normalize, saved_fingerprint
+from attnmt.tokenizer import EOS_ID, Tokenizer, language_tag, normalize, saved_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -812,12 +812,12 @@ def streams(cfg: DataConfig) -> list[Stream]:
     one = dict(langs=None, directions=None, mix=[])
     lang_tags = len(cfg.target_languages()) > 1
     out = [Stream(f"{src}-{tgt}", replace(cfg, src_lang=src, tgt_lang=tgt, **one),
-                  (f"<2{tgt}>",) if lang_tags else (), 1.0) for src, tgt in cfg.pairs()]
+                  (language_tag(tgt),) if lang_tags else (), 1.0) for src, tgt in cfg.pairs()]
     for i, corpus in enumerate(cfg.mix):
         corpus_cfg = replace(cfg, format=corpus.format, root=corpus.root, hub_id=corpus.hub_id,
                              hub_config=corpus.hub_config, src_lang=corpus.src_lang, tgt_lang=corpus.tgt_lang,
                              splits={"train": corpus.split}, **one)
-        tags = ((f"<{corpus.tag}>",) if corpus.tag else ()) + ((f"<2{corpus.tgt_lang}>",) if lang_tags else ())
+        tags = ((f"<{corpus.tag}>",) if corpus.tag else ()) + ((language_tag(corpus.tgt_lang),) if lang_tags else ())
         name = f"{corpus.src_lang}-{corpus.tgt_lang} (data.mix[{i}]{', ' + corpus.tag if corpus.tag else ''})"
         out.append(Stream(name, corpus_cfg, tags, corpus.weight))
     return out

@@ -1,5 +1,11 @@
 """Batched greedy search, beam search and sampling over ``encode`` + cached ``decode``.
 
+Each strategy is a function ``(model, src_tokens, src_mask, cfg, line_numbers) -> hypotheses`` and an
+entry of :data:`STRATEGIES`, which says when a :class:`~attnmt.config.DecodeConfig` asks for it;
+:func:`search` runs the one it asks for. Engines declare the strategies they run by these names
+(:class:`attnmt.inference.Capabilities`). Every setting comes from the config: there are no defaults
+here (they live in ``configs/decode/``).
+
 All return token ids without BOS, EOS or PAD. A sentence's result does not depend on the other
 sentences in its batch: each has its own length limits, and a sentence leaves the batch (its rows
 are dropped from the cache) as soon as it is finished.
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attnmt.config import DecodeConfig
 from attnmt.model import Transformer
 from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -92,28 +99,23 @@ def _top_tokens(model: Transformer, states: Tensor, step: int, min_len: int, max
 
 
 @torch.no_grad()
-def greedy_search(
-    model: Transformer,
-    src_tokens: Tensor,
-    src_mask: Tensor,
-    max_len_a: float = 1.5,
-    max_len_b: int = 10,
-    min_len: int = 0,
-) -> list[list[int]]:
+def greedy_search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: DecodeConfig,
+                  line_numbers: Tensor | None = None) -> list[list[Hypothesis]]:
     """The most probable next token at every step, for a batch of sources.
 
     Args:
         model: the translation model (put it in eval mode first).
         src_tokens: (B, S) source ids ending with EOS, right-padded.
         src_mask: (B, S) bool, True at real tokens.
-        max_len_a, max_len_b, min_len: length rules (see the module docstring).
+        cfg: the length rules ``max_len_a``, ``max_len_b``, ``min_len`` (see the module docstring).
+        line_numbers: unused (greedy search draws nothing).
 
     Returns:
-        B lists of target ids.
+        B lists of one hypothesis, unscored (NaN): greedy search computes no log-probabilities.
     """
     tokens, _ = _one_token_a_step(model, src_tokens, src_mask, lambda logits, step, active: logits.argmax(dim=-1),
-                                  max_len_a, max_len_b, min_len, scored=False)
-    return tokens
+                                  cfg, scored=False)
+    return [[Hypothesis(t, math.nan)] for t in tokens]
 
 
 def _one_token_a_step(
@@ -121,9 +123,7 @@ def _one_token_a_step(
     src_tokens: Tensor,
     src_mask: Tensor,
     choose: Callable[[Tensor, int, Tensor], Tensor],
-    max_len_a: float,
-    max_len_b: int,
-    min_len: int,
+    cfg: DecodeConfig,
     scored: bool,
 ) -> tuple[list[list[int]], list[float]]:
     """The loop of greedy search and sampling: one hypothesis per source, extended by
@@ -133,7 +133,8 @@ def _one_token_a_step(
     the model (else empty), counted as beam search counts them."""
     n = src_tokens.size(0)
     device = src_tokens.device
-    sent_limits = max_lengths(model, src_mask, max_len_a, max_len_b)
+    sent_limits = max_lengths(model, src_mask, cfg.max_len_a, cfg.max_len_b)
+    min_len = cfg.min_len
     limits = torch.tensor(sent_limits, device=device)
     memory = model.encode(src_tokens, src_mask)
     cache = model.new_cache(max_len=max(sent_limits) + 1)  # BOS and every token but the last
@@ -208,67 +209,54 @@ def _filter(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Ten
 
 
 @torch.no_grad()
-def sample_search(
-    model: Transformer,
-    src_tokens: Tensor,
-    src_mask: Tensor,
-    sentence_ids: Tensor,
-    seed: int = 0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    max_len_a: float = 1.5,
-    max_len_b: int = 10,
-    min_len: int = 0,
-) -> list[Hypothesis]:
-    """One translation per source drawn from the model: each next token from ``softmax(logits /
-    temperature)``, restricted to the ``top_k`` most probable tokens and to the nucleus of mass
-    ``top_p`` (Holtzman et al., 2020), under the length rules.
+def sample_search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: DecodeConfig,
+                  line_numbers: Tensor | None = None) -> list[list[Hypothesis]]:
+    """``cfg.nbest`` translations per source drawn from the model, best first: each next token from
+    ``softmax(logits / temperature)``, restricted to the ``top_k`` most probable tokens and to the
+    nucleus of mass ``top_p`` (Holtzman et al., 2020), under the length rules.
 
     Reproducible: the draw of a sentence at a step is a Gumbel-max over :func:`uniform_noise` of
-    ``(seed, sentence_ids[i], step)``, so a sentence's sample does not depend on its batch.
-    ``temperature=0`` is greedy search.
+    ``(cfg.seed, draw id, step)``, where draw ``j`` of source ``i`` has id ``line_numbers[i] * nbest + j``,
+    so a sentence's samples do not depend on its batch. ``temperature=0`` is greedy search.
 
     Args:
         model: the translation model (put it in eval mode first).
         src_tokens: (B, S) source ids ending with EOS, right-padded.
         src_mask: (B, S) bool, True at real tokens.
-        sentence_ids: (B,) a number per source that, with ``seed``, fixes its random draws.
-        seed, temperature, top_k, top_p: the sampling settings.
-        max_len_a, max_len_b, min_len: length rules (see the module docstring).
+        cfg: ``nbest``, ``seed``, ``temperature``, ``top_k``, ``top_p`` and the length rules.
+        line_numbers: (B,) a number per source that, with ``cfg.seed``, fixes its draws; None = 0..B-1.
 
     Returns:
-        B hypotheses, each scored by its log-probability under the model (no temperature, no penalty).
+        B lists of ``nbest`` hypotheses, each scored by its log-probability under the model (no
+        temperature, no penalty), best first.
     """
-    def draw(logits: Tensor, step: int, active: Tensor) -> Tensor:
-        if temperature == 0:
-            return logits.argmax(dim=-1)
-        gumbel = -torch.log(-torch.log(uniform_noise(seed, sentence_ids[active], step, logits.size(-1))))
-        return (_filter(logits.float(), temperature, top_k, top_p).double() + gumbel).argmax(dim=-1)
+    n, k = src_tokens.size(0), cfg.nbest
+    device = src_tokens.device
+    if line_numbers is None:
+        line_numbers = torch.arange(n, device=device)
+    draw_ids = line_numbers.repeat_interleave(k) * k + torch.arange(k, device=device).repeat(n)
 
-    tokens, scores = _one_token_a_step(model, src_tokens, src_mask, draw, max_len_a, max_len_b, min_len, scored=True)
-    return [Hypothesis(t, score) for t, score in zip(tokens, scores)]
+    def draw(logits: Tensor, step: int, active: Tensor) -> Tensor:
+        if cfg.temperature == 0:
+            return logits.argmax(dim=-1)
+        gumbel = -torch.log(-torch.log(uniform_noise(cfg.seed, draw_ids[active], step, logits.size(-1))))
+        return (_filter(logits.float(), cfg.temperature, cfg.top_k, cfg.top_p).double() + gumbel).argmax(dim=-1)
+
+    tokens, scores = _one_token_a_step(model, src_tokens.repeat_interleave(k, 0), src_mask.repeat_interleave(k, 0),
+                                       draw, cfg, scored=True)
+    draws = [Hypothesis(t, score) for t, score in zip(tokens, scores)]
+    return [sorted(draws[i * k : (i + 1) * k], key=lambda h: h.score, reverse=True) for i in range(n)]
 
 
 @torch.no_grad()
-def beam_search(
-    model: Transformer,
-    src_tokens: Tensor,
-    src_mask: Tensor,
-    beam_size: int = 5,
-    len_penalty: float = 1.0,
-    max_len_a: float = 1.5,
-    max_len_b: int = 10,
-    min_len: int = 0,
-    nbest: int = 1,
-    stop: str = "exact",
-) -> list[list[Hypothesis]]:
+def beam_search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: DecodeConfig,
+                line_numbers: Tensor | None = None) -> list[list[Hypothesis]]:
     """Batched beam search with the GNMT length penalty.
 
-    Hypotheses are ranked by ``sum(log p) / length_penalty(len, len_penalty)``. With ``stop="exact"``
+    Hypotheses are ranked by ``sum(log p) / length_penalty(len, len_penalty)``. With ``beam_stop=exact``
     a sentence stops only when its ``nbest`` best finished hypotheses cannot be beaten by any live
     beam, even if that beam grew to the maximum length (log-probabilities only fall as a hypothesis
-    grows, so the bound is exact): no premature stop. With ``stop="finished"`` it stops as soon as
+    grows, so the bound is exact): no premature stop. With ``beam_stop=finished`` it stops as soon as
     ``beam_size`` of its hypotheses have finished, as fairseq, CTranslate2 and transformers'
     ``early_stopping=True`` do: a live beam that might still have won is dropped, and the search ends
     far earlier (the exact bound keeps most sentences going to their length limit).
@@ -280,21 +268,18 @@ def beam_search(
         model: the translation model (put it in eval mode first).
         src_tokens: (B, S) source ids ending with EOS, right-padded.
         src_mask: (B, S) bool, True at real tokens.
-        beam_size: live hypotheses kept per sentence.
-        len_penalty: the length penalty's exponent alpha; 0 ranks by plain log-probability.
-        max_len_a, max_len_b, min_len: length rules (see the module docstring).
-        nbest: finished hypotheses returned per sentence, best first (at most ``beam_size``).
+        cfg: ``beam_size`` (live hypotheses kept per sentence), ``len_penalty`` (the penalty's exponent
+            alpha; 0 ranks by plain log-probability), ``nbest`` (finished hypotheses returned per
+            sentence, at most ``beam_size``: :meth:`~attnmt.config.DecodeConfig.check`), ``beam_stop``
+            and the length rules.
+        line_numbers: unused (beam search draws nothing).
 
     Returns:
         B lists of up to ``nbest`` hypotheses, best first.
     """
-    if not 1 <= nbest <= beam_size:
-        raise ValueError(f"nbest={nbest} must be between 1 and beam_size={beam_size}")
-    if stop not in ("exact", "finished"):
-        raise ValueError(f"stop={stop!r} is unknown; use exact or finished")
-    n, k = src_tokens.size(0), beam_size
+    n, k, nbest, len_penalty, min_len = src_tokens.size(0), cfg.beam_size, cfg.nbest, cfg.len_penalty, cfg.min_len
     device = src_tokens.device
-    sent_limits = max_lengths(model, src_mask, max_len_a, max_len_b)
+    sent_limits = max_lengths(model, src_mask, cfg.max_len_a, cfg.max_len_b)
     max_tokens = max(sent_limits)
     limits = torch.tensor(sent_limits, device=device)  # (B,)
 
@@ -357,7 +342,7 @@ def beam_search(
         longest = (limits[active] + 1).clamp(min=step + 1)
         bound = best_live / torch.maximum(lp(step + 1), lp(longest))
         done = torch.isinf(best_live) | (best_scores[active, nbest - 1] >= bound)  # -inf while < nbest finished
-        if stop == "finished":
+        if cfg.beam_stop == "finished":
             done |= n_finished[active] >= k
         keep = (~done).nonzero().squeeze(1)
         if keep.numel() == 0:
@@ -377,3 +362,35 @@ def beam_search(
         results.append([Hypothesis(tokens[:length], score)
                         for score, tokens, length in zip(sent_scores, sent_tokens, sent_lens) if score > -math.inf])
     return results
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A decoding strategy: its name (engines declare the names they run), whether a config asks for
+    it, and its search function."""
+
+    name: str
+    chosen: Callable[[DecodeConfig], bool]
+    search: Callable[[Transformer, Tensor, Tensor, DecodeConfig, Tensor | None], list[list[Hypothesis]]]
+
+
+# The first strategy whose `chosen` holds runs. A new strategy is its function, an entry here, and
+# its config key (DecodeConfig and configs/decode/beam.yaml); engines other than attnmt's own refuse
+# it until they declare its name.
+STRATEGIES: tuple[Strategy, ...] = (
+    Strategy("sampling", lambda cfg: cfg.sampling, sample_search),
+    Strategy("greedy", lambda cfg: cfg.beam_size == 1 and cfg.nbest == 1, greedy_search),
+    Strategy("beam", lambda cfg: True, beam_search),
+)
+
+
+def strategy(cfg: DecodeConfig) -> Strategy:
+    """The strategy ``cfg`` asks for."""
+    return next(s for s in STRATEGIES if s.chosen(cfg))
+
+
+def search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: DecodeConfig,
+           line_numbers: Tensor | None = None) -> list[list[Hypothesis]]:
+    """The hypotheses of each source (best first) by the strategy ``cfg`` asks for; the arguments are
+    its function's (``line_numbers`` fix each source's draws when sampling)."""
+    return strategy(cfg).search(model, src_tokens, src_mask, cfg, line_numbers)

@@ -43,6 +43,16 @@ SETTINGS_FILE = "tokenizer.json"
 logger = logging.getLogger(__name__)
 
 
+def language_tag(lang: str) -> str:
+    """The tag that asks a model of several target languages for ``lang``: ``<2de>`` (Johnson et al., 2017)."""
+    return f"<2{lang}>"
+
+
+def tag_language(tag: str) -> str | None:
+    """The language a tag of :func:`language_tag` asks for (``"de"`` for ``<2de>``); None for another tag."""
+    return tag[2:-1] if tag.startswith("<2") and tag.endswith(">") else None
+
+
 class TokenizerError(ValueError):
     """Settings SentencePiece rejects, or a tokenizer file that cannot be used; the message names the key or file."""
 

@@ -1,4 +1,4 @@
-"""The training loop: :func:`train` reads top to bottom, nanoGPT-style.
+"""The training loop: :func:`train` is two functions, each read top to bottom.
 
 ``train(cfg)`` is two steps. :func:`start` checks the config and the run directory, prepares the
 data, builds the model and the :class:`~attnmt.checkpoint.TrainState` (restored on resume), and only
@@ -7,7 +7,7 @@ nothing. :func:`run_loop` then alternates updates with validations and checkpoin
 early stopping or a signal. Helpers have names: :func:`lr_at` (the schedule),
 :func:`label_smoothed_nll` (the loss), :func:`train_step` (one update over ``update_freq``
 micro-batches), :func:`validate` (loss and perplexity, and BLEU/chrF through the same
-:func:`~attnmt.evaluation.translate` and :func:`~attnmt.evaluation.corpus_scores` as
+:meth:`~attnmt.inference.Engine.translate` and :func:`~attnmt.evaluation.corpus_scores` as
 ``attnmt-evaluate``), :func:`save` (a validation's checkpoint files).
 
 Gradients are normalised by the number of target tokens of the whole update, summed over
@@ -53,8 +53,11 @@ from attnmt.data import (DataError, Stream, corpus_fingerprint, load_references,
                          token_lengths, tokenize, train_tokenizer)
 from attnmt.device import autocast as autocast_context
 from attnmt.device import resolve_device, resolve_precision
-from attnmt.evaluation import attention_figure, corpus_scores, cross_attention, missing_glyphs_allowed, translate
+from attnmt.evaluation import corpus_scores
+from attnmt.inference import Engine
+from attnmt.inference.native import NativeBackend, cross_attention
 from attnmt.model import Transformer, build_model
+from attnmt.plots import attention_figure, missing_glyphs_allowed
 from attnmt.tokenizer import PAD_ID, Tokenizer, saved_fingerprint, tokenizer_settings
 
 logger = logging.getLogger(__name__)
@@ -81,6 +84,10 @@ def check_config(model: ModelConfig, optim: OptimConfig, train: TrainConfig, max
             f"model.d_model={model.d_model} is not divisible by model.n_heads={model.n_heads}; "
             f"choose n_heads among the divisors of {model.d_model}"
         )
+    for key in ("dropout", "attention_dropout", "activation_dropout"):
+        value = getattr(model, key)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ConfigError(f"model.{key}={value} must be in [0, 1)")
     if max_sentence_tokens is not None and train.max_tokens < max_sentence_tokens:
         raise ConfigError(
             f"train.max_tokens={train.max_tokens} is below the longest allowed sentence ({max_sentence_tokens} "
@@ -325,8 +332,8 @@ def validate(model: Transformer, valid: list[ValidSet], tokenizer: Tokenizer, de
              autocast: contextlib.AbstractContextManager, label_smoothing: float, best_metric: str = "mean") -> dict:
     """Loss, NLL and perplexity over every direction's valid batches, and each direction's BLEU/chrF.
 
-    The translations and their scores come from :func:`~attnmt.evaluation.translate` and
-    :func:`~attnmt.evaluation.corpus_scores` with ``decode``, as ``attnmt-evaluate split=valid``
+    The translations and their scores come from the native engine's :meth:`~attnmt.inference.Engine.translate`
+    and :func:`~attnmt.evaluation.corpus_scores` with ``decode``, as ``attnmt-evaluate split=valid``
     computes them, so the BLEU that picks ``best.pt`` is the BLEU that command reports. ``bleu`` and
     ``chrf`` are the mean over directions (``best_metric="mean"``) or one direction's (its name); with
     several directions, ``bleu/NAME`` and ``chrf/NAME`` hold each one's.
@@ -343,9 +350,9 @@ def validate(model: Transformer, valid: list[ValidSet], tokenizer: Tokenizer, de
         nll_sum += nll.item()
         n_tokens += batch.n_tgt_tokens
     scores, examples = {}, []
+    engine = Engine("native", NativeBackend(model), tokenizer)
     for direction in valid:
-        hypotheses = [t.texts[0] for t in translate(model, tokenizer, direction.sources, decode,
-                                                    prefix=direction.prefix)]
+        hypotheses = [t.texts[0] for t in engine.translate(direction.sources, decode, prefix=direction.prefix)]
         scores[direction.name] = corpus_scores(hypotheses, direction.references, direction.tgt_lang)
         examples += list(zip(hypotheses[:3], direction.references[:3]))[: max(1, 3 // len(valid))]
     model.train(was_training)
@@ -443,32 +450,6 @@ def _named(label: str | None, step, *args, **kwargs):
         if label is None:
             raise
         raise DataError(f"{label}: {err}") from None
-
-
-def check_same_tokenizer(state: dict, cfg_tokenizer, path: Path) -> None:
-    """A resumed run keeps its checkpoint's tokenizer: refuse, naming the keys, when the config asks for another."""
-    if cfg_tokenizer.model:
-        return  # a user-supplied model: its settings are whatever that file holds
-    saved, wanted = state["tokenizer"].get("settings") or {}, tokenizer_settings(cfg_tokenizer)
-    changed = [f"data.tokenizer.{k}={wanted[k]!r} (checkpoint: {saved[k]!r})" for k in wanted
-               if k in saved and saved[k] != wanted[k]]
-    if changed:
-        raise ConfigError(f"{path} was trained with another tokenizer: {', '.join(changed)}; resume with the "
-                          f"checkpoint's settings, or start a new run in another train.run_dir")
-
-
-# Keys of ModelConfig that may change between a checkpoint and the run that continues from it.
-_MODEL_KEYS_FREE = ("dropout", "attention_dropout", "src_vocab_size", "tgt_vocab_size", "pad_id")
-
-
-def check_same_model(state: dict, model: ModelConfig, path: Path) -> None:
-    """Refuse, naming the keys, a checkpoint whose model has another shape than ``model``."""
-    saved = state["model_config"]
-    changed = [f"model.{f.name}={getattr(model, f.name)!r} (checkpoint: {saved[f.name]!r})" for f in fields(model)
-               if f.name in saved and f.name not in _MODEL_KEYS_FREE and saved[f.name] != getattr(model, f.name)]
-    if changed:
-        raise ConfigError(f"{path} holds another model: {', '.join(changed)}; use the checkpoint's model settings "
-                          "(e.g. the same model= and experiment=)")
 
 
 def install_stop_handlers() -> tuple[dict, dict]:
@@ -674,13 +655,13 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
     if source is not None:
         checkpoint.require(source, checkpoint.INFERENCE_KEYS, source_path, "train.resume and train.init_from")
         checkpoint.check_known_keys(source, source_path)
-        check_same_model(source, cfg.model, source_path)
+        checkpoint.check_same_model(source, cfg.model, source_path)
     if resumed is not None:
-        check_same_tokenizer(resumed, cfg.data.tokenizer, resume_from)
+        checkpoint.check_same_tokenizer(resumed, cfg.data.tokenizer, resume_from)
 
     # Data and model. Every rank builds the same initial weights from the same seed.
     seed_everything(t.seed)
-    tokenizer = Tokenizer.from_state(source["tokenizer"]) if source is not None else None
+    tokenizer = checkpoint.tokenizer_of(source, source_path) if source is not None else None
     # data.cache_dir=null: a cache in the run directory, which every rank shares and a resumed run finds again.
     data_cfg = cfg.data if cfg.data.cache_dir else replace(cfg.data, cache_dir=str(Path(t.run_dir) / "data-cache"))
     tokenizer, train_ds, mix, valid_sets = prepare_data(data_cfg, Path(t.run_dir) / "tokenizer", tokenizer)
@@ -688,7 +669,7 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
                         pad_id=PAD_ID)
     model = build_model(model_cfg).to(device)
     if init is not None:
-        checkpoint.load_weights(model, init["model"], t.init_from, "the model this run builds (model.* settings)")
+        checkpoint.load_model_weights(model, init, t.init_from, "the model this run builds (model.* settings)")
         logger.info("weights and tokenizer from %s (train.init_from); a fresh optimizer and schedule", t.init_from)
     sampler = TokenBucketSampler(*token_lengths(train_ds), t.max_tokens, shuffle=True, seed=t.seed, rank=info.rank,
                                  world_size=info.world_size, update_freq=t.update_freq, window=t.sort_window,
@@ -813,7 +794,7 @@ def average_last_checkpoints(run: Run) -> dict | None:
         averaged = checkpoint.average_checkpoints(paths, folder / "average.pt")
         saved = checkpoint.load_checkpoint(averaged)
         model = moving_average(state.translation_model)
-        checkpoint.load_weights(model, saved["model"], averaged)
+        checkpoint.load_model_weights(model, saved, averaged)
     except CheckpointError as err:
         raise TrainingError(str(err)) from None
     metrics = validate(model, run.valid, state.tokenizer, t.valid_decode, run.autocast,
@@ -825,8 +806,7 @@ def average_last_checkpoints(run: Run) -> dict | None:
                 " and best.pt" if better else "")
     if better:
         try:
-            saved["metrics"] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            checkpoint.save_checkpoint(saved, folder / "best.pt")
+            checkpoint.save_checkpoint(checkpoint.record_metrics(saved, metrics), folder / "best.pt")
         except CheckpointError as err:
             raise TrainingError(str(err)) from None
     return metrics

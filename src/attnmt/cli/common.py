@@ -14,14 +14,10 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
-if TYPE_CHECKING:
-    from attnmt.config import EvaluateConfig, TranslateConfig
-
 
 log = logging.getLogger(__name__)
 
@@ -172,35 +168,6 @@ def to_config(cfg: DictConfig, required: tuple[str, ...] = ("ckpt",)):
         if OmegaConf.is_missing(cfg, key):
             raise UserError(f"{key}= is required, e.g. {key}=runs/multi30k_de_en/checkpoints/best.pt")
     return OmegaConf.to_object(cfg)
-
-
-def check_engine(cfg: TranslateConfig | EvaluateConfig) -> None:
-    """``engine=`` and ``compute_type=`` of attnmt-translate and attnmt-evaluate that cannot work, with
-    the command's search settings, named."""
-    engine, compute_type = cfg.engine, cfg.compute_type
-    if engine not in ("native", "ctranslate2"):
-        raise UserError(f"engine={engine} is unknown; use native or ctranslate2")
-    if engine == "ctranslate2" and cfg.sampling:
-        raise UserError("sampling=true needs engine=native: its draws are reproducible line by line, "
-                        "CTranslate2's are not")
-    if engine == "ctranslate2" and cfg.beam_stop == "exact" and cfg.beam_size > 1:
-        raise UserError("beam_stop=exact needs engine=native: CTranslate2 stops a sentence once beam_size "
-                        "hypotheses have ended (beam_stop=finished)")
-    if engine == "native" and compute_type != "default":
-        raise UserError(f"compute_type={compute_type} applies to engine=ctranslate2; the native engine computes "
-                        "in float32 on the CPU and bfloat16 on GPUs that support it")
-
-
-def ctranslate2_engine(paths: list, device, compute_type: str):
-    """A :class:`~attnmt.export.ctranslate2.CTranslate2Engine` on the conversion of checkpoint(s) ``paths``
-    (made on first use, then cached beside the last one), on ``device`` (a ``torch.device``)."""
-    try:
-        import ctranslate2  # noqa: F401
-    except ImportError:
-        raise UserError("engine=ctranslate2 needs CTranslate2: pip install 'attnmt[ct2]'") from None
-    from attnmt.export.ctranslate2 import CTranslate2Engine, cached_model
-
-    return CTranslate2Engine(cached_model(paths), device.type, device.index or 0, compute_type)
 
 
 def take_arguments(argv: list[str], prefix: str) -> tuple[list[str], list[str]]:

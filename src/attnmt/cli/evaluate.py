@@ -12,28 +12,26 @@ import json
 import logging
 import sys
 import time
-from functools import partial
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from attnmt.checkpoint import CheckpointError, load_for_inference
-from attnmt.cli.common import (
-    UserError, check_engine, ctranslate2_engine, run_command, setup_logging, take_arguments, to_config,
-)
+from attnmt.checkpoint import CheckpointError, run_config
+from attnmt.cli.common import UserError, run_command, setup_logging, take_arguments, to_config
 from attnmt.config import ConfigError, EvaluateConfig, config_dir, register_configs, trained_data_config
 from attnmt.data import DataError, direction, load_references, load_split, read_lines
 from attnmt.device import resolve_device
-from attnmt.evaluation import corpus_scores, target_prefix, translate
+from attnmt.evaluation import corpus_scores
 from attnmt.export import ExportError
+from attnmt.inference import open_engine
 from attnmt.tokenizer import TokenizerError
 
 log = logging.getLogger("attnmt.evaluate")
 
 
-def test_set(cfg: EvaluateConfig, run_config: dict, data_overrides: list[str],
+def test_set(cfg: EvaluateConfig, trained_config: dict, data_overrides: list[str],
              ) -> tuple[list[str], list[str], str, tuple[str | None, str | None]]:
     """Sources, raw references, a name for the summary, and the direction (source and target
     language, None where unknown).
@@ -42,7 +40,7 @@ def test_set(cfg: EvaluateConfig, run_config: dict, data_overrides: list[str],
     own data config when a ``split`` is evaluated; ``src_lang``/``tgt_lang`` pick the split's
     direction where the config has several.
     """
-    trained = run_config["data"]
+    trained = trained_config["data"]
     if cfg.split is None:
         if cfg.src is None or cfg.ref is None:
             raise UserError("give src=FILE and ref=FILE, or split=NAME (a split of the checkpoint's data config)")
@@ -70,24 +68,17 @@ def test_set(cfg: EvaluateConfig, run_config: dict, data_overrides: list[str],
 
 def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
     cfg.check()
-    check_engine(cfg)
     device = resolve_device(cfg.device, key="device")
     paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
-    if cfg.engine == "ctranslate2":
-        engine = ctranslate2_engine(paths, device, cfg.compute_type)
-        translate_lines, tokenizer, run_config = engine.translate, engine.tokenizer, engine.run_config
-    else:
-        model, tokenizer, run_config = load_for_inference(paths, device)
-        translate_lines = partial(translate, model, tokenizer)
-    sources, references, name, (src_lang, tgt_lang) = test_set(cfg, run_config, data_overrides)
+    sources, references, name, (src_lang, tgt_lang) = test_set(cfg, run_config(paths[-1]), data_overrides)
     if not sources:
         raise UserError(f"{name} has no lines to evaluate")
-    prefix = target_prefix(tokenizer, run_config, tgt_lang, src_lang)
+    engine = open_engine(cfg, paths, device, src_lang=src_lang, tgt_lang=tgt_lang)
     pair = f"{src_lang or '?'}-{tgt_lang or '?'}"
 
     start = time.perf_counter()
     with tqdm(total=len(sources), unit="sent", desc="translating", file=sys.stderr, disable=None) as bar:
-        translations = translate_lines(sources, cfg, on_batch=bar.update, prefix=prefix)
+        translations = engine.translate(sources, cfg, on_batch=bar.update)
     seconds = time.perf_counter() - start
     hypotheses = [t.texts[0] for t in translations]
     if cfg.hyp is not None:

@@ -10,22 +10,19 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from attnmt.checkpoint import CheckpointError, load_for_inference
+from attnmt.checkpoint import CheckpointError
 from attnmt.cli.common import (
-    UserError, available_chunks, check_engine, compose_cli, ctranslate2_engine, exit_at_once, iter_lines, open_input,
-    run_command, setup_logging, take_arguments, to_config,
+    UserError, available_chunks, compose_cli, exit_at_once, iter_lines, open_input, run_command, setup_logging,
+    take_arguments, to_config,
 )
 from attnmt.config import ConfigError, TranslateConfig, config_dir
 from attnmt.device import resolve_device
-from attnmt.evaluation import (
-    Translation, attention_figure, cross_attention, encode_sources, missing_glyphs_allowed, target_prefix, translate,
-)
 from attnmt.export import ExportError
+from attnmt.inference import Engine, Translation, encode_sources, open_engine
 from attnmt.tokenizer import EOS_ID, TokenizerError
 
 log = logging.getLogger("attnmt.translate")
@@ -62,13 +59,15 @@ def prompt_lines() -> Iterator[str]:
         yield line.rstrip("\n")
 
 
-def plot_attention(cfg: TranslateConfig, model, tokenizer, line_number: int, line: str, translation: Translation,
-                   prefix: list[int]) -> None:
-    src_ids = encode_sources(tokenizer, [line], model.cfg.max_positions, line_number, prefix)[0]
+def plot_attention(cfg: TranslateConfig, engine: Engine, line_number: int, line: str, translation: Translation) -> None:
+    from attnmt.plots import attention_figure, missing_glyphs_allowed
+
+    tokenizer = engine.tokenizer
+    src_ids = encode_sources(tokenizer, [line], engine.backend.max_positions, line_number, engine.prefix)[0]
     tgt_ids = translation.tokens[0]
     if not src_ids:
         return
-    weights = cross_attention(model, src_ids, tgt_ids, cfg.attention_layer)
+    weights = engine.backend.cross_attention(src_ids, tgt_ids, cfg.attention_layer)
     layer = "mean over layers and heads" if cfg.attention_layer is None else f"layer {cfg.attention_layer}, mean over heads"
     # Labels from the ids the model saw (normalised, truncated), EOS last on both axes.
     fig = attention_figure(weights, tokenizer.src_pieces(src_ids), tokenizer.tgt_pieces(tgt_ids + [EOS_ID]),
@@ -82,9 +81,6 @@ def plot_attention(cfg: TranslateConfig, model, tokenizer, line_number: int, lin
 
 def run(cfg: TranslateConfig) -> None:
     cfg.check()
-    check_engine(cfg)
-    if cfg.attention_plot is not None and cfg.engine != "native":
-        raise UserError(f"attention_plot needs engine=native (engine={cfg.engine} returns no attention weights)")
     if cfg.buffer_lines < 1:
         raise UserError(f"buffer_lines={cfg.buffer_lines} must be at least 1")
     if cfg.attention_plot is not None:
@@ -96,25 +92,21 @@ def run(cfg: TranslateConfig) -> None:
     lines, interactive = input_lines(cfg)
     device = resolve_device(cfg.device, key="device")
     paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
-    if cfg.engine == "ctranslate2":
-        engine = ctranslate2_engine(paths, device, cfg.compute_type)
-        translate_lines, tokenizer, run_config = engine.translate, engine.tokenizer, engine.run_config or {}
-    else:
-        model, tokenizer, run_config = load_for_inference(paths, device)
-        translate_lines = partial(translate, model, tokenizer)
-        if cfg.attention_plot is not None and cfg.attention_layer is not None and not 0 <= cfg.attention_layer < len(model.decoder_layers):
-            raise UserError(f"attention_layer={cfg.attention_layer} is not a layer of this {len(model.decoder_layers)}-layer decoder")
-    prefix = target_prefix(tokenizer, run_config, cfg.tgt_lang, cfg.src_lang)
+    engine = open_engine(cfg, paths, device)
+    if cfg.attention_plot is not None and cfg.attention_layer is not None:
+        layers = len(engine.backend.model.decoder_layers)
+        if not 0 <= cfg.attention_layer < layers:
+            raise UserError(f"attention_layer={cfg.attention_layer} is not a layer of this {layers}-layer decoder")
 
     out = sys.stdout if cfg.output is None else open(cfg.output, "w", encoding="utf-8")
     n_lines = 0
     try:
         for chunk in available_chunks(lines, 1 if interactive else cfg.buffer_lines):
-            translations = translate_lines(chunk, cfg, first_line=n_lines + 1, prefix=prefix)
+            translations = engine.translate(chunk, cfg, first_line=n_lines + 1)
             for offset, (line, translation) in enumerate(zip(chunk, translations)):
                 out.write(format_translation(n_lines + offset, translation, cfg.nbest) + "\n")
                 if cfg.attention_plot is not None:
-                    plot_attention(cfg, model, tokenizer, n_lines + offset + 1, line, translation, prefix)
+                    plot_attention(cfg, engine, n_lines + offset + 1, line, translation)
             out.flush()  # each chunk is out as soon as it is translated
             n_lines += len(chunk)
     finally:

@@ -1,9 +1,11 @@
 """Export a trained model to other inference libraries.
 
-``attnmt.export.ctranslate2`` writes a CTranslate2 model directory (and translates with one: the
-``engine=ctranslate2`` of ``attnmt-translate`` and ``attnmt-evaluate``); ``attnmt.export.hf`` writes
-a folder that ``transformers`` loads with ``AutoModelForSeq2SeqLM`` and ``AutoTokenizer``. Each
-imports its library only when called, so ``import attnmt.export`` stays cheap.
+``attnmt.export.ctranslate2`` writes a CTranslate2 model directory; ``attnmt.export.hf`` writes a
+folder that ``transformers`` loads with ``AutoModelForSeq2SeqLM`` and ``AutoTokenizer``. Only writers
+live here: the engines that translate with these libraries are in :mod:`attnmt.inference`. Each
+imports its library only when called, so ``import attnmt.export`` stays cheap. Each lists the model
+options it expresses (``EXPRESSIBLE``), and :func:`check_model_options` refuses any other in one line
+before anything is converted.
 
 Both write their output directory atomically (:func:`write_directory`): a crash never leaves a
 half-written model where a complete one is expected.
@@ -14,12 +16,50 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import fields
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from attnmt.config import ModelConfig
 
 
 class ExportError(ValueError):
     """A model or an export request that cannot work; the message names the option or path and what to do."""
+
+
+# The model options the exporters were written for. A model option added later is missing here, and
+# check_model_options refuses it until its conversion is written and it is listed.
+CONVERTED_OPTIONS = (
+    "d_model", "n_heads", "ffn_dim", "encoder_layers", "decoder_layers", "activation", "norm_first", "positions",
+    "max_positions", "share_embeddings", "tie_output", "src_vocab_size", "tgt_vocab_size", "pad_id",
+    "dropout", "attention_dropout", "activation_dropout",  # training only: nothing to convert
+)
+
+
+def check_model_options(cfg: ModelConfig, expressible: Mapping[str, tuple | None], target: str) -> None:
+    """Refuse, in one line, a model whose options ``target`` cannot express, before any weight is read.
+
+    Args:
+        cfg: the model's config.
+        expressible: every model option the exporter handles, with the values it can express (None:
+            any value). A model option missing from it (one added to attnmt after the exporter was
+            written) is refused, not converted wrongly.
+        target: the ``to=`` value, for the message.
+
+    Raises:
+        ExportError: the first option it cannot express.
+    """
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name not in expressible:
+            raise ExportError(f"model.{f.name}={value!r}: attnmt-export to={target} does not convert this option; "
+                              "translate with engine=native, or use an attnmt version whose exporter handles it")
+        accepted = expressible[f.name]
+        if accepted is not None and value not in accepted:
+            raise ExportError(f"model.{f.name}={value!r}: to={target} expresses {', '.join(map(repr, accepted))} only; "
+                              "translate with engine=native")
 
 
 def write_directory(out: str | Path, fill: Callable[[Path], None]) -> Path:

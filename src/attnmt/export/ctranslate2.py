@@ -1,4 +1,4 @@
-"""CTranslate2: convert a model into a CTranslate2 model directory, and translate with one.
+"""CTranslate2: convert a model into a CTranslate2 model directory.
 
 The conversion fills ``ctranslate2.specs.TransformerSpec`` from the model's weights. Every attnmt
 model option has an exact CTranslate2 equivalent:
@@ -24,33 +24,28 @@ A model directory holds::
     README.md                                 how to run it
 
 ``engine=ctranslate2`` of ``attnmt-translate`` / ``attnmt-evaluate`` converts a checkpoint on first
-use into such a directory beside it (:func:`cached_model`) and translates with
-:class:`CTranslate2Engine`, which keeps attnmt's command-line contract.
+use into such a directory beside it and translates with it (:mod:`attnmt.inference.ctranslate2`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import logging
-import math
-import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from attnmt.config import DecodeConfig, ModelConfig
-from attnmt.decoding import Hypothesis, length_penalty, max_length
-from attnmt.batching import length_batches
-from attnmt.evaluation import Translation, encode_sources, translations
-from attnmt.export import ExportError, check_new_directory, checkpoint_hash, write_directory
+from attnmt.config import ModelConfig
+from attnmt.export import (
+    CONVERTED_OPTIONS, ExportError, check_model_options, check_new_directory, checkpoint_hash, write_directory,
+)
 from attnmt.model import Transformer
 from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
-log = logging.getLogger(__name__)
-
+# The values of each model option CTranslate2 expresses exactly (None: any); check_model_options
+# refuses an option that is not listed (one added to the model after this conversion was written).
+EXPRESSIBLE = {**dict.fromkeys(CONVERTED_OPTIONS), "activation": ("relu", "gelu"), "pad_id": (PAD_ID,)}
 FORMAT = "attnmt-ctranslate2-1"  # part of the cache key: a change of the conversion invalidates caches
 META_FILE = "attnmt.json"
 JOINT_SPM, SOURCE_SPM, TARGET_SPM = "sentencepiece.model", "source.model", "target.model"
@@ -86,10 +81,15 @@ def _set_ffn(spec, ffn, norm: torch.nn.LayerNorm) -> None:
 
 
 def model_spec(model: Transformer, tokenizer: Tokenizer):
-    """The ``ctranslate2.specs.TransformerSpec`` of ``model`` with ``tokenizer``'s vocabularies (not validated yet)."""
+    """The ``ctranslate2.specs.TransformerSpec`` of ``model`` with ``tokenizer``'s vocabularies (not validated yet).
+
+    Raises:
+        ExportError: a model option CTranslate2 cannot express (:data:`EXPRESSIBLE`).
+    """
     from ctranslate2.specs import common_spec, transformer_spec
 
     cfg = model.cfg
+    check_model_options(cfg, EXPRESSIBLE, "ctranslate2")
     activations = {"relu": common_spec.Activation.RELU, "gelu": common_spec.Activation.GELU}
     spec = transformer_spec.TransformerSpec.from_config(
         (cfg.encoder_layers, cfg.decoder_layers), cfg.n_heads, pre_norm=cfg.norm_first,
@@ -151,7 +151,7 @@ def export(model: Transformer, tokenizer: Tokenizer, out: str | Path, quantizati
         raise ExportError(f"quantization={quantization} is not a CTranslate2 weight type; use one of "
                           f"{', '.join(ACCEPTED_MODEL_TYPES)} (or leave it out for float32)")
     check_new_directory(out)
-    spec = model_spec(model, tokenizer)
+    spec = model_spec(model, tokenizer)  # refuses an option it cannot express before anything is written
     spec.validate()
     spec.optimize(quantization=quantization)
     models = tokenizer.to_state()["models"]
@@ -213,173 +213,3 @@ print([target_sp.decode(result.hypotheses[0]) for result in results])
 Or through attnmt, with its command-line contract: `attnmt-translate ckpt=CHECKPOINT engine=ctranslate2`.
 CTranslate2 ranks beams by log P / length ** len_penalty; attnmt by GNMT's ((5 + length) / 6) ** len_penalty.
 {tagged}"""
-
-
-def cached_model(paths: Sequence[str | Path]) -> Path:
-    """The CTranslate2 directory of the checkpoint(s) ``paths`` (weights averaged when several), converted
-    on first use into ``<last checkpoint>.ct2-<key>/`` beside the last one.
-
-    The key is a hash of the checkpoint files' contents and of the conversion's format, so a
-    retrained or overwritten checkpoint gets a new conversion. The directory is written atomically
-    (:func:`attnmt.export.write_directory`): an interrupted conversion leaves no half directory.
-
-    Raises:
-        CheckpointError: a checkpoint is missing or unreadable.
-        ExportError: the directory beside the checkpoint cannot be written.
-    """
-    from attnmt.checkpoint import CheckpointError, load_for_inference
-
-    paths = [Path(p) for p in paths]
-    for path in paths:
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint {path} does not exist")
-    digest = checkpoint_hash(paths)
-    key = hashlib.sha256(f"{FORMAT}:{digest}".encode()).hexdigest()[:16]
-    out = paths[-1].with_name(f"{paths[-1].name}.ct2-{key}")
-    if out.exists():
-        why = _conversion_problem(out, digest)
-        if why is None:
-            return out
-        log.warning("the cached CTranslate2 conversion %s %s; converting again", out, why)
-        try:
-            shutil.rmtree(out)
-        except PermissionError as err:
-            raise ExportError(f"the cached CTranslate2 conversion {out} {why}, and cannot be removed ({err.strerror}); "
-                              "remove it, or export elsewhere with attnmt-export to=ctranslate2") from None
-    model, tokenizer, run_config = load_for_inference(paths, "cpu")
-    log.info("converting %s to CTranslate2 into %s (once per checkpoint)", ", ".join(map(str, paths)), out)
-    try:
-        return export(model, tokenizer, out, checkpoints=paths, run_config=run_config)
-    except PermissionError as err:
-        raise ExportError(f"cannot write the CTranslate2 conversion beside the checkpoint, in {out.parent} "
-                          f"({err.strerror}); export it elsewhere with attnmt-export to=ctranslate2") from None
-
-
-def _conversion_problem(out: Path, digest: str) -> str | None:
-    """Why the conversion directory ``out`` cannot be used for the checkpoint(s) of SHA-256 ``digest``
-    (another checkpoint's, a file missing or cut), or None when it holds what its ``attnmt.json`` lists."""
-    try:
-        meta = json.loads((out / META_FILE).read_text())
-        files = dict(meta["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"has no readable {META_FILE} listing its files (cut short, or converted by an older attnmt)"
-    if meta.get("checkpoint_sha256") != digest:
-        return "was converted from another checkpoint"
-    for name, size in files.items():
-        path = out / name
-        if not path.is_file():
-            return f"lacks {name}"
-        if path.stat().st_size != size:
-            return f"has a {name} of {path.stat().st_size} bytes where {size} were written"
-    return None
-
-
-def search_options(cfg: DecodeConfig, limit: int, suppress: list[list[str]]) -> dict:
-    """``Translator.translate_batch`` options for attnmt's search settings, for a batch whose longest
-    length limit (:func:`attnmt.decoding.max_length`) is ``limit`` tokens.
-
-    CTranslate2 has one ``max_decoding_length`` per call, counting EOS, and keeps a last token that
-    is not EOS where attnmt forces EOS; allowing ``limit + 1`` and cutting each output to its own
-    limit gives attnmt's greedy result exactly. With a length penalty every finished beam is
-    returned, to be ranked by attnmt's penalty (:meth:`CTranslate2Engine.hypotheses`). Greedy search
-    asks for no scores (attnmt's greedy search has none either): CTranslate2 then picks each token by
-    its logit and skips a log_softmax over the vocabulary at every step.
-    """
-    rescore = cfg.beam_size > 1 and cfg.len_penalty != 0
-    greedy = cfg.beam_size == 1 and cfg.nbest == 1
-    return dict(
-        beam_size=cfg.beam_size,
-        num_hypotheses=cfg.beam_size if rescore else cfg.nbest,
-        length_penalty=cfg.len_penalty,
-        max_decoding_length=limit + 1,
-        min_decoding_length=min(cfg.min_len, limit + 1),
-        max_input_length=0,  # attnmt truncated the source already, to the model's positions
-        suppress_sequences=suppress,
-        return_scores=not greedy,
-        return_end_token=True,
-    )
-
-
-class CTranslate2Engine:
-    """A CTranslate2 model directory loaded for translation: :meth:`translate` does what
-    :func:`attnmt.evaluation.translate` does (same normalisation, truncation, batching, length limits,
-    output order and n-best lists), with CTranslate2 searching.
-
-    Args:
-        model_dir: a directory written by :func:`export` or :func:`cached_model`.
-        device: ``cpu``, ``cuda`` or ``auto``.
-        device_index: the GPU's index.
-        compute_type: CTranslate2's ``compute_type``: ``default`` (the weights' type), ``auto``,
-            ``int8``, ``int8_float32``, ``float16``, ``bfloat16``, ``float32``, ...
-        threads: OpenMP threads (``intra_threads``); 0 = CTranslate2's default.
-
-    Raises:
-        ExportError: ``compute_type`` is unknown or not supported on the device.
-    """
-
-    def __init__(self, model_dir: str | Path, device: str = "cpu", device_index: int = 0,
-                 compute_type: str = "default", threads: int = 0) -> None:
-        import ctranslate2
-
-        model_dir = Path(model_dir)
-        meta = json.loads((model_dir / META_FILE).read_text())
-        self.max_positions = meta["model_config"]["max_positions"]
-        self.run_config = meta["config"]  # the checkpoint's (model, data, optim, train), or None
-        settings = meta.get("tokenizer_settings")
-        if (model_dir / JOINT_SPM).is_file():
-            self.tokenizer = Tokenizer((model_dir / JOINT_SPM).read_bytes(), None, settings)
-        else:
-            self.tokenizer = Tokenizer((model_dir / SOURCE_SPM).read_bytes(), (model_dir / TARGET_SPM).read_bytes(),
-                                       settings)
-        try:
-            self.translator = ctranslate2.Translator(str(model_dir), device=device, device_index=device_index,
-                                                     compute_type=compute_type, intra_threads=threads)
-        except ValueError as err:
-            raise ExportError(f"compute_type={compute_type} on {device}: {err}; use default, auto, int8, "
-                              "int8_float32, float32, or (on a GPU) float16, bfloat16, int8_float16") from None
-        self.suppress = [[piece] for piece in self.tokenizer.tgt_pieces([PAD_ID, BOS_ID])]
-        self._eos = self.tokenizer.tgt_pieces([EOS_ID])[0]
-
-    def translate(self, lines: list[str], cfg: DecodeConfig, first_line: int = 1,
-                  on_batch: Callable[[int], None] | None = None, prefix: Sequence[int] = ()) -> list[Translation]:
-        """Translate ``lines``; one :class:`~attnmt.evaluation.Translation` per line, in input order.
-
-        Args:
-            lines: raw source sentences.
-            cfg: search and batching settings (see :func:`search_options` for how they map).
-            first_line: the line number of ``lines[0]`` in its file, for warnings.
-            on_batch: called with the number of sentences of each decoded batch (progress bars).
-            prefix: tag ids put before every source (:func:`attnmt.evaluation.target_prefix`).
-        """
-        if cfg.beam_stop == "exact" and cfg.beam_size > 1:
-            raise ValueError("beam_stop=exact needs attnmt's own search: CTranslate2 stops a sentence once "
-                             "beam_size hypotheses have ended (beam_stop=finished)")
-        sources = encode_sources(self.tokenizer, lines, self.max_positions, first_line, prefix)
-        hypotheses: list[list[Hypothesis]] = [[] for _ in lines]
-        for batch in length_batches([len(s) for s in sources], cfg.max_tokens):
-            limits = [max_length(len(sources[i]), cfg.max_len_a, cfg.max_len_b, self.max_positions) for i in batch]
-            # CTranslate2 appends </s> itself (add_source_eos).
-            pieces = [self.tokenizer.src_pieces(sources[i][:-1]) for i in batch]
-            results = self.translator.translate_batch(pieces, **search_options(cfg, max(limits), self.suppress))
-            for i, limit, result in zip(batch, limits, results):
-                hypotheses[i] = self.hypotheses(result, limit, cfg)
-            if on_batch is not None:
-                on_batch(len(batch))
-        return translations(self.tokenizer, hypotheses, cfg.nbest)
-
-    def hypotheses(self, result, limit: int, cfg: DecodeConfig) -> list[Hypothesis]:
-        """attnmt's hypotheses, best first, from one ``TranslationResult`` (pieces with their EOS).
-
-        Each output is cut to the sentence's own ``limit``. CTranslate2 scores log P / length **
-        alpha, its length counting EOS; the score is turned back into log P and divided by GNMT's
-        penalty of the same length instead, as attnmt ranks and reports hypotheses. Greedy search
-        returns no score: NaN, as attnmt's own greedy search.
-        """
-        scores = result.scores or [math.nan] * len(result.hypotheses)  # greedy asks for none
-        ranked = sorted(((score * len(pieces) ** cfg.len_penalty / length_penalty(len(pieces), cfg.len_penalty), pieces)
-                         for pieces, score in zip(result.hypotheses, scores)), key=lambda h: h[0], reverse=True)
-        hyps = []
-        for score, pieces in ranked[: cfg.nbest]:  # only those returned are turned into ids
-            ended = bool(pieces) and pieces[-1] == self._eos
-            hyps.append(Hypothesis(self.tokenizer.tgt_piece_ids(pieces[:-1] if ended else pieces)[:limit], score))
-        return hyps

@@ -31,14 +31,18 @@ from pathlib import Path
 
 import torch
 
-from attnmt.config import DecodeConfig, ModelConfig
-from attnmt.decoding import max_length
-from attnmt.export import ExportError, check_new_directory, write_directory
+from attnmt.config import ModelConfig
+from attnmt.export import CONVERTED_OPTIONS, ExportError, check_model_options, check_new_directory, write_directory
 from attnmt.model import Transformer
 from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 # Characters str.split() splits at: attnmt.tokenizer.normalize collapses runs of these.
 _WHITESPACE = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
+
+
+# The values of each model option M2M100 or Marian express (None: any; positions and norm_first are
+# checked together by architecture()); check_model_options refuses an option that is not listed.
+EXPRESSIBLE = {**dict.fromkeys(CONVERTED_OPTIONS), "activation": ("relu", "gelu"), "pad_id": (PAD_ID,)}
 
 
 def architecture(cfg: ModelConfig, tokenizer: Tokenizer) -> str:
@@ -47,6 +51,7 @@ def architecture(cfg: ModelConfig, tokenizer: Tokenizer) -> str:
     Raises:
         ExportError: one line naming the option that has no exact equivalent, and what to do.
     """
+    check_model_options(cfg, EXPRESSIBLE, "hf")
     if not tokenizer.joint:
         raise ExportError("data.tokenizer.joint=false: a transformers tokenizer holds one vocabulary, this model "
                           "has one per language; export it to=ctranslate2 or train with a joint tokenizer")
@@ -71,7 +76,7 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer):
         d_model=cfg.d_model, encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
         encoder_attention_heads=cfg.n_heads, decoder_attention_heads=cfg.n_heads,
         encoder_ffn_dim=cfg.ffn_dim, decoder_ffn_dim=cfg.ffn_dim, activation_function=cfg.activation,
-        dropout=cfg.dropout, attention_dropout=cfg.attention_dropout, activation_dropout=cfg.dropout,
+        dropout=cfg.dropout, attention_dropout=cfg.attention_dropout, activation_dropout=cfg.dropout if cfg.activation_dropout is None else cfg.activation_dropout,
         encoder_layerdrop=0.0, decoder_layerdrop=0.0, max_position_embeddings=cfg.max_positions,
         scale_embedding=True, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
         decoder_start_token_id=BOS_ID, forced_eos_token_id=None,
@@ -269,39 +274,3 @@ The logits equal attnmt's. `generate()` limits lengths by `max_length` (or `max_
 attnmt's `1.5 * source tokens + 10`, and its beam search ranks by log P / length ** length_penalty
 rather than GNMT's penalty.
 """
-
-
-@torch.inference_mode()
-def translate(hf, hf_tok, lines: list[str], cfg: DecodeConfig) -> list[str]:
-    """What attnmt would print for ``lines``, computed by an exported folder's model and tokenizer.
-
-    Lines are batched as :func:`attnmt.evaluation.translate` batches them (sorted by length, at most
-    ``cfg.max_tokens`` source tokens) and searched by ``hf.generate``: greedy for ``beam_size=1``,
-    else beam search with ``len_penalty`` as transformers' length penalty. Each output is cut to
-    attnmt's length limit of its sentence (``generate`` has one limit per batch); an empty line
-    gives an empty line. Only the best hypothesis is returned.
-
-    Args:
-        hf: the ``AutoModelForSeq2SeqLM`` of an exported folder.
-        hf_tok: its ``AutoTokenizer``.
-        lines: raw source sentences.
-        cfg: search and batching settings.
-    """
-    from attnmt.batching import length_batches
-
-    max_positions = hf.config.max_position_embeddings
-    # The tokenizer appends </s>; attnmt keeps it when it truncates to the positions, and leaves empty lines out.
-    sources = [ids[:-1][: max_positions - 1] + [EOS_ID] if ids != [EOS_ID] else [] for ids in hf_tok(lines)["input_ids"]]
-    outputs = [""] * len(lines)
-    for batch in length_batches([len(s) for s in sources], cfg.max_tokens):
-        limits = [max_length(len(sources[i]), cfg.max_len_a, cfg.max_len_b, max_positions) for i in batch]
-        width = max(len(sources[i]) for i in batch)
-        input_ids = torch.tensor([sources[i] + [PAD_ID] * (width - len(sources[i])) for i in batch])
-        input_ids = input_ids.to(hf.device)
-        generated = hf.generate(input_ids=input_ids, attention_mask=input_ids != PAD_ID, num_beams=cfg.beam_size,
-                                length_penalty=cfg.len_penalty, max_length=None, max_new_tokens=max(limits) + 1,
-                                min_new_tokens=min(cfg.min_len, max(limits) + 1))
-        for i, limit, row in zip(batch, limits, generated[:, 1:].tolist()):  # [:, 1:]: without <s>
-            tokens = row[: row.index(EOS_ID)] if EOS_ID in row else row
-            outputs[i] = hf_tok.decode(tokens[:limit], skip_special_tokens=True)
-    return outputs

@@ -139,8 +139,9 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.cross = cross
         self.q_proj = Linear(d_model, d_model)
-        # Self-attention projects q, k, v from the same input in one matmul; cross-attention
-        # projects k, v from the memory (once per source batch when decoding with a cache).
+        # Two matmuls, for self- and cross-attention alike: q from the queries' input, and k and v
+        # together from the keys' input (for cross-attention the memory, projected once per source
+        # batch when decoding with a cache). CTranslate2's conversion fuses them into one q, k, v matrix.
         self.kv_proj = Linear(d_model, 2 * d_model)
         self.out_proj = Linear(d_model, d_model)
 

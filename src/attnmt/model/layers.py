@@ -51,10 +51,10 @@ class EncoderLayer(nn.Module):
     """Self-attention over the source, then feed-forward."""
 
     def __init__(self, d_model: int, n_heads: int, ffn_dim: int, dropout: float, attention_dropout: float,
-                 activation: str, norm_first: bool) -> None:
+                 activation_dropout: float, activation: str, norm_first: bool) -> None:
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, n_heads, attention_dropout)
-        self.ffn = FeedForward(d_model, ffn_dim, activation, dropout)
+        self.ffn = FeedForward(d_model, ffn_dim, activation, activation_dropout)
         self.attn_block = _Residual(d_model, dropout, norm_first)
         self.ffn_block = _Residual(d_model, dropout, norm_first)
 
@@ -68,11 +68,11 @@ class DecoderLayer(nn.Module):
     """Causal self-attention over the target, cross-attention to the source memory, feed-forward."""
 
     def __init__(self, d_model: int, n_heads: int, ffn_dim: int, dropout: float, attention_dropout: float,
-                 activation: str, norm_first: bool) -> None:
+                 activation_dropout: float, activation: str, norm_first: bool) -> None:
         super().__init__()
         self.self_attn = MultiHeadAttention(d_model, n_heads, attention_dropout)
         self.cross_attn = MultiHeadAttention(d_model, n_heads, attention_dropout, cross=True)
-        self.ffn = FeedForward(d_model, ffn_dim, activation, dropout)
+        self.ffn = FeedForward(d_model, ffn_dim, activation, activation_dropout)
         self.self_block = _Residual(d_model, dropout, norm_first)
         self.cross_block = _Residual(d_model, dropout, norm_first)
         self.ffn_block = _Residual(d_model, dropout, norm_first)

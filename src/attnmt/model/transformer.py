@@ -109,7 +109,9 @@ class Transformer(nn.Module):
         src_tokens = tgt_tokens if cfg.share_embeddings else nn.Embedding(cfg.src_vocab_size, cfg.d_model, padding_idx=cfg.pad_id)
         self.src_embed = Embedding(src_tokens, cfg)
         self.tgt_embed = Embedding(tgt_tokens, cfg)
-        layer_args = (cfg.d_model, cfg.n_heads, cfg.ffn_dim, cfg.dropout, cfg.attention_dropout, cfg.activation, cfg.norm_first)
+        activation_dropout = cfg.dropout if cfg.activation_dropout is None else cfg.activation_dropout
+        layer_args = (cfg.d_model, cfg.n_heads, cfg.ffn_dim, cfg.dropout, cfg.attention_dropout, activation_dropout,
+                      cfg.activation, cfg.norm_first)
         self.encoder_layers = nn.ModuleList(EncoderLayer(*layer_args) for _ in range(cfg.encoder_layers))
         self.decoder_layers = nn.ModuleList(DecoderLayer(*layer_args) for _ in range(cfg.decoder_layers))
         # Pre-norm leaves the residual stream un-normalised: each stack ends with a LayerNorm.

@@ -1,0 +1,64 @@
+"""``engine=native``: attnmt's own search (:mod:`attnmt.decoding`) on the checkpoint's model, fp32 on
+the CPU and bf16 on GPUs that support it; the one engine that runs every strategy, ``beam_stop=exact``
+and cross-attention maps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from attnmt.batching import pad
+from attnmt.config import DecodeConfig
+from attnmt.decoding import STRATEGIES, Hypothesis, search
+from attnmt.device import autocast, inference_dtype
+from attnmt.inference import Capabilities
+from attnmt.model import Transformer
+from attnmt.tokenizer import BOS_ID, Tokenizer
+
+CAPABILITIES = Capabilities(strategies=frozenset(s.name for s in STRATEGIES), exact_stop=True, nbest=True,
+                            attention=True, compute_type=False)
+
+
+class NativeBackend:
+    """attnmt's search on ``model`` (in eval mode, on its device)."""
+
+    capabilities = CAPABILITIES
+
+    def __init__(self, model: Transformer) -> None:
+        self.model = model
+        self.max_positions = model.cfg.max_positions
+
+    @torch.inference_mode()
+    def search(self, sources: list[list[int]], line_numbers: list[int], cfg: DecodeConfig) -> list[list[Hypothesis]]:
+        device = next(self.model.parameters()).device
+        src_tokens, src_mask = (t.to(device) for t in pad(sources))
+        with autocast(device, inference_dtype(device)):
+            return search(self.model, src_tokens, src_mask, cfg, torch.tensor(line_numbers, device=device))
+
+    @torch.inference_mode()
+    def cross_attention(self, src_ids: list[int], tgt_ids: list[int], layer: int | None = None) -> Tensor:
+        """Cross-attention map (T, S) of one sentence pair, averaged over heads and over all layers
+        (``layer=None``) or taken from one layer. Rows are the predicted target tokens (EOS last),
+        columns the source tokens (EOS last)."""
+        return cross_attention(self.model, src_ids, tgt_ids, layer)
+
+
+@torch.inference_mode()
+def cross_attention(model: Transformer, src_ids: list[int], tgt_ids: list[int], layer: int | None = None) -> Tensor:
+    """:meth:`NativeBackend.cross_attention` of ``model`` (validation draws its maps with it too)."""
+    device = next(model.parameters()).device
+    src_tokens, src_mask = (t.to(device) for t in pad([src_ids]))
+    tgt_in = torch.tensor([[BOS_ID, *tgt_ids]], device=device)
+    weights = model.cross_attention_weights(tgt_in, model.encode(src_tokens, src_mask), src_mask)  # (L, 1, H, T, S)
+    weights = weights[:, 0].float().mean(dim=1)  # (L, T, S)
+    return (weights.mean(dim=0) if layer is None else weights[layer]).cpu()
+
+
+def open_backend(paths: Sequence, device: torch.device, compute_type: str) -> tuple[NativeBackend, Tokenizer, dict]:
+    """The backend on checkpoint(s) ``paths`` (weights averaged when several), with its tokenizer and run config."""
+    from attnmt.checkpoint import load_for_inference
+
+    model, tokenizer, run_config = load_for_inference(list(paths), device)
+    return NativeBackend(model), tokenizer, run_config

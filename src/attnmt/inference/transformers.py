@@ -1,0 +1,69 @@
+"""``engine=transformers``: ``generate()`` of the transformers model that ``attnmt-export to=hf`` would
+write (M2M100 for pre-norm, Marian for post-norm), converted in memory; its logits equal attnmt's.
+
+It runs greedy and beam search, one translation per line. ``generate()`` stops a sentence once
+``beam_size`` hypotheses have ended and ranks beams by log P / length ** ``len_penalty`` (attnmt: GNMT's
+penalty), so beam search may pick another hypothesis than attnmt's; greedy search gives attnmt's
+output. Each output is cut to attnmt's length limit of its sentence (``generate()`` has one limit per
+batch). For a model of another shape :func:`attnmt.export.hf.architecture` refuses in one line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from attnmt.config import DecodeConfig
+from attnmt.decoding import Hypothesis, max_length
+from attnmt.inference import Capabilities
+from attnmt.tokenizer import EOS_ID, PAD_ID, Tokenizer
+
+CAPABILITIES = Capabilities(strategies=frozenset({"greedy", "beam"}), exact_stop=False, nbest=False, attention=False,
+                            compute_type=False)
+
+
+class TransformersBackend:
+    """``generate()`` of a transformers ``AutoModelForSeq2SeqLM`` whose ids are attnmt's (an exported
+    folder's model, or :func:`attnmt.export.hf.hf_model`)."""
+
+    capabilities = CAPABILITIES
+
+    def __init__(self, hf_model) -> None:
+        self.hf = hf_model.eval()
+        self.max_positions = hf_model.config.max_position_embeddings
+
+    @torch.inference_mode()
+    def search(self, sources: list[list[int]], line_numbers: list[int], cfg: DecodeConfig) -> list[list[Hypothesis]]:
+        limits = [max_length(len(source), cfg.max_len_a, cfg.max_len_b, self.max_positions) for source in sources]
+        width = max(len(source) for source in sources)
+        input_ids = torch.tensor([source + [PAD_ID] * (width - len(source)) for source in sources], device=self.hf.device)
+        generated = self.hf.generate(input_ids=input_ids, attention_mask=input_ids != PAD_ID, num_beams=cfg.beam_size,
+                                     length_penalty=cfg.len_penalty, max_length=None, max_new_tokens=max(limits) + 1,
+                                     min_new_tokens=min(cfg.min_len, max(limits) + 1))
+        hypotheses = []
+        for limit, row in zip(limits, generated[:, 1:].tolist()):  # [:, 1:]: without <s>
+            tokens = row[: row.index(EOS_ID)] if EOS_ID in row else row
+            hypotheses.append([Hypothesis(tokens[:limit], math.nan)])
+        return hypotheses
+
+
+def open_backend(paths: Sequence, device: torch.device, compute_type: str) -> tuple[TransformersBackend, Tokenizer, dict]:
+    """The backend on checkpoint(s) ``paths`` (weights averaged when several), converted in memory.
+
+    Raises:
+        ConfigError: transformers is not installed.
+        ExportError: the model has an option transformers cannot express (:func:`attnmt.export.hf.architecture`).
+    """
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        from attnmt.config import ConfigError
+
+        raise ConfigError("engine=transformers needs transformers: pip install 'attnmt[hf]'") from None
+    from attnmt.checkpoint import load_for_inference
+    from attnmt.export.hf import hf_model
+
+    model, tokenizer, run_config = load_for_inference(list(paths), "cpu")
+    return TransformersBackend(hf_model(model, tokenizer).to(device)), tokenizer, run_config
