@@ -75,8 +75,8 @@ def train(name: str, work: Path, steps: int, *overrides: str, extra: list[str]) 
     best = run_dir / "checkpoints" / "best.pt"
     last = run_dir / "checkpoints" / "last.pt"
     if last.is_file() and json.loads(run([sys.executable, "-c", (
-            "import json, sys; from attnmt.checkpoint import load_checkpoint; "
-            "print(json.dumps(load_checkpoint(sys.argv[1])['step']))"), str(last)])) >= steps:
+            "import json, sys; from attnmt.checkpoint import step_of; "
+            "print(json.dumps(step_of(sys.argv[1])))"), str(last)])) >= steps:
         return best
     run([sys.executable, "-m", "attnmt.cli.train", "experiment=quickstart", *without_keys(MEASURED_WITH, extra),
          f"train.run_dir={run_dir}", f"train.max_steps={steps}", f"data.cache_dir={work / 'cache'}",

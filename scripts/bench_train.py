@@ -85,7 +85,7 @@ def build_hf_model(cfg: ModelConfig) -> nn.Module:
         encoder_attention_heads=cfg.n_heads, decoder_attention_heads=cfg.n_heads,
         encoder_ffn_dim=cfg.ffn_dim, decoder_ffn_dim=cfg.ffn_dim,
         activation_function=cfg.activation, dropout=cfg.dropout, attention_dropout=cfg.attention_dropout,
-        activation_dropout=cfg.dropout,  # attnmt's FeedForward drops out after the activation too
+        activation_dropout=cfg.dropout if cfg.activation_dropout is None else cfg.activation_dropout,
         scale_embedding=True, share_encoder_decoder_embeddings=True, tie_word_embeddings=True,
         max_position_embeddings=cfg.max_positions, pad_token_id=PAD_ID, decoder_start_token_id=BOS_ID,
         eos_token_id=EOS_ID, forced_eos_token_id=EOS_ID, use_cache=False, attn_implementation="sdpa",

@@ -145,7 +145,7 @@ def test_a_checkpoint_written_before_the_model_gained_options_loads_and_translat
         assert [t.texts for t in ours] == expected["texts"], name
         for t, scores in zip(ours, expected["scores"]):
             assert t.scores == pytest.approx(scores, abs=1e-5, nan_ok=True), name
-    # It is an ordinary checkpoint for the other commands: averaged, and continued from (init_from).
+    # It is an ordinary checkpoint for the other commands: averaging keeps its model config.
     averaged = checkpoint.average_checkpoints([OLD_CHECKPOINT, OLD_CHECKPOINT], tmp_path / "avg.pt")
     assert checkpoint.model_config(load_checkpoint(averaged), averaged) == checkpoint.model_config(state, OLD_CHECKPOINT)
 
@@ -160,10 +160,6 @@ def test_model_keys_added_later_get_the_values_that_reproduce_old_checkpoints():
     state = load_checkpoint(OLD_CHECKPOINT)
     base = compose_model()
     assert set(MODEL_KEYS_ADDED) <= {f.name for f in fields(ModelConfig)} and set(MODEL_KEYS_ADDED) <= set(vars(base))
-    old = checkpoint.model_config(state, OLD_CHECKPOINT)
-    rebuilt = checkpoint.build_from_state(state, OLD_CHECKPOINT)
-    assert [type(m).__name__ + str(getattr(m, "p", "")) for m in rebuilt.modules()] == [
-        type(m).__name__ + str(getattr(m, "p", "")) for m in build_model(old).modules()]
     # The activation dropout of a checkpoint without the key is its dropout, as it was trained.
     saved = dict(state["model_config"], dropout=0.3)
     train_model = build_model(checkpoint.model_config({**state, "model_config": saved}, OLD_CHECKPOINT))

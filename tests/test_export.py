@@ -301,6 +301,17 @@ def test_engine_errors_are_one_line(args, expected, trained_checkpoint, tmp_path
     assert len(errors) == 1 and expected in errors[0], result.stderr
 
 
+def test_evaluate_refuses_what_the_engine_cannot_do_before_reading_anything(trained_checkpoint, tmp_path) -> None:
+    """The refusal comes before the checkpoint and the test set are read: a missing data root and a
+    missing checkpoint are not what it reports."""
+    for ckpt in (trained_checkpoint, tmp_path / "missing.pt"):
+        result = run("evaluate", f"ckpt={ckpt}", "split=test", f"data.root={tmp_path / 'nowhere'}",
+                     "engine=ctranslate2", "sampling=true")
+        assert result.returncode == 2
+        errors = [line for line in result.stderr.splitlines() if "error:" in line.lower()]
+        assert len(errors) == 1 and "sampling=true asks for sampling, which engine=ctranslate2" in errors[0], result.stderr
+
+
 # ----------------------------------------------------------------------------------------------
 # transformers
 

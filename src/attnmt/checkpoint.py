@@ -522,6 +522,11 @@ def run_config(path: str | Path) -> dict:
     return state["config"]
 
 
+def step_of(path: str | Path) -> int:
+    """The number of updates the checkpoint at ``path`` was written after (0 for one without a step)."""
+    return int(load_checkpoint(path).get("step", 0))
+
+
 def record_metrics(state: dict, metrics: dict) -> dict:
     """``state`` with ``metrics`` (their numbers) as the checkpoint's latest valid metrics."""
     return {**state, "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}

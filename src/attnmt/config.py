@@ -407,7 +407,7 @@ class TranslateConfig(DecodeConfig):
     buffer_lines: int  # lines read ahead and batched together
     attention_plot: str | None  # a folder: one cross-attention heatmap PNG per input line
     attention_layer: int | None  # the decoder layer to plot; None = mean over layers (and heads)
-    engine: str  # native | ctranslate2 (attnmt.export.ctranslate2)
+    engine: str  # native | ctranslate2 | transformers (attnmt.inference)
     compute_type: str  # engine=ctranslate2: CTranslate2's compute_type (default, auto, int8, float16, ...)
     tgt_lang: str | None  # the language to translate into; None = the model's only one
     src_lang: str | None  # the language of the input, checked against those the model knows; None = unchecked
@@ -430,7 +430,7 @@ class EvaluateConfig(DecodeConfig):
     device: str
     tgt_lang: str | None  # the language to translate into (its tag, the split's direction, sacreBLEU's tokenizer)
     bleu_tokenize: str | None  # overrides sacreBLEU's tokenizer, e.g. 13a, intl, zh, char
-    engine: str  # native | ctranslate2 (attnmt.export.ctranslate2)
+    engine: str  # native | ctranslate2 | transformers (attnmt.inference)
     compute_type: str  # engine=ctranslate2: CTranslate2's compute_type (default, auto, int8, float16, ...)
 
 

@@ -25,7 +25,7 @@ from attnmt.data import DataError, direction, load_references, load_split, read_
 from attnmt.device import resolve_device
 from attnmt.evaluation import corpus_scores
 from attnmt.export import ExportError
-from attnmt.inference import open_engine
+from attnmt.inference import capabilities_of, check_capabilities, open_engine
 from attnmt.tokenizer import TokenizerError
 
 log = logging.getLogger("attnmt.evaluate")
@@ -68,6 +68,7 @@ def test_set(cfg: EvaluateConfig, trained_config: dict, data_overrides: list[str
 
 def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
     cfg.check()
+    check_capabilities(cfg.engine, capabilities_of(cfg.engine), cfg)  # before the checkpoint and test set are read
     device = resolve_device(cfg.device, key="device")
     paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
     sources, references, name, (src_lang, tgt_lang) = test_set(cfg, run_config(paths[-1]), data_overrides)

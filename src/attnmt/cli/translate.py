@@ -22,7 +22,7 @@ from attnmt.cli.common import (
 from attnmt.config import ConfigError, TranslateConfig, config_dir
 from attnmt.device import resolve_device
 from attnmt.export import ExportError
-from attnmt.inference import Engine, Translation, encode_sources, open_engine
+from attnmt.inference import Engine, Translation, capabilities_of, check_capabilities, encode_sources, open_engine
 from attnmt.tokenizer import EOS_ID, TokenizerError
 
 log = logging.getLogger("attnmt.translate")
@@ -81,6 +81,7 @@ def plot_attention(cfg: TranslateConfig, engine: Engine, line_number: int, line:
 
 def run(cfg: TranslateConfig) -> None:
     cfg.check()
+    check_capabilities(cfg.engine, capabilities_of(cfg.engine), cfg)  # before anything is read, made or loaded
     if cfg.buffer_lines < 1:
         raise UserError(f"buffer_lines={cfg.buffer_lines} must be at least 1")
     if cfg.attention_plot is not None:

@@ -39,7 +39,7 @@ CONVERTED_OPTIONS = (
 
 
 def check_model_options(cfg: ModelConfig, expressible: Mapping[str, tuple | None], target: str) -> None:
-    """Refuse, in one line, a model whose options ``target`` cannot express, before any weight is read.
+    """Refuse, in one line, a model whose options ``target`` cannot express, before anything is converted or written.
 
     Args:
         cfg: the model's config.

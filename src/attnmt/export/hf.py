@@ -54,7 +54,8 @@ def architecture(cfg: ModelConfig, tokenizer: Tokenizer) -> str:
     check_model_options(cfg, EXPRESSIBLE, "hf")
     if not tokenizer.joint:
         raise ExportError("data.tokenizer.joint=false: a transformers tokenizer holds one vocabulary, this model "
-                          "has one per language; export it to=ctranslate2 or train with a joint tokenizer")
+                          "has one per language; export it to=ctranslate2 (or translate with engine=ctranslate2) "
+                          "or train with a joint tokenizer")
     if cfg.norm_first and cfg.positions == "sinusoidal_fairseq":
         return "m2m_100"
     if not cfg.norm_first and cfg.positions == "sinusoidal" and cfg.d_model % 2 == 0:

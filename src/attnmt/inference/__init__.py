@@ -114,8 +114,8 @@ def check_capabilities(engine: str, capabilities: Capabilities, cfg: DecodeConfi
                           "one translation per line")
     compute_type = getattr(cfg, "compute_type", "default")
     if compute_type != "default" and not capabilities.compute_type:
-        raise ConfigError(f"compute_type={compute_type} applies to engine=ctranslate2; engine={engine} computes in "
-                          "float32 on the CPU and bfloat16 on GPUs that support it")
+        raise ConfigError(f"compute_type={compute_type} applies to engine=ctranslate2; engine={engine} chooses its "
+                          "own (native: float32 on the CPU, bfloat16 on GPUs that support it)")
     if getattr(cfg, "attention_plot", None) is not None and not capabilities.attention:
         raise ConfigError(f"attention_plot needs engine=native (engine={engine} returns no attention weights)")
 

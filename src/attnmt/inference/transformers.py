@@ -1,10 +1,10 @@
 """``engine=transformers``: ``generate()`` of the transformers model that ``attnmt-export to=hf`` would
 write (M2M100 for pre-norm, Marian for post-norm), converted in memory; its logits equal attnmt's.
 
-It runs greedy and beam search, one translation per line. ``generate()`` stops a sentence once
-``beam_size`` hypotheses have ended and ranks beams by log P / length ** ``len_penalty`` (attnmt: GNMT's
-penalty), so beam search may pick another hypothesis than attnmt's; greedy search gives attnmt's
-output. Each output is cut to attnmt's length limit of its sentence (``generate()`` has one limit per
+It runs greedy and beam search, one translation per line, in float32. Beam search is transformers':
+its own stopping rule (``early_stopping`` left at its default) and beams ranked by log P / length **
+``len_penalty`` (attnmt: GNMT's penalty), so it may pick another hypothesis than attnmt's; greedy
+search gives attnmt's output. ``<pad>`` and ``<s>`` are never generated, as in attnmt. Each output is cut to attnmt's length limit of its sentence (``generate()`` has one limit per
 batch). For a model of another shape :func:`attnmt.export.hf.architecture` refuses in one line.
 """
 
@@ -18,7 +18,7 @@ import torch
 from attnmt.config import DecodeConfig
 from attnmt.decoding import Hypothesis, max_length
 from attnmt.inference import Capabilities
-from attnmt.tokenizer import EOS_ID, PAD_ID, Tokenizer
+from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
 
 CAPABILITIES = Capabilities(strategies=frozenset({"greedy", "beam"}), exact_stop=False, nbest=False, attention=False,
                             compute_type=False)
@@ -41,7 +41,8 @@ class TransformersBackend:
         input_ids = torch.tensor([source + [PAD_ID] * (width - len(source)) for source in sources], device=self.hf.device)
         generated = self.hf.generate(input_ids=input_ids, attention_mask=input_ids != PAD_ID, num_beams=cfg.beam_size,
                                      length_penalty=cfg.len_penalty, max_length=None, max_new_tokens=max(limits) + 1,
-                                     min_new_tokens=min(cfg.min_len, max(limits) + 1))
+                                     min_new_tokens=min(cfg.min_len, max(limits) + 1),
+                                     suppress_tokens=[PAD_ID, BOS_ID])  # attnmt never generates them
         hypotheses = []
         for limit, row in zip(limits, generated[:, 1:].tolist()):  # [:, 1:]: without <s>
             tokens = row[: row.index(EOS_ID)] if EOS_ID in row else row

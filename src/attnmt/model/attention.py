@@ -141,7 +141,7 @@ class MultiHeadAttention(nn.Module):
         self.q_proj = Linear(d_model, d_model)
         # Two matmuls, for self- and cross-attention alike: q from the queries' input, and k and v
         # together from the keys' input (for cross-attention the memory, projected once per source
-        # batch when decoding with a cache). CTranslate2's conversion fuses them into one q, k, v matrix.
+        # batch when decoding with a cache).
         self.kv_proj = Linear(d_model, 2 * d_model)
         self.out_proj = Linear(d_model, d_model)
 
