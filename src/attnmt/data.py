@@ -471,8 +471,9 @@ def _split_file(cfg: DataConfig, name: str, ext: str) -> Path:
     return path
 
 
-def _read_tsv(cfg: DataConfig, name: str):
-    path = _split_file(cfg, name, "tsv")
+def _line_pairs(path: Path, parse: Callable[[str, int], tuple[str, str] | None]):
+    """Batches of (sources, targets) of a file of one pair a line: ``parse(line, number)`` gives the
+    pair of line ``number`` (1-based), or None to skip it, or raises a DataError naming the line."""
 
     def batches():
         number = 0
@@ -480,42 +481,46 @@ def _read_tsv(cfg: DataConfig, name: str):
             src, tgt = [], []
             for line in lines:
                 number += 1
-                fields = line.split("\t") if line else ["", ""]  # an empty pair keeps the line numbering
-                if len(fields) != 2:
-                    raise DataError(f"{path}, line {number}: {len(fields)} tab-separated fields, expected 2 "
-                                    f"({cfg.src_lang}<TAB>{cfg.tgt_lang}); a tab inside a sentence must be removed")
-                src.append(fields[0])
-                tgt.append(fields[1])
+                pair = parse(line, number)
+                if pair is not None:
+                    src.append(pair[0])
+                    tgt.append(pair[1])
             yield src, tgt
 
-    return _file_identity([path]), batches
+    return batches
+
+
+def _read_tsv(cfg: DataConfig, name: str):
+    path = _split_file(cfg, name, "tsv")
+
+    def parse(line: str, number: int) -> tuple[str, str]:
+        fields = line.split("\t") if line else ["", ""]  # an empty pair keeps the line numbering
+        if len(fields) != 2:
+            raise DataError(f"{path}, line {number}: {len(fields)} tab-separated fields, expected 2 "
+                            f"({cfg.src_lang}<TAB>{cfg.tgt_lang}); a tab inside a sentence must be removed")
+        return fields[0], fields[1]
+
+    return _file_identity([path]), _line_pairs(path, parse)
 
 
 def _read_jsonl(cfg: DataConfig, name: str):
     path = _split_file(cfg, name, "jsonl")
 
-    def batches():
-        number = 0
-        for lines in _rebatch(line_chunks(path), _BATCH_ROWS):
-            src, tgt = [], []
-            for line in lines:
-                number += 1
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise DataError(f"{path}, line {number}: not JSON ({err.msg})") from None
-                pair = record.get("translation", record) if isinstance(record, dict) else None
-                if not isinstance(pair, dict) or cfg.src_lang not in pair or cfg.tgt_lang not in pair:
-                    keys = sorted(pair) if isinstance(pair, dict) else type(record).__name__
-                    raise DataError(f"{path}, line {number}: expected keys {cfg.src_lang!r} and {cfg.tgt_lang!r} "
-                                    f"(at the top level or in 'translation'), found {keys}")
-                src.append(str(pair[cfg.src_lang]))
-                tgt.append(str(pair[cfg.tgt_lang]))
-            yield src, tgt
+    def parse(line: str, number: int) -> tuple[str, str] | None:
+        if not line.strip():
+            return None
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}, line {number}: not JSON ({err.msg})") from None
+        pair = record.get("translation", record) if isinstance(record, dict) else None
+        if not isinstance(pair, dict) or cfg.src_lang not in pair or cfg.tgt_lang not in pair:
+            keys = sorted(pair) if isinstance(pair, dict) else type(record).__name__
+            raise DataError(f"{path}, line {number}: expected keys {cfg.src_lang!r} and {cfg.tgt_lang!r} "
+                            f"(at the top level or in 'translation'), found {keys}")
+        return str(pair[cfg.src_lang]), str(pair[cfg.tgt_lang])
 
-    return _file_identity([path]), batches
+    return _file_identity([path]), _line_pairs(path, parse)
 
 
 def _arrow_pairs(ds: datasets.Dataset, cfg: DataConfig, origin: str):
