@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 import time
+from dataclasses import fields
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -20,8 +21,9 @@ from tqdm import tqdm
 
 from attnmt.checkpoint import CheckpointError, run_config
 from attnmt.cli.common import UserError, run_command, setup_logging, take_arguments, to_config
-from attnmt.config import ConfigError, EvaluateConfig, config_dir, register_configs, trained_data_config
+from attnmt.config import ConfigError, DecodeConfig, EvaluateConfig, config_dir, register_configs, trained_data_config
 from attnmt.data import DataError, direction, load_references, load_split, read_lines
+from attnmt.decoding import strategy
 from attnmt.device import resolve_device
 from attnmt.evaluation import corpus_scores
 from attnmt.export import ExportError
@@ -99,8 +101,8 @@ def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
         "beam_size": cfg.beam_size,
         "len_penalty": cfg.len_penalty,
         "engine": cfg.engine,
-        **({"sampling": True, "temperature": cfg.temperature, "top_k": cfg.top_k, "top_p": cfg.top_p, "seed": cfg.seed}
-           if cfg.sampling else {}),
+        "strategy": strategy(cfg).name,
+        "decode": {f.name: getattr(cfg, f.name) for f in fields(DecodeConfig)},  # every search setting
     }
     print(f"{name} ({pair}): {len(sources)} sentences in {seconds:.1f} s ({result['sentences_per_second']} sent/s)")
     print(f"BLEU = {scores['bleu']:.2f}  ({scores['bleu_signature']})")
