@@ -246,19 +246,3 @@ def test_text_with_quotes_and_brackets_translates_as_one_line(trained_checkpoint
         assert result.stdout.count("\n") == 1 and result.stdout.strip(), (text, result.stdout)
         assert result.stdout.splitlines() == translate_alone(trained_checkpoint, [text], beam_size=2)
 
-
-def test_evaluate_reports_the_strategy_and_every_search_setting(trained_checkpoint) -> None:
-    from dataclasses import fields
-
-    from attnmt.config import DecodeConfig
-
-    src, ref = FIXTURE_CORPUS / "test.de", FIXTURE_CORPUS / "test.en"
-    for args, expected in ((["beam_size=1"], "greedy"), (["beam_size=3"], "beam"),
-                           (["sampling=true", "seed=7", "top_p=0.9"], "sampling")):
-        result = run("evaluate", f"ckpt={trained_checkpoint}", f"src={src}", f"ref={ref}", *args)
-        assert result.returncode == 0, result.stderr
-        report = json.loads(result.stdout.strip().splitlines()[-1])
-        assert report["strategy"] == expected and set(report["decode"]) == {f.name for f in fields(DecodeConfig)}
-        for arg in args:
-            key, value = arg.split("=")
-            assert str(report["decode"][key]).lower() == value, (arg, report["decode"])

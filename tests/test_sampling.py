@@ -185,6 +185,9 @@ def test_the_command_line_draws_the_same_whatever_its_buffer(trained_checkpoint)
 
 def test_evaluate_reports_the_sampling_settings_that_reproduce_its_score(trained_checkpoint) -> None:
     import json
+    from dataclasses import fields
+
+    from attnmt.config import DecodeConfig
 
     from test_cli import run
 
@@ -194,7 +197,10 @@ def test_evaluate_reports_the_sampling_settings_that_reproduce_its_score(trained
         assert result.returncode == 0, result.stderr
         reports.append(json.loads(result.stdout.strip().splitlines()[-1]))
     assert reports[0]["bleu"] == reports[1]["bleu"]
-    assert {k: reports[0][k] for k in ("sampling", "temperature", "top_k", "top_p", "seed")} == {
+    # Every search setting is reported (the decode block has each DecodeConfig field), and the strategy by name.
+    assert reports[0]["strategy"] == "sampling" and set(reports[0]["decode"]) == {f.name for f in fields(DecodeConfig)}
+    assert {k: reports[0]["decode"][k] for k in ("sampling", "temperature", "top_k", "top_p", "seed")} == {
         "sampling": True, "temperature": 1.0, "top_k": 5, "top_p": 1.0, "seed": 3}
-    searched = run("evaluate", f"ckpt={trained_checkpoint}", "split=test", "beam_size=1")
-    assert "sampling" not in json.loads(searched.stdout.strip().splitlines()[-1])
+    searched = json.loads(run("evaluate", f"ckpt={trained_checkpoint}", "split=test", "beam_size=1").stdout
+                          .strip().splitlines()[-1])
+    assert searched["strategy"] == "greedy" and searched["decode"]["sampling"] is False
