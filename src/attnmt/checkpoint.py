@@ -141,7 +141,7 @@ class TrainState:
             "rng": rng,
             "best_bleu": self.best_bleu,
             "validations_without_improvement": self.stale_validations,
-            "metrics": {k: v for k, v in self.metrics.items() if isinstance(v, (int, float))},
+            "metrics": _numbers(self.metrics),
             "validation_pending": self.validation_pending,
             "corpus": self.corpus,
         }
@@ -529,7 +529,12 @@ def step_of(path: str | Path) -> int:
 
 def record_metrics(state: dict, metrics: dict) -> dict:
     """``state`` with ``metrics`` (their numbers) as the checkpoint's latest valid metrics."""
-    return {**state, "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))}}
+    return {**state, "metrics": _numbers(metrics)}
+
+
+def _numbers(metrics: dict) -> dict:
+    """The numeric entries of ``metrics``: what a checkpoint keeps of them (not the examples or signatures)."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def trained_weights_checkpoint(state: dict) -> dict | None:
@@ -558,7 +563,8 @@ _MODEL_KEYS_FREE = ("dropout", "attention_dropout", "activation_dropout", "src_v
 
 
 def check_same_model(state: dict, model: ModelConfig, path: str | Path) -> None:
-    """Refuse, naming the keys, a checkpoint whose model has another shape than ``model``."""
+    """Refuse, naming the keys, a checkpoint whose model has another shape than ``model`` (and first, through
+    :func:`model_config`, one with config keys this attnmt does not know)."""
     saved = model_config(state, path)
     changed = [f"model.{f.name}={getattr(model, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
                for f in fields(model) if f.name not in _MODEL_KEYS_FREE and getattr(saved, f.name) != getattr(model, f.name)]

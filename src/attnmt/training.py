@@ -654,7 +654,6 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
     source, source_path = (resumed, resume_from) if resumed else (init, t.init_from)
     if source is not None:
         checkpoint.require(source, checkpoint.INFERENCE_KEYS, source_path, "train.resume and train.init_from")
-        checkpoint.check_known_keys(source, source_path)
         checkpoint.check_same_model(source, cfg.model, source_path)
     if resumed is not None:
         checkpoint.check_same_tokenizer(resumed, cfg.data.tokenizer, resume_from)
