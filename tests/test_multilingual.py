@@ -67,7 +67,7 @@ def overlap(hypotheses: list[str], references: list[str]) -> float:
 
 @pytest.mark.data
 def test_the_tag_picks_the_output_language(en_to_de_fr, multi30k_slice):
-    from attnmt.inference import target_prefix
+    from attnmt.inference import language_prefixes
     from conftest import native_engine
 
     engine = native_engine(en_to_de_fr)
@@ -77,7 +77,7 @@ def test_the_tag_picks_the_output_language(en_to_de_fr, multi30k_slice):
     refs = {lang: (multi30k_slice / f"valid.{lang}").read_text(encoding="utf-8").splitlines() for lang in ("de", "fr")}
     decode = compose("translate", ["ckpt=unused", "beam_size=1"])
     for lang, other in (("fr", "de"), ("de", "fr")):
-        hyps = [t.texts[0] for t in engine.translate(sources, decode, prefix=target_prefix(tokenizer, run_config, lang))]
+        hyps = [t.texts[0] for t in engine.translate(sources, decode, prefix=language_prefixes(tokenizer, run_config, lang)[0])]
         own, wrong = overlap(hyps, refs[lang]), overlap(hyps, refs[other])
         # Measured after 400 updates (seed 1): 0.49 of the French output's words are in the French
         # reference, 0.05 in the German one; German output 0.41 vs 0.04.

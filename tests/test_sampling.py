@@ -86,7 +86,7 @@ def first_token_frequencies(model, draws: int, **settings) -> tuple[torch.Tensor
     and the model's probabilities for it under the same settings."""
     src, src_mask = padded_batch([5], vocab=7)
     logits = model.decode(torch.tensor([[BOS_ID]]), model.encode(src, src_mask), src_mask)[:, -1].float()
-    _forbid(logits, 0, 0)
+    _forbid(logits, model, 0, 0, ())
     probs = _filter(logits, settings.get("temperature", 1.0), settings.get("top_k", 0),
                     settings.get("top_p", 1.0)).softmax(-1)[0]
     hyps = sample(model, src.expand(draws, -1), src_mask.expand(draws, -1), ids(draws), seed=11,

@@ -5,6 +5,7 @@ Mask convention (the one used across attnmt): boolean, ``True`` at real tokens (
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -54,28 +55,33 @@ class Batch:
         return self.src_tokens.shape[0]
 
 
-def pad(sequences: Sequence[Sequence[int]], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad id sequences with ``PAD_ID``: ids (B, T) long and their mask (B, T), True at real tokens.
+def pad(sequences: Sequence[Sequence[int]], width: int | None = None,
+        pad_id: int = PAD_ID) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad id sequences with ``pad_id`` (the model's: ``model.pad_id``): ids (B, T) long and their
+    mask (B, T), True at real tokens.
 
     The one padding routine of attnmt: training batches, validation and translation all pad here.
-    ``width`` defaults to the longest sequence.
+    ``width`` defaults to the longest sequence. The mask comes from the lengths, not from the ids: in
+    Marian the decoder starts from the padding id.
     """
     width = max((len(s) for s in sequences), default=0) if width is None else width
-    tokens = torch.full((len(sequences), width), PAD_ID, dtype=torch.long)
+    tokens = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    lengths = torch.tensor([len(seq) for seq in sequences], dtype=torch.long)
     for i, seq in enumerate(sequences):
         tokens[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-    return tokens, tokens != PAD_ID
+    return tokens, torch.arange(width)[None, :] < lengths[:, None]
 
 
-def collate(examples: list[dict]) -> Batch:
+def collate(examples: list[dict], pad_id: int = PAD_ID, bos_id: int = BOS_ID) -> Batch:
     """Pad examples with ``src_ids`` and ``tgt_ids`` (each ending in EOS) into a :class:`Batch`.
 
-    ``tgt_out`` is ``tgt_ids``; ``tgt_in`` is ``[BOS] + tgt_ids[:-1]``.
+    ``tgt_out`` is ``tgt_ids``; ``tgt_in`` is ``[bos_id] + tgt_ids[:-1]``. ``pad_id`` and ``bos_id`` are
+    the model's (``model.pad_id``, ``model.bos_id``: attnmt's own by default).
     """
-    src_tokens, src_mask = pad([ex["src_ids"] for ex in examples])
+    src_tokens, src_mask = pad([ex["src_ids"] for ex in examples], pad_id=pad_id)
     targets = [ex["tgt_ids"] for ex in examples]
-    tgt_out, tgt_real = pad(targets)
-    tgt_in, _ = pad([[BOS_ID, *t[:-1]] for t in targets])
+    tgt_out, tgt_real = pad(targets, pad_id=pad_id)
+    tgt_in, _ = pad([[bos_id, *t[:-1]] for t in targets], pad_id=pad_id)
     return Batch(src_tokens, src_mask, tgt_in, tgt_out, int(tgt_real.sum()))
 
 
@@ -381,8 +387,9 @@ def _split_for_ranks(batches: list[np.ndarray], world_size: int) -> list[np.ndar
 
 
 def make_dataloader(dataset, sampler: TokenBucketSampler, num_workers: int = 0, pin_memory: bool = False,
-                    prefetch_factor: int = 4) -> DataLoader:
-    """A DataLoader of :class:`Batch` objects over ``sampler``'s batches; workers prefetch ahead.
+                    prefetch_factor: int = 4, pad_id: int = PAD_ID, bos_id: int = BOS_ID) -> DataLoader:
+    """A DataLoader of :class:`Batch` objects over ``sampler``'s batches (:func:`collate` with the model's
+    ``pad_id`` and ``bos_id``); workers prefetch ahead.
 
     Only the ``src_ids`` and ``tgt_ids`` columns of a HF dataset are read. See
     :class:`TokenBucketSampler` for what the training loop must save to resume exactly.
@@ -390,6 +397,7 @@ def make_dataloader(dataset, sampler: TokenBucketSampler, num_workers: int = 0, 
     if hasattr(dataset, "select_columns"):
         dataset = dataset.select_columns(["src_ids", "tgt_ids"])
     return DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers, pin_memory=pin_memory,
+        dataset, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_id=pad_id, bos_id=bos_id),
+        num_workers=num_workers, pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers > 0 else None, persistent_workers=False,
     )

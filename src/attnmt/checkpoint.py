@@ -559,7 +559,8 @@ def check_same_tokenizer(state: dict, cfg_tokenizer: TokenizerConfig, path: str 
 
 
 # Keys of ModelConfig that may change between a checkpoint and the run that continues from it.
-_MODEL_KEYS_FREE = ("dropout", "attention_dropout", "activation_dropout", "src_vocab_size", "tgt_vocab_size", "pad_id")
+_MODEL_KEYS_FREE = ("dropout", "attention_dropout", "activation_dropout", "src_vocab_size", "tgt_vocab_size", "pad_id",
+                    "bos_id", "eos_id")
 
 
 def check_same_model(state: dict, model: ModelConfig, path: str | Path) -> None:

@@ -40,7 +40,7 @@ def _check_finite(config: Any, prefix: str) -> None:
             raise ConfigError(f"{prefix}{f.name}={value} must {what}")
 
 
-ACTIVATIONS = ("relu", "gelu")
+ACTIVATIONS = ("relu", "gelu", "silu")
 POSITIONS = ("sinusoidal_fairseq", "sinusoidal", "learned")
 SCHEDULES = ("inverse_sqrt", "cosine")
 TOKENIZER_TYPES = ("unigram", "bpe")
@@ -67,7 +67,7 @@ class ModelConfig:
     dropout: float
     attention_dropout: float
     activation_dropout: float | None  # dropout after the feed-forward's activation; None = model.dropout
-    activation: str  # relu | gelu
+    activation: str  # relu | gelu | silu (Marian's swish)
     norm_first: bool  # pre-norm (with a final LayerNorm per stack); False = the paper's post-norm
     # sinusoidal_fairseq: fairseq's (and M2M100's) sin/cos table, what configs/model/ choose, so that a
     # pre-norm model exports to transformers exactly | sinusoidal: Vaswani's interleaved table, which
@@ -78,7 +78,12 @@ class ModelConfig:
     tie_output: bool  # output projection = target embedding matrix
     src_vocab_size: int
     tgt_vocab_size: int
+    output_bias: bool  # a learned bias added to the output logits (Marian's final_logits_bias)
+    # The special ids of the vocabulary, filled in from the tokenizer: padding, the token the decoder
+    # starts from (attnmt's <s>; </s> in M2M100 and NLLB; <pad> in Marian) and the end of a sentence.
     pad_id: int
+    bos_id: int
+    eos_id: int
 
     def __post_init__(self) -> None:
         _check_finite(self, "model.")
@@ -251,7 +256,7 @@ class DataConfig:
 
 # Model-config keys added after checkpoints were written, with the value that reproduces the model
 # those were trained as; checkpoint.model_config fills them in (tests/fixtures/checkpoint-5ba9c4e.pt).
-MODEL_KEYS_ADDED = {"activation_dropout": None}
+MODEL_KEYS_ADDED = {"activation_dropout": None, "output_bias": False, "bos_id": 2, "eos_id": 3}
 
 # Data-config keys added after checkpoints were written, with the value that reproduces what those
 # were trained with; commands that rebuild a checkpoint's data config merge these first.
@@ -368,7 +373,8 @@ class TrainConfig:
     keep_last: int  # numbered checkpoints kept besides last and best
     average_last: int  # at the end, average.pt: the mean of the last N numbered checkpoints; 0 = off
     resume: str  # none | auto (from run_dir/checkpoints/last.pt if it exists) | a checkpoint path
-    init_from: str | None  # a checkpoint whose weights (and tokenizer) start a new run; None = random init
+    init_from: str | None  # a checkpoint whose weights, tokenizer and model shape start a new run; None = random init
+    freeze: list[str]  # parameter groups kept fixed: embeddings, encoder, decoder (fine-tuning)
     compile: bool  # torch.compile the model
     num_workers: int  # DataLoader worker processes
     max_bad_steps: int  # stop after this many non-finite losses in a row

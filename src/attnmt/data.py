@@ -53,7 +53,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from attnmt.config import DATA_FORMATS, DataConfig
-from attnmt.tokenizer import EOS_ID, Tokenizer, language_tag, normalize, saved_fingerprint
+from attnmt.tokenizer import Tokenizer, language_tag, normalize, saved_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -917,16 +917,18 @@ def _sample(n: int, size: int, seed: int) -> np.ndarray:
 # Tokenization
 
 
-def _encode(batch: dict, tokenizer: Tokenizer, prefix: list[int]) -> dict:
-    src = [prefix + ids + [EOS_ID] for ids in tokenizer.encode_src(batch["src"])]
-    tgt = [ids + [EOS_ID] for ids in tokenizer.encode_tgt(batch["tgt"])]
+def _encode(batch: dict, tokenizer: Tokenizer, prefix: list[int], tgt_prefix: list[int]) -> dict:
+    eos = tokenizer.eos_id
+    src = [prefix + ids + [eos] for ids in tokenizer.encode_src(batch["src"])]
+    tgt = [tgt_prefix + ids + [eos] for ids in tokenizer.encode_tgt(batch["tgt"])]
     return {"src_ids": src, "tgt_ids": tgt, "src_len": [len(x) for x in src], "tgt_len": [len(x) for x in tgt]}
 
 
 def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, cfg: DataConfig, train: bool,
-             prefix: Sequence[int] = (), name: str = "train split") -> datasets.Dataset:
+             prefix: Sequence[int] = (), name: str = "train split", tgt_prefix: Sequence[int] = ()) -> datasets.Dataset:
     """Add ``src_ids`` and ``tgt_ids`` (token ids + EOS, int16 where the vocabulary fits) and their
-    lengths ``src_len`` and ``tgt_len`` to a split; ``prefix`` (tag ids) goes before every source.
+    lengths ``src_len`` and ``tgt_len`` to a split; ``prefix`` (tag ids) goes before every source and
+    ``tgt_prefix`` (the target language's code, for M2M100 and NLLB) before every target.
 
     The result is cached under ``cfg.cache_dir`` by the split, the tokenizer and the settings, so a
     second run does not tokenize again. On a training split (``train``) pairs with a side over
@@ -938,12 +940,12 @@ def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, cfg: DataConfig, train:
     features["src_ids"] = datasets.Sequence(datasets.Value(dtype))
     features["tgt_ids"] = datasets.Sequence(datasets.Value(dtype))
     features["src_len"] = features["tgt_len"] = datasets.Value("int32")
-    key = _key("tok", ds._fingerprint, tokenizer.fingerprint, dtype, list(prefix))
+    key = _key("tok", ds._fingerprint, tokenizer.fingerprint, dtype, list(prefix), *([list(tgt_prefix)] if tgt_prefix else []))
     ds = _map(ds, cfg, cache_root(cfg) / f"tokenized-{key}.arrow", _encode, 1.8,
-              fn_kwargs={"tokenizer": tokenizer, "prefix": list(prefix)}, features=features, new_fingerprint=key,
-              desc="tokenizing")
+              fn_kwargs={"tokenizer": tokenizer, "prefix": list(prefix), "tgt_prefix": list(tgt_prefix)},
+              features=features, new_fingerprint=key, desc="tokenizing")
     if train:
-        ds = _filter_lengths(ds, cfg, key, len(prefix), name)
+        ds = _filter_lengths(ds, cfg, key, len(prefix), name, len(tgt_prefix))
     return ds
 
 
@@ -953,9 +955,10 @@ def token_lengths(ds: datasets.Dataset) -> tuple[np.ndarray, np.ndarray]:
     return _numpy(ds, "src_len"), _numpy(ds, "tgt_len")
 
 
-def _filter_lengths(ds: datasets.Dataset, cfg: DataConfig, key: str, n_tags: int, name: str) -> datasets.Dataset:
+def _filter_lengths(ds: datasets.Dataset, cfg: DataConfig, key: str, n_tags: int, name: str,
+                    n_tgt_tags: int = 0) -> datasets.Dataset:
     src_len, tgt_len = token_lengths(ds)
-    src_len, tgt_len = src_len - 1 - n_tags, tgt_len - 1  # neither the tags nor EOS are part of the sentence
+    src_len, tgt_len = src_len - 1 - n_tags, tgt_len - 1 - n_tgt_tags  # neither the tags nor EOS are part of the sentence
     longer = np.maximum(src_len, tgt_len)
     too_long = (longer > cfg.max_len) if cfg.max_len > 0 else np.zeros(len(ds), bool)
     ratio = longer / np.maximum(np.minimum(src_len, tgt_len), 1)

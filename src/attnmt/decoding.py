@@ -6,20 +6,24 @@ entry of :data:`STRATEGIES`, which says when a :class:`~attnmt.config.DecodeConf
 (:class:`attnmt.inference.Capabilities`). Every setting comes from the config: there are no defaults
 here (they live in ``configs/decode/``).
 
-All return token ids without BOS, EOS or PAD. A sentence's result does not depend on the other
+All return token ids without BOS, EOS or PAD, the model's own (``model.bos_id`` and so on). A sentence's result does not depend on the other
 sentences in its batch: each has its own length limits, and a sentence leaves the batch (its rows
 are dropped from the cache) as soon as it is finished.
 
 Lengths count generated tokens. A sentence with ``n`` real source tokens (EOS included) may
 generate at most ``max_len_a * n + max_len_b`` tokens before EOS is forced (and never more than
-the model's positions allow); EOS is forbidden before ``min_len`` tokens. PAD and BOS are never
-generated.
+the model's positions allow); EOS is forbidden before ``min_len`` tokens. PAD and the start token
+are never generated (unless the start token is EOS, as in M2M100 and NLLB).
+
+A target prefix (``tgt_prefix``: the target language's code for M2M100 and NLLB) is forced as the
+first tokens of every hypothesis, with log-probability 0, as transformers' ``forced_bos_token_id``
+does; it counts as generated tokens and stays in the returned ids (the tokenizer drops it from text).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +31,6 @@ from torch import Tensor
 
 from attnmt.config import DecodeConfig
 from attnmt.model import Transformer
-from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
 @dataclass
@@ -56,13 +59,20 @@ def max_lengths(model: Transformer, src_mask: Tensor, max_len_a: float, max_len_
     return [max_length(n, max_len_a, max_len_b, model.cfg.max_positions) for n in src_lens]
 
 
-def _forbid(logits: Tensor, step: int, min_len: int) -> None:
-    """Set the logits (N, V) of tokens that may not come next to -inf, in place: PAD and BOS always,
-    EOS before ``min_len`` tokens."""
-    logits[:, PAD_ID] = -math.inf
-    logits[:, BOS_ID] = -math.inf
+def _forbid(logits: Tensor, model: Transformer, step: int, min_len: int, forced: Sequence[int]) -> None:
+    """Set the logits (N, V) of tokens that may not come next to -inf, in place: PAD and the start
+    token always (the start token only where it is not EOS), EOS before ``min_len`` tokens; at a step
+    of the forced prefix, every token but ``forced[step]``, which gets 0."""
+    if step < len(forced):
+        logits.fill_(-math.inf)
+        logits[:, forced[step]] = 0.0
+        return
+    cfg = model.cfg
+    logits[:, cfg.pad_id] = -math.inf
+    if cfg.bos_id != cfg.eos_id:
+        logits[:, cfg.bos_id] = -math.inf
     if step < min_len:
-        logits[:, EOS_ID] = -math.inf
+        logits[:, cfg.eos_id] = -math.inf
 
 
 # Rows of logits projected, normalised and ranked at a time in beam search: a block of (1024, V)
@@ -72,27 +82,29 @@ _ROWS_PER_BLOCK = 1024
 
 
 def _top_tokens(model: Transformer, states: Tensor, step: int, min_len: int, max_len: Tensor,
-                count: int) -> tuple[Tensor, Tensor]:
+                count: int, forced: Sequence[int]) -> tuple[Tensor, Tensor]:
     """The ``count`` best next tokens of each row and their log-probabilities, (N, count) each, best
     first, under the length rules.
 
     ``states`` (N, D) are the decoder's output states (:meth:`Transformer.decode_states`); ``step``
-    is the number of tokens generated so far; ``max_len`` (N,) holds each row's limit. Beam search
+    is the number of tokens generated so far; ``max_len`` (N,) holds each row's limit; ``forced`` is
+    the target prefix. Beam search
     needs no more than its 2k best candidates per row, so the candidates of a sentence are combined
     from these instead of from all k x V.
     """
     tops, tokens = [], []
+    eos = model.cfg.eos_id
     for start in range(0, states.size(0), _ROWS_PER_BLOCK):
         logp = model.project(states[start : start + _ROWS_PER_BLOCK]).float().log_softmax(dim=-1)  # (n, V)
-        _forbid(logp, step, min_len)
+        _forbid(logp, model, step, min_len, forced)
         top, top_tokens = logp.topk(count, dim=-1)  # (n, count)
         at_limit = max_len[start : start + _ROWS_PER_BLOCK] <= step  # these rows must end now
         if at_limit.any():
             # EOS is their one continuation, even where min_len asked otherwise: the limit wins (with
             # log-probability 0 where min_len had ruled EOS out).
             top[at_limit] = -math.inf
-            top[at_limit, 0] = logp[at_limit, EOS_ID] if step >= min_len else 0.0
-            top_tokens[at_limit, 0] = EOS_ID
+            top[at_limit, 0] = logp[at_limit, eos] if step >= min_len else 0.0
+            top_tokens[at_limit, 0] = eos
         tops.append(top)
         tokens.append(top_tokens)
     return torch.cat(tops), torch.cat(tokens)
@@ -100,7 +112,7 @@ def _top_tokens(model: Transformer, states: Tensor, step: int, min_len: int, max
 
 @torch.no_grad()
 def greedy_search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: DecodeConfig,
-                  line_numbers: Tensor | None = None) -> list[list[Hypothesis]]:
+                  line_numbers: Tensor | None = None, tgt_prefix: Sequence[int] = ()) -> list[list[Hypothesis]]:
     """The most probable next token at every step, for a batch of sources.
 
     Args:
@@ -109,12 +121,13 @@ def greedy_search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg:
         src_mask: (B, S) bool, True at real tokens.
         cfg: the length rules ``max_len_a``, ``max_len_b``, ``min_len`` (see the module docstring).
         line_numbers: unused (greedy search draws nothing).
+        tgt_prefix: ids forced at the start of every translation (see the module docstring).
 
     Returns:
         B lists of one hypothesis, unscored (NaN): greedy search computes no log-probabilities.
     """
     tokens, _ = _one_token_a_step(model, src_tokens, src_mask, lambda logits, step, active: logits.argmax(dim=-1),
-                                  cfg, scored=False)
+                                  cfg, scored=False, forced=tgt_prefix)
     return [[Hypothesis(t, math.nan)] for t in tokens]
 
 
@@ -125,12 +138,13 @@ def _one_token_a_step(
     choose: Callable[[Tensor, int, Tensor], Tensor],
     cfg: DecodeConfig,
     scored: bool,
+    forced: Sequence[int],
 ) -> tuple[list[list[int]], list[float]]:
     """The loop of greedy search and sampling: one hypothesis per source, extended by
     ``choose(logits, step, active)`` ((A, V) logits with the forbidden tokens at -inf, and the (A,)
     batch indices of the live rows) until EOS or the length limit; a sentence's rows leave the
     cache as it ends. Returns the B token lists and, with ``scored``, their log-probabilities under
-    the model (else empty), counted as beam search counts them."""
+    the model (else empty), counted as beam search counts them (the forced prefix ``forced`` at 0)."""
     n = src_tokens.size(0)
     device = src_tokens.device
     sent_limits = max_lengths(model, src_mask, cfg.max_len_a, cfg.max_len_b)
@@ -138,31 +152,32 @@ def _one_token_a_step(
     limits = torch.tensor(sent_limits, device=device)
     memory = model.encode(src_tokens, src_mask)
     cache = model.new_cache(max_len=max(sent_limits) + 1)  # BOS and every token but the last
-    outputs = torch.full((n, max(sent_limits) + 1), EOS_ID, device=device)  # (B, T): each row ends with EOS
+    eos = model.cfg.eos_id
+    outputs = torch.full((n, max(sent_limits) + 1), eos, device=device)  # (B, T): each row ends with EOS
     scores = torch.zeros(n, dtype=torch.float64, device=device)
     active = torch.arange(n, device=device)  # sentences still being decoded, in cache-row order
-    tokens = torch.full((n, 1), BOS_ID, dtype=torch.long, device=device)
+    tokens = torch.full((n, 1), model.cfg.bos_id, dtype=torch.long, device=device)
     step = 0
     while active.numel() > 0:
         logits = model.decode(tokens, memory, src_mask, cache)[:, -1]  # (A, V)
         log_probs = logits.float().log_softmax(dim=-1) if scored else None  # before the length rules, as beam search
-        _forbid(logits, step, min_len)
+        _forbid(logits, model, step, min_len, forced)
         next_tokens = choose(logits, step, active)  # (A,)
-        forced = limits[active] <= step
-        next_tokens[forced] = EOS_ID
-        if scored:
+        at_limit = limits[active] <= step
+        next_tokens[at_limit] = eos
+        if scored and step >= len(forced):
             logp = log_probs.gather(1, next_tokens[:, None])[:, 0].double()
             # Where min_len had ruled EOS out, the length limit still ends the sentence, at no cost (as in beam search).
-            scores[active] += logp.masked_fill(forced, 0.0) if step < min_len else logp
+            scores[active] += logp.masked_fill(at_limit, 0.0) if step < min_len else logp
         outputs[active, step] = next_tokens
         step += 1
-        ended = next_tokens == EOS_ID
+        ended = next_tokens == eos
         if ended.any():
             keep = (~ended).nonzero().squeeze(1)
             cache.reorder(keep)
             active, next_tokens = active[keep], next_tokens[keep]
         tokens = next_tokens[:, None]
-    return [row[: row.index(EOS_ID)] for row in outputs.tolist()], scores.tolist() if scored else []
+    return [row[: row.index(eos)] for row in outputs.tolist()], scores.tolist() if scored else []
 
 
 # splitmix64's constants as signed 64-bit integers (torch's int64 arithmetic wraps like C's unsigned).
@@ -210,7 +225,7 @@ def _filter(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Ten
 
 @torch.no_grad()
 def sample_search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: DecodeConfig,
-                  line_numbers: Tensor | None = None) -> list[list[Hypothesis]]:
+                  line_numbers: Tensor | None = None, tgt_prefix: Sequence[int] = ()) -> list[list[Hypothesis]]:
     """``cfg.nbest`` translations per source drawn from the model, best first: each next token from
     ``softmax(logits / temperature)``, restricted to the ``top_k`` most probable tokens and to the
     nucleus of mass ``top_p`` (Holtzman et al., 2020), under the length rules.
@@ -225,6 +240,7 @@ def sample_search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg:
         src_mask: (B, S) bool, True at real tokens.
         cfg: ``nbest``, ``seed``, ``temperature``, ``top_k``, ``top_p`` and the length rules.
         line_numbers: (B,) a number per source that, with ``cfg.seed``, fixes its draws; None = 0..B-1.
+        tgt_prefix: ids forced at the start of every translation (see the module docstring).
 
     Returns:
         B lists of ``nbest`` hypotheses, each scored by its log-probability under the model (no
@@ -243,14 +259,14 @@ def sample_search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg:
         return (_filter(logits.float(), cfg.temperature, cfg.top_k, cfg.top_p).double() + gumbel).argmax(dim=-1)
 
     tokens, scores = _one_token_a_step(model, src_tokens.repeat_interleave(k, 0), src_mask.repeat_interleave(k, 0),
-                                       draw, cfg, scored=True)
+                                       draw, cfg, scored=True, forced=tgt_prefix)
     draws = [Hypothesis(t, score) for t, score in zip(tokens, scores)]
     return [sorted(draws[i * k : (i + 1) * k], key=lambda h: h.score, reverse=True) for i in range(n)]
 
 
 @torch.no_grad()
 def beam_search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: DecodeConfig,
-                line_numbers: Tensor | None = None) -> list[list[Hypothesis]]:
+                line_numbers: Tensor | None = None, tgt_prefix: Sequence[int] = ()) -> list[list[Hypothesis]]:
     """Batched beam search with the GNMT length penalty.
 
     Hypotheses are ranked by ``sum(log p) / length_penalty(len, len_penalty)``. With ``beam_stop=exact``
@@ -273,6 +289,7 @@ def beam_search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: D
             sentence, at most ``beam_size``: :meth:`~attnmt.config.DecodeConfig.check`), ``beam_stop``
             and the length rules.
         line_numbers: unused (beam search draws nothing).
+        tgt_prefix: ids forced at the start of every translation (see the module docstring).
 
     Returns:
         B lists of up to ``nbest`` hypotheses, best first.
@@ -290,7 +307,8 @@ def beam_search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: D
     # takes k rows per sentence at the first reorder.
     memory = model.encode(src_tokens, src_mask)
     cache = model.new_cache(max_len=max_tokens + 1)  # BOS and every token but the last
-    bos = torch.full((n, 1), BOS_ID, dtype=torch.long, device=device)
+    eos = model.cfg.eos_id
+    bos = torch.full((n, 1), model.cfg.bos_id, dtype=torch.long, device=device)
     states = model.decode_states(bos, memory, src_mask, cache)[:, -1]  # (B, D)
     count = min(2 * k, model.cfg.tgt_vocab_size)  # candidates per row: 2k cover the k best that do not end
     active = torch.arange(n, device=device)  # (A,) the sentence of each group of rows
@@ -298,13 +316,14 @@ def beam_search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: D
     scores[:, 0] = 0.0  # only beam 0 is live at first
     prefixes = torch.empty(n, 0, dtype=torch.long, device=device)  # (rows, step): tokens so far, per cache row
     best_scores = torch.full((n, nbest), -math.inf, dtype=torch.float64, device=device)  # (B, nbest) finished, best first
-    best_tokens = torch.full((n, nbest, max_tokens), PAD_ID, dtype=torch.long, device=device)
+    best_tokens = torch.full((n, nbest, max_tokens), model.cfg.pad_id, dtype=torch.long, device=device)
     best_lens = torch.zeros(n, nbest, dtype=torch.long, device=device)
     n_finished = torch.zeros(n, dtype=torch.long, device=device)  # hypotheses that have ended, per sentence
     step = 0
     while True:
         a, beams = active.numel(), cache.beams  # beams: cache rows per sentence (1 at the first step)
-        logp, tokens = _top_tokens(model, states, step, min_len, limits[active].repeat_interleave(beams), count)
+        logp, tokens = _top_tokens(model, states, step, min_len, limits[active].repeat_interleave(beams), count,
+                                   tgt_prefix)
         if beams < k:  # the first step: every beam of a sentence continues its one row
             logp, tokens = logp.repeat_interleave(k, dim=0), tokens.repeat_interleave(k, dim=0)
         candidates = (scores[:, :, None] + logp.view(a, k, count)).view(a, k * count)
@@ -315,13 +334,13 @@ def beam_search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: D
         top_rows = torch.arange(a, device=device)[:, None] * beams + parent  # (A, 2k) cache rows
 
         # EOS among the k best candidates finishes a hypothesis: it joins the sentence's nbest best.
-        is_eos = top_token == EOS_ID
+        is_eos = top_token == eos
         ends = is_eos[:, :k] & torch.isfinite(top_scores[:, :k])  # (A, k)
         n_finished[active] += ends.sum(dim=1)
         if ends.any():
             ended = torch.where(ends, top_scores[:, :k].double() / lp(step + 1), -math.inf)
             pool_scores = torch.cat([best_scores[active], ended], dim=1)  # (A, nbest + k)
-            ended_tokens = torch.full((a, k, max_tokens), PAD_ID, dtype=torch.long, device=device)
+            ended_tokens = torch.full((a, k, max_tokens), model.cfg.pad_id, dtype=torch.long, device=device)
             ended_tokens[:, :, :step] = prefixes[top_rows[:, :k]]
             pool_tokens = torch.cat([best_tokens[active], ended_tokens], dim=1)  # (A, nbest + k, T)
             pool_lens = torch.cat([best_lens[active], torch.full((a, k), step, device=device)], dim=1)
@@ -371,7 +390,7 @@ class Strategy:
 
     name: str
     chosen: Callable[[DecodeConfig], bool]
-    search: Callable[[Transformer, Tensor, Tensor, DecodeConfig, Tensor | None], list[list[Hypothesis]]]
+    search: Callable[[Transformer, Tensor, Tensor, DecodeConfig, Tensor | None, Sequence[int]], list[list[Hypothesis]]]
 
 
 # The first strategy whose `chosen` holds runs. A new strategy is its function, an entry here, and
@@ -390,7 +409,8 @@ def strategy(cfg: DecodeConfig) -> Strategy:
 
 
 def search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: DecodeConfig,
-           line_numbers: Tensor | None = None) -> list[list[Hypothesis]]:
+           line_numbers: Tensor | None = None, tgt_prefix: Sequence[int] = ()) -> list[list[Hypothesis]]:
     """The hypotheses of each source (best first) by the strategy ``cfg`` asks for; the arguments are
-    its function's (``line_numbers`` fix each source's draws when sampling)."""
-    return strategy(cfg).search(model, src_tokens, src_mask, cfg, line_numbers)
+    its function's (``line_numbers`` fix each source's draws when sampling, ``tgt_prefix`` is forced
+    at the start of each translation)."""
+    return strategy(cfg).search(model, src_tokens, src_mask, cfg, line_numbers, tgt_prefix)

@@ -76,15 +76,36 @@ class Tokenizer:
     """
 
     def __init__(self, src_model: bytes, tgt_model: bytes | None = None, settings: dict | None = None,
-                 fingerprint: str | None = None):
-        """Build from serialized SentencePiece models; ``tgt_model=None`` means joint."""
+                 fingerprint: str | None = None, vocab: dict | None = None):
+        """Build from serialized SentencePiece models; ``tgt_model=None`` means joint.
+
+        ``vocab`` is set for an imported model's tokenizer (:mod:`attnmt.pretrained`): the pretrained
+        vocabulary, whose ids are not SentencePiece's. Its keys: ``src`` (the source pieces, by id),
+        ``tgt`` (the target's, or None: the same), ``special`` (``pad``, ``unk``, ``bos``, ``eos`` ids;
+        ``bos`` is the token the decoder starts from), ``control`` (ids that are never text: language
+        codes, ``<mask>``, unused rows), ``languages`` (language code -> its piece, put before the
+        source and before the target as M2M100 and NLLB do), ``family`` and ``files`` (the model's
+        own tokenizer files, written back by ``attnmt-export to=hf``).
+        """
         self.joint = tgt_model is None
         self.settings = dict(settings or {})
+        self.vocab = vocab
         self._src_bytes = src_model
         self._tgt_bytes = tgt_model
-        self._src_sp = _processor(src_model, "source" if tgt_model is not None else "joint")
-        self._tgt_sp = self._src_sp if tgt_model is None else _processor(tgt_model, "target")
-        self.fingerprint = fingerprint or hashlib.sha256(src_model + (tgt_model or b"")).hexdigest()
+        check = vocab is None  # attnmt's own models hold the fixed special ids; a pretrained one has its own table
+        self._src_sp = _processor(src_model, "source" if tgt_model is not None else "joint", check)
+        self._tgt_sp = self._src_sp if tgt_model is None else _processor(tgt_model, "target", check)
+        special = vocab["special"] if vocab else {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID}
+        self.pad_id, self.unk_id, self.bos_id, self.eos_id = (int(special[k]) for k in ("pad", "unk", "bos", "eos"))
+        src_table = vocab["src"] if vocab else None
+        tgt_table = (vocab.get("tgt") or vocab["src"]) if vocab else None
+        self._src = _Pieces(self._src_sp, src_table, self.unk_id)
+        self._tgt = _Pieces(self._tgt_sp, tgt_table, self.unk_id)
+        # Ids that decoding drops: never text.
+        self.control_ids = frozenset({self.pad_id, self.bos_id, self.eos_id, *(vocab.get("control", []) if vocab else [])})
+        self.languages: dict[str, str] = dict(vocab.get("languages", {})) if vocab else {}
+        extra = b"" if vocab is None else json.dumps({k: vocab.get(k) for k in _VOCAB_TABLES}).encode()
+        self.fingerprint = fingerprint or hashlib.sha256(src_model + (tgt_model or b"") + extra).hexdigest()
 
     # ------------------------------------------------------------------------------------------
     # Training, saving, loading
@@ -199,15 +220,17 @@ class Tokenizer:
     def to_state(self) -> dict[str, Any]:
         """Everything needed to rebuild this tokenizer, as plain types (``torch.load(weights_only=True)`` safe)."""
         models = {"joint": self._src_bytes} if self.joint else {"src": self._src_bytes, "tgt": self._tgt_bytes}
-        return {"format": STATE_FORMAT, "joint": self.joint, "models": models,
-                "settings": dict(self.settings), "fingerprint": self.fingerprint}
+        state = {"format": STATE_FORMAT, "joint": self.joint, "models": models,
+                 "settings": dict(self.settings), "fingerprint": self.fingerprint}
+        return state if self.vocab is None else {**state, "vocab": self.vocab}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> Tokenizer:
         """Rebuild a tokenizer from :meth:`to_state`'s dictionary."""
         models = state["models"]
         src, tgt = (models["joint"], None) if state["joint"] else (models["src"], models["tgt"])
-        return cls(bytes(src), None if tgt is None else bytes(tgt), state.get("settings"), state.get("fingerprint"))
+        return cls(bytes(src), None if tgt is None else bytes(tgt), state.get("settings"), state.get("fingerprint"),
+                   state.get("vocab"))
 
     def __getstate__(self) -> dict[str, Any]:  # for datasets.map(num_proc=...) and DataLoader workers
         return self.to_state()
@@ -220,31 +243,34 @@ class Tokenizer:
 
     @property
     def src_vocab_size(self) -> int:
-        return self._src_sp.get_piece_size()
+        return self._src.size
 
     @property
     def tgt_vocab_size(self) -> int:
-        return self._tgt_sp.get_piece_size()
+        return self._tgt.size
 
     def encode_src(self, texts: list[str]) -> list[list[int]]:
         """Source sentences to ids (no BOS/EOS)."""
-        return self._src_sp.encode(list(texts), out_type=int)
+        return self._src.encode(list(texts))
 
     def encode_tgt(self, texts: list[str]) -> list[list[int]]:
         """Target sentences to ids (no BOS/EOS)."""
-        return self._tgt_sp.encode(list(texts), out_type=int)
+        return self._tgt.encode(list(texts))
 
     def decode_src(self, ids: list[list[int]]) -> list[str]:
-        """Source ids to text; pad, bos and eos ids are dropped."""
-        return self._src_sp.decode([_strip_special(x) for x in ids])
+        """Source ids to text; pad, bos, eos and control ids are dropped."""
+        return self._src.decode([self._text_ids(x) for x in ids])
 
     def decode_tgt(self, ids: list[list[int]]) -> list[str]:
-        """Target ids to text on one line each; pad, bos and eos ids are dropped.
+        """Target ids to text on one line each; pad, bos, eos and control ids (language codes) are dropped.
 
         Byte fallback can spell a line break (``<0x0A>``); it becomes a space, so one translation
         stays one output line.
         """
-        return [text.translate(_LINE_BREAKS) for text in self._tgt_sp.decode([_strip_special(x) for x in ids])]
+        return [text.translate(_LINE_BREAKS) for text in self._tgt.decode([self._text_ids(x) for x in ids])]
+
+    def _text_ids(self, ids: Iterable[int]) -> list[int]:
+        return [int(i) for i in ids if int(i) not in self.control_ids]
 
     @property
     def tags(self) -> list[str]:
@@ -259,20 +285,49 @@ class Tokenizer:
         """
         if tag not in self.tags:
             raise TokenizerError(f"this model has no tag {tag}; its tags are {', '.join(self.tags) or 'none'}")
-        return self._src_sp.piece_to_id(tag)
+        return self._src.piece_ids([tag])[0]
+
+    def language_id(self, lang: str) -> int:
+        """The id of language ``lang``'s code (``__de__`` in M2M100, ``deu_Latn`` in NLLB).
+
+        Raises:
+            TokenizerError: the model has no such code; the message lists some it has.
+        """
+        if lang not in self.languages:
+            known = sorted(self.languages)
+            listed = ", ".join(known[:12]) + (f" and {len(known) - 12} more" if len(known) > 12 else "")
+            raise TokenizerError(f"this model has no language {lang!r}; it knows {listed or 'none'}")
+        return self._src.piece_ids([self.languages[lang]])[0]
+
+    def direction_ids(self, src_lang: str | None, tgt_lang: str | None,
+                      tags: Sequence[str] = ()) -> tuple[list[int], list[int]]:
+        """The ids put before a source and before its target, for a pair from ``src_lang`` into ``tgt_lang``.
+
+        attnmt's own tokenizers put ``tags`` (``<2de>``, ``<bt>``) before the source and nothing before
+        the target. A tokenizer with language codes (M2M100, NLLB) puts the source language's code
+        before the source and the target language's before the target (the decoder is made to start
+        with it), in place of the ``<2xx>`` tags; its other tags must exist in its vocabulary.
+
+        Raises:
+            TokenizerError: an unknown tag or language.
+        """
+        if not self.languages:
+            return [self.tag_id(tag) for tag in tags], []
+        others = [self.tag_id(tag) for tag in tags if tag_language(tag) is None]
+        return [self.language_id(src_lang), *others], [self.language_id(tgt_lang)]
 
     def src_pieces(self, ids: list[int]) -> list[str]:
         """The source pieces of an id sequence, e.g. ``['▁Ein', '▁Hund', '</s>']`` (special ids as in
         :meth:`tgt_pieces`)."""
-        return self._src_sp.id_to_piece([int(i) for i in ids])  # one call: a call per id costs 3x
+        return self._src.pieces(ids)
 
     def tgt_pieces(self, ids: list[int]) -> list[str]:
         """The target pieces of an id sequence (special ids become ``<s>``, ``</s>``, ``<pad>``)."""
-        return self._tgt_sp.id_to_piece([int(i) for i in ids])
+        return self._tgt.pieces(ids)
 
     def tgt_piece_ids(self, pieces: list[str]) -> list[int]:
         """The target ids of pieces (the inverse of :meth:`tgt_pieces`; a piece not in the vocabulary is UNK)."""
-        return self._tgt_sp.piece_to_id(list(pieces))
+        return self._tgt.piece_ids(pieces)
 
 
 def saved_fingerprint(folder: str | Path) -> str | None:
@@ -289,17 +344,47 @@ def tokenizer_settings(cfg: TokenizerConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(cfg).items() if k != "model"}
 
 
-def _strip_special(ids: Iterable[int]) -> list[int]:
-    return [int(i) for i in ids if int(i) not in SPECIAL_IDS]
+# The parts of an imported vocabulary that decide its ids (what its fingerprint hashes).
+_VOCAB_TABLES = ("src", "tgt", "special", "control", "languages")
 
 
-def _processor(model: bytes, name: str) -> spm.SentencePieceProcessor:
+class _Pieces:
+    """One side's vocabulary: SentencePiece's own ids, or (an imported model) a table of pieces by id,
+    looked up from the pieces SentencePiece cuts (a piece not in the table is ``unk_id``)."""
+
+    def __init__(self, sp: spm.SentencePieceProcessor, table: list[str] | None, unk_id: int) -> None:
+        self.sp, self.table, self.unk_id = sp, table, unk_id
+        self.index = None if table is None else {piece: i for i, piece in reversed(list(enumerate(table)))}
+        self.size = sp.get_piece_size() if table is None else len(table)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if self.table is None:
+            return self.sp.encode(texts, out_type=int)
+        return [[self.index.get(p, self.unk_id) for p in pieces] for pieces in self.sp.encode(texts, out_type=str)]
+
+    def decode(self, ids: list[list[int]]) -> list[str]:
+        if self.table is None:
+            return self.sp.decode(ids)
+        return self.sp.decode([self.pieces(x) for x in ids])
+
+    def pieces(self, ids: Iterable[int]) -> list[str]:
+        if self.table is None:
+            return self.sp.id_to_piece([int(i) for i in ids])  # one call: a call per id costs 3x
+        return [self.table[int(i)] if 0 <= int(i) < self.size else self.table[self.unk_id] for i in ids]
+
+    def piece_ids(self, pieces: list[str]) -> list[int]:
+        if self.table is None:
+            return self.sp.piece_to_id(list(pieces))
+        return [self.index.get(p, self.unk_id) for p in pieces]
+
+
+def _processor(model: bytes, name: str, check_ids: bool = True) -> spm.SentencePieceProcessor:
     try:
         sp = spm.SentencePieceProcessor(model_proto=model)
     except RuntimeError as err:
         raise TokenizerError(f"the {name} SentencePiece model cannot be loaded (corrupt?): {err}") from None
     ids = (sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id())
-    if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+    if check_ids and ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
         raise TokenizerError(
             f"the {name} SentencePiece model has pad/unk/bos/eos ids {ids}; attnmt needs "
             f"({PAD_ID}, {UNK_ID}, {BOS_ID}, {EOS_ID}). Retrain it with --pad_id=0 --unk_id=1 --bos_id=2 --eos_id=3"

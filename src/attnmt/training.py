@@ -58,7 +58,7 @@ from attnmt.inference import Engine
 from attnmt.inference.native import NativeBackend, cross_attention
 from attnmt.model import Transformer, build_model
 from attnmt.plots import attention_figure, missing_glyphs_allowed
-from attnmt.tokenizer import PAD_ID, Tokenizer, saved_fingerprint, tokenizer_settings
+from attnmt.tokenizer import Tokenizer, saved_fingerprint, tokenizer_settings
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,12 @@ def check_config(model: ModelConfig, optim: OptimConfig, train: TrainConfig, max
         if getattr(train, key) < 1:
             raise ConfigError(f"train.{key}={getattr(train, key)} must be at least 1")
     train.valid_decode.check("train.valid_decode.")
+    unknown = [group for group in train.freeze if group not in FREEZABLE]
+    if unknown:
+        raise ConfigError(f"train.freeze={train.freeze}: {', '.join(unknown)} is no parameter group; use "
+                          f"{', '.join(FREEZABLE)}")
+    if len(train.freeze) == len(set(FREEZABLE)) and set(train.freeze) == set(FREEZABLE):
+        raise ConfigError(f"train.freeze={train.freeze} freezes every parameter: nothing would train")
     if train.init_from and train.resume != "none":
         raise ConfigError(f"train.init_from={train.init_from} starts a new run, train.resume={train.resume} continues "
                           "one; set only one of them")
@@ -166,6 +172,41 @@ def lr_at(step: int, cfg: OptimConfig, max_steps: int = 0) -> float:
         return cfg.lr * math.sqrt(max(warmup, 1) / step)
     progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+# train.freeze's parameter groups: the model's top-level modules and parameters each one holds.
+FREEZABLE = {
+    "embeddings": ("src_embed", "tgt_embed", "output_proj", "output_bias"),  # tokens (the tied output too) and positions
+    "encoder": ("encoder_layers", "encoder_norm"),
+    "decoder": ("decoder_layers", "decoder_norm"),
+}
+
+
+def freeze(model: nn.Module, groups: list[str]) -> int:
+    """Keep the parameters of ``groups`` (names of :data:`FREEZABLE`) fixed: they get no gradient and no
+    optimizer state. Returns the number of parameters frozen."""
+    frozen = {module for group in groups for module in FREEZABLE[group]}
+    count = 0
+    for name, p in model.named_parameters():
+        if name.split(".")[0] in frozen:
+            p.requires_grad_(False)
+            count += p.numel()
+    return count
+
+
+def init_model_config(model: ModelConfig, state: dict, path: str | Path) -> ModelConfig:
+    """The model config of a run that starts from an imported checkpoint ``state`` (or continues one
+    started from a checkpoint): the checkpoint's shape, vocabulary and special ids, with this run's
+    dropouts (the only model keys such a run chooses)."""
+    saved = checkpoint.model_config(state, path)
+    changed = [f.name for f in fields(saved) if f.name not in DROPOUTS and getattr(saved, f.name) != getattr(model, f.name)]
+    if changed:
+        logger.info("the model's shape comes from %s: %s", path,
+                    ", ".join(f"model.{key}={getattr(saved, key)!r}" for key in changed[:8]))
+    return replace(saved, **{key: getattr(model, key) for key in DROPOUTS})
+
+
+DROPOUTS = ("dropout", "attention_dropout", "activation_dropout")
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
@@ -309,21 +350,25 @@ class ValidSet:
     sources: list[str]
     references: list[str]
     tgt_lang: str
-    prefix: list[int]  # the tag ids before each source, as attnmt-evaluate puts them
+    prefix: list[int]  # the ids before each source (tags, or the source language's code), as attnmt-evaluate puts them
+    tgt_prefix: list[int]  # the ids each translation starts with (the target language's code for M2M100 and NLLB)
     first_pair: tuple[list[int], list[int]]  # ids of the first pair (EOS included), for the attention map
 
 
-def valid_set(stream: Stream, valid_ds, prefix: list[int], train_cfg: TrainConfig, device: torch.device) -> ValidSet:
+def valid_set(stream: Stream, valid_ds, prefixes: tuple[list[int], list[int]], train_cfg: TrainConfig,
+              device: torch.device, tokenizer: Tokenizer) -> ValidSet:
     """Batch one direction's tokenized valid split once; valid sentences are never length-filtered, so
-    one longer than ``train.max_tokens`` gets a batch of its own."""
+    one longer than ``train.max_tokens`` gets a batch of its own. ``prefixes``: the ids before each
+    source and before each target (:meth:`~attnmt.tokenizer.Tokenizer.direction_ids`)."""
     src_len, tgt_len = token_lengths(valid_ds)
     longest = int(max(src_len.max(), tgt_len.max()))
     sampler = TokenBucketSampler(src_len, tgt_len, max(train_cfg.max_tokens, longest), shuffle=False)
-    batches = [collate([valid_ds[i] for i in rows]).to(device) for rows in sampler]
+    batches = [collate([valid_ds[i] for i in rows], tokenizer.pad_id, tokenizer.bos_id).to(device) for rows in sampler]
+    prefix, tgt_prefix = prefixes
     limit = min(train_cfg.valid_max_sentences or len(valid_ds), len(valid_ds))
     first = valid_ds[0]
     return ValidSet(stream.name, batches, list(valid_ds.select(range(limit))["src"]),
-                    load_references(stream.cfg, "valid")[:limit], stream.cfg.tgt_lang, prefix,
+                    load_references(stream.cfg, "valid")[:limit], stream.cfg.tgt_lang, prefix, tgt_prefix,
                     (list(first["src_ids"]), list(first["tgt_ids"])))
 
 
@@ -345,14 +390,15 @@ def validate(model: Transformer, valid: list[ValidSet], tokenizer: Tokenizer, de
     for batch in (b for direction in valid for b in direction.batches):
         with autocast:
             logits = model(batch.src_tokens, batch.src_mask, batch.tgt_in)
-        loss, nll = label_smoothed_nll(logits, batch.tgt_out, label_smoothing, PAD_ID)
+        loss, nll = label_smoothed_nll(logits, batch.tgt_out, label_smoothing, model.cfg.pad_id)
         loss_sum += loss.item()
         nll_sum += nll.item()
         n_tokens += batch.n_tgt_tokens
     scores, examples = {}, []
     engine = Engine("native", NativeBackend(model), tokenizer)
     for direction in valid:
-        hypotheses = [t.texts[0] for t in engine.translate(direction.sources, decode, prefix=direction.prefix)]
+        hypotheses = [t.texts[0] for t in engine.translate(direction.sources, decode, prefix=direction.prefix,
+                                                           tgt_prefix=direction.tgt_prefix)]
         scores[direction.name] = corpus_scores(hypotheses, direction.references, direction.tgt_lang)
         examples += list(zip(hypotheses[:3], direction.references[:3]))[: max(1, 3 // len(valid))]
     model.train(was_training)
@@ -412,7 +458,8 @@ def prepare_data(data_cfg: DataConfig, tokenizer_dir: Path, tokenizer: Tokenizer
         (tokenizer, train, mix, valid): ``train`` holds the pairs of every stream
         (:func:`attnmt.data.streams`), one stream after another, with ``src_ids``, ``tgt_ids`` and
         their lengths; ``mix`` is ``(sizes, shares)`` of those streams, or None for a single one;
-        ``valid`` lists ``(stream, valid dataset, tag ids)`` of each direction of the main corpus.
+        ``valid`` lists ``(stream, valid dataset, (source prefix, target prefix))`` of each direction
+        of the main corpus.
     """
     train_streams = streams(data_cfg)
     valid_streams = train_streams[: len(data_cfg.pairs())]
@@ -425,13 +472,14 @@ def prepare_data(data_cfg: DataConfig, tokenizer_dir: Path, tokenizer: Tokenizer
         state = (train_tokenizer(cleaned, data_cfg, tokenizer_dir, tags(data_cfg)).to_state()
                  if distributed.rank() == 0 else None)
         tokenizer = Tokenizer.from_state(distributed.broadcast_object(state))
-    prefixes = [[tokenizer.tag_id(tag) for tag in stream.tags] for stream in train_streams]
+    prefixes = [tokenizer.direction_ids(stream.cfg.src_lang, stream.cfg.tgt_lang, stream.tags) for stream in train_streams]
     with distributed.local_rank_zero_first():
         train_sets = [_named(name, tokenize, ds, tokenizer, stream.cfg, train=True, prefix=prefix,
-                             name=name or "train split")
-                      for stream, name, ds, prefix in zip(train_streams, names, cleaned, prefixes)]
-        valid = [(stream, tokenize(ds, tokenizer, stream.cfg, train=False, prefix=prefix), prefix)
-                 for stream, ds, prefix in zip(valid_streams, valid_clean, prefixes)]
+                             name=name or "train split", tgt_prefix=tgt_prefix)
+                      for stream, name, ds, (prefix, tgt_prefix) in zip(train_streams, names, cleaned, prefixes)]
+        valid = [(stream, tokenize(ds, tokenizer, stream.cfg, train=False, prefix=prefix, tgt_prefix=tgt_prefix),
+                  (prefix, tgt_prefix))
+                 for stream, ds, (prefix, tgt_prefix) in zip(valid_streams, valid_clean, prefixes)]
     if len(train_sets) == 1:
         return tokenizer, train_sets[0], None, valid
     sizes = [len(ds) for ds in train_sets]
@@ -654,7 +702,13 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
     source, source_path = (resumed, resume_from) if resumed else (init, t.init_from)
     if source is not None:
         checkpoint.require(source, checkpoint.INFERENCE_KEYS, source_path, "train.resume and train.init_from")
-        checkpoint.check_same_model(source, cfg.model, source_path)
+        # An imported model's shape is no model= of ours: a run started from one takes the checkpoint's
+        # shape, and so does such a run when it continues (its own config names init_from).
+        if (init is not None and init.get("imported_from")) or (
+                resumed is not None and ((resumed.get("config") or {}).get("train") or {}).get("init_from")):
+            cfg = replace(cfg, model=init_model_config(cfg.model, source, source_path))
+        else:
+            checkpoint.check_same_model(source, cfg.model, source_path)
     if resumed is not None:
         checkpoint.check_same_tokenizer(resumed, cfg.data.tokenizer, resume_from)
 
@@ -665,11 +719,14 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
     data_cfg = cfg.data if cfg.data.cache_dir else replace(cfg.data, cache_dir=str(Path(t.run_dir) / "data-cache"))
     tokenizer, train_ds, mix, valid_sets = prepare_data(data_cfg, Path(t.run_dir) / "tokenizer", tokenizer)
     model_cfg = replace(cfg.model, src_vocab_size=tokenizer.src_vocab_size, tgt_vocab_size=tokenizer.tgt_vocab_size,
-                        pad_id=PAD_ID)
+                        pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
     model = build_model(model_cfg).to(device)
     if init is not None:
         checkpoint.load_model_weights(model, init, t.init_from, "the model this run builds (model.* settings)")
         logger.info("weights and tokenizer from %s (train.init_from); a fresh optimizer and schedule", t.init_from)
+    if t.freeze:
+        logger.info("train.freeze=%s: %s of %s parameters kept fixed", t.freeze, f"{freeze(model, t.freeze):,}",
+                    f"{sum(p.numel() for p in model.parameters()):,}")
     sampler = TokenBucketSampler(*token_lengths(train_ds), t.max_tokens, shuffle=True, seed=t.seed, rank=info.rank,
                                  world_size=info.world_size, update_freq=t.update_freq, window=t.sort_window,
                                  streams=mix[0] if mix else None,
@@ -691,11 +748,13 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
         logger.info("resumed from %s at step %d, epoch %d", resume_from, state.step, state.epoch)
     else:
         sampler.set_epoch(state.epoch)
-    loader = make_dataloader(train_ds, sampler, t.num_workers, device.type == "cuda")
+    loader = make_dataloader(train_ds, sampler, t.num_workers, device.type == "cuda", pad_id=tokenizer.pad_id,
+                             bos_id=tokenizer.bos_id)
     train_model = torch.compile(model) if t.compile else model
     if info.world_size > 1:
         train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    valid = [valid_set(stream, ds, prefix, t, device) for stream, ds, prefix in valid_sets] if info.is_main else None
+    valid = ([valid_set(stream, ds, prefixes, t, device, tokenizer) for stream, ds, prefixes in valid_sets]
+             if info.is_main else None)
 
     # Accepted: from here on the run directory changes.
     writer = None
@@ -856,7 +915,7 @@ def update(run: Run, micro: list[Batch]) -> StepResult:
         group["lr"] = state.lr
     try:
         result = train_step(run.model, micro, state.optimizer, state.scaler, run.autocast,
-                            run.cfg.optim.label_smoothing, run.cfg.optim.clip_norm, PAD_ID)
+                            run.cfg.optim.label_smoothing, run.cfg.optim.clip_norm, run.state.model_config.pad_id)
     except torch.cuda.OutOfMemoryError as e:
         raise TrainingError(f"{describe_oom(micro, t.max_tokens, t.update_freq)}; checkpoints so far are in "
                             f"{checkpoint.checkpoint_dir(run.run_dir)}") from e

@@ -50,12 +50,17 @@ def test_set(cfg: EvaluateConfig, trained_config: dict, data_overrides: list[str
         if len(sources) != len(references):
             raise UserError(f"src={cfg.src} has {len(sources)} lines but ref={cfg.ref} has {len(references)}; "
                             "they must be line-aligned")
+        if trained is None:  # an imported model (attnmt-import) was trained on no data of ours
+            return sources, references, cfg.src, (cfg.src_lang, cfg.tgt_lang)
         data_cfg = trained_data_config(trained)
         own = [langs[0] if len(langs) == 1 else None
                for langs in (data_cfg.source_languages(), data_cfg.target_languages())]
         return sources, references, cfg.src, (cfg.src_lang or own[0], cfg.tgt_lang or own[1])
     if cfg.src is not None or cfg.ref is not None:
         raise UserError("give either split=NAME or src=/ref= files, not both")
+    if trained is None:
+        raise UserError(f"split={cfg.split}: this checkpoint was imported (attnmt-import) and has no data config; "
+                        "give src=FILE ref=FILE")
     try:
         overrides = OmegaConf.from_dotlist([item.removeprefix("data.") for item in data_overrides])
         data_cfg = trained_data_config(trained, overrides)

@@ -23,7 +23,7 @@ from attnmt.config import ConfigError, TranslateConfig, config_dir
 from attnmt.device import resolve_device
 from attnmt.export import ExportError
 from attnmt.inference import Engine, Translation, capabilities_of, check_capabilities, encode_sources, open_engine
-from attnmt.tokenizer import EOS_ID, TokenizerError
+from attnmt.tokenizer import TokenizerError
 
 log = logging.getLogger("attnmt.translate")
 
@@ -70,7 +70,7 @@ def plot_attention(cfg: TranslateConfig, engine: Engine, line_number: int, line:
     weights = engine.backend.cross_attention(src_ids, tgt_ids, cfg.attention_layer)
     layer = "mean over layers and heads" if cfg.attention_layer is None else f"layer {cfg.attention_layer}, mean over heads"
     # Labels from the ids the model saw (normalised, truncated), EOS last on both axes.
-    fig = attention_figure(weights, tokenizer.src_pieces(src_ids), tokenizer.tgt_pieces(tgt_ids + [EOS_ID]),
+    fig = attention_figure(weights, tokenizer.src_pieces(src_ids), tokenizer.tgt_pieces(tgt_ids + [tokenizer.eos_id]),
                            title=f"line {line_number}: {layer}")
     with missing_glyphs_allowed():
         fig.savefig(Path(cfg.attention_plot) / f"line{line_number:06d}.png")

@@ -33,7 +33,8 @@ class ExportError(ValueError):
 # check_model_options refuses it until its conversion is written and it is listed.
 CONVERTED_OPTIONS = (
     "d_model", "n_heads", "ffn_dim", "encoder_layers", "decoder_layers", "activation", "norm_first", "positions",
-    "max_positions", "share_embeddings", "tie_output", "src_vocab_size", "tgt_vocab_size", "pad_id",
+    "max_positions", "share_embeddings", "tie_output", "src_vocab_size", "tgt_vocab_size", "pad_id", "bos_id",
+    "eos_id", "output_bias",
     "dropout", "attention_dropout", "activation_dropout",  # training only: nothing to convert
 )
 

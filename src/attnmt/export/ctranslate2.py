@@ -10,11 +10,13 @@ model option has an exact CTranslate2 equivalent:
 - token embeddings scaled by sqrt(d_model) (``scale_embeddings``); shared embeddings are one array
   given twice, which CTranslate2 stores once; separate vocabularies become a source and a target
   vocabulary; a tied output projection is the target embedding matrix;
-- ReLU / GELU (erf): ``Activation.RELU`` / ``Activation.GELU``.
+- ReLU / GELU (erf) / SiLU: ``Activation.RELU`` / ``Activation.GELU`` / ``Activation.SWISH``;
+- the output bias (``model.output_bias``, Marian's): the projection's bias.
 
-The vocabularies are the SentencePiece pieces of ids 0..V-1, so CTranslate2's ids are attnmt's
-(pad 0, unk 1, ``<s>`` 2, ``</s>`` 3). CTranslate2 appends ``</s>`` to the source
-(``add_source_eos``) and starts the target with ``<s>``, as attnmt does.
+The vocabularies are the pieces of ids 0..V-1, so CTranslate2's ids are attnmt's (for attnmt's own
+tokenizers pad 0, unk 1, ``<s>`` 2, ``</s>`` 3; an imported model's are its own). CTranslate2 appends
+``</s>`` to the source (``add_source_eos``) and starts the target with the model's start token
+(``model.bos_id``: ``<s>``, or ``</s>`` for M2M100 and NLLB, ``<pad>`` for Marian), as attnmt does.
 
 A model directory holds::
 
@@ -41,12 +43,12 @@ from attnmt.export import (
     CONVERTED_OPTIONS, ExportError, check_model_options, check_new_directory, checkpoint_hash, write_directory,
 )
 from attnmt.model import Transformer
-from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from attnmt.tokenizer import Tokenizer
 
 # The values of each model option CTranslate2 expresses exactly (None: any); check_model_options
 # refuses an option that is not listed (one added to the model after this conversion was written).
-EXPRESSIBLE = {**dict.fromkeys(CONVERTED_OPTIONS), "activation": ("relu", "gelu"), "pad_id": (PAD_ID,)}
-FORMAT = "attnmt-ctranslate2-1"  # part of the cache key: a change of the conversion invalidates caches
+EXPRESSIBLE = dict.fromkeys(CONVERTED_OPTIONS)
+FORMAT = "attnmt-ctranslate2-2"  # part of the cache key: a change of the conversion invalidates caches
 META_FILE = "attnmt.json"
 JOINT_SPM, SOURCE_SPM, TARGET_SPM = "sentencepiece.model", "source.model", "target.model"
 
@@ -90,7 +92,8 @@ def model_spec(model: Transformer, tokenizer: Tokenizer):
 
     cfg = model.cfg
     check_model_options(cfg, EXPRESSIBLE, "ctranslate2")
-    activations = {"relu": common_spec.Activation.RELU, "gelu": common_spec.Activation.GELU}
+    activations = {"relu": common_spec.Activation.RELU, "gelu": common_spec.Activation.GELU,
+                   "silu": common_spec.Activation.SWISH}
     spec = transformer_spec.TransformerSpec.from_config(
         (cfg.encoder_layers, cfg.decoder_layers), cfg.n_heads, pre_norm=cfg.norm_first,
         activation=activations[cfg.activation],
@@ -117,12 +120,15 @@ def model_spec(model: Transformer, tokenizer: Tokenizer):
         _set_norm(decoder.layer_norm, model.decoder_norm)
     output = model.tgt_embed.tokens.weight if model.output_proj is None else model.output_proj.weight
     decoder.projection.weight = _array(output)
+    if model.output_bias is not None:
+        decoder.projection.bias = _array(model.output_bias)
 
     spec.register_source_vocabulary(tokenizer.src_pieces(range(tokenizer.src_vocab_size)))
     spec.register_target_vocabulary(tokenizer.tgt_pieces(range(tokenizer.tgt_vocab_size)))
     config = spec.config
-    config.unk_token, config.bos_token, config.eos_token = tokenizer.tgt_pieces([UNK_ID, BOS_ID, EOS_ID])
-    config.decoder_start_token = config.bos_token
+    config.unk_token, config.decoder_start_token, config.eos_token = tokenizer.tgt_pieces(
+        [tokenizer.unk_id, cfg.bos_id, cfg.eos_id])
+    config.bos_token = config.decoder_start_token
     config.add_source_eos = True
     config.layer_norm_epsilon = model.decoder_layers[0].ffn_block.norm.eps
     return spec
@@ -164,6 +170,8 @@ def export(model: Transformer, tokenizer: Tokenizer, out: str | Path, quantizati
         "checkpoint_sha256": checkpoint_hash(checkpoints) if checkpoints else None,
         "config": run_config,
         "tokenizer_settings": tokenizer.settings,  # its tags (<2de>, ...), for engine=ctranslate2
+        # An imported model's vocabulary (its ids, special ids, language codes), for engine=ctranslate2.
+        "tokenizer_vocab": None if tokenizer.vocab is None else {k: v for k, v in tokenizer.vocab.items() if k != "files"},
     }
 
     def fill(tmp: Path) -> None:

@@ -13,13 +13,16 @@ one mapping (:func:`state_dict`) serves both:
   the output logits do not depend on the order of the hidden dimensions.
 
 Shared or separate embeddings and a tied or untied output projection map onto both exactly;
-ReLU and GELU (erf) are transformers' ``relu`` and ``gelu``. Refused, with a line naming the option:
+ReLU, GELU (erf) and SiLU are transformers' ``relu``, ``gelu`` and ``swish``; the output bias
+(``model.output_bias``) is Marian's ``final_logits_bias`` (M2M100 has none). The special ids are the
+model's (``model.pad_id``, ``bos_id`` as the decoder's start, ``eos_id``). Refused, with a line naming the option:
 the other position tables (M2M100 and Marian compute their own table and do not load one), separate
 SentencePiece models (``data.tokenizer.joint=false``: a transformers tokenizer is one vocabulary)
 and SentencePiece models a ``tokenizers`` Unigram model cannot reproduce (BPE, a normaliser other
 than ``identity``).
 
-The tokenizer (:func:`hf_tokenizer`) is a ``tokenizers`` Unigram model with the SentencePiece pieces
+A model imported by ``attnmt-import`` goes back as the architecture it came from, with the
+tokenizer files it came with (:func:`export`). For attnmt's own models the tokenizer (:func:`hf_tokenizer`) is a ``tokenizers`` Unigram model with the SentencePiece pieces
 and scores and byte fallback, behind attnmt's normalisation (NFKC, whitespace collapsed and trimmed)
 and a Metaspace pre-tokenizer, with ``</s>`` appended; ``generation_config.json`` makes
 ``generate()`` search as attnmt does (start with ``<s>``, never emit ``<pad>`` or ``<s>``).
@@ -42,7 +45,8 @@ _WHITESPACE = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
 
 # The values of each model option M2M100 or Marian express (None: any; positions and norm_first are
 # checked together by architecture()); check_model_options refuses an option that is not listed.
-EXPRESSIBLE = {**dict.fromkeys(CONVERTED_OPTIONS), "activation": ("relu", "gelu"), "pad_id": (PAD_ID,)}
+EXPRESSIBLE = dict.fromkeys(CONVERTED_OPTIONS)
+HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "swish"}  # attnmt's name -> transformers
 
 
 def architecture(cfg: ModelConfig, tokenizer: Tokenizer) -> str:
@@ -52,11 +56,14 @@ def architecture(cfg: ModelConfig, tokenizer: Tokenizer) -> str:
         ExportError: one line naming the option that has no exact equivalent, and what to do.
     """
     check_model_options(cfg, EXPRESSIBLE, "hf")
-    if not tokenizer.joint:
+    if not tokenizer.joint and tokenizer.vocab is None:
         raise ExportError("data.tokenizer.joint=false: a transformers tokenizer holds one vocabulary, this model "
                           "has one per language; export it to=ctranslate2 (or translate with engine=ctranslate2) "
                           "or train with a joint tokenizer")
     if cfg.norm_first and cfg.positions == "sinusoidal_fairseq":
+        if cfg.output_bias:
+            raise ExportError("model.output_bias=true: M2M100, the pre-norm architecture, has no output bias; "
+                              "export it to=ctranslate2")
         return "m2m_100"
     if not cfg.norm_first and cfg.positions == "sinusoidal" and cfg.d_model % 2 == 0:
         return "marian"
@@ -76,11 +83,11 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer):
     common = dict(
         d_model=cfg.d_model, encoder_layers=cfg.encoder_layers, decoder_layers=cfg.decoder_layers,
         encoder_attention_heads=cfg.n_heads, decoder_attention_heads=cfg.n_heads,
-        encoder_ffn_dim=cfg.ffn_dim, decoder_ffn_dim=cfg.ffn_dim, activation_function=cfg.activation,
+        encoder_ffn_dim=cfg.ffn_dim, decoder_ffn_dim=cfg.ffn_dim, activation_function=HF_ACTIVATIONS[cfg.activation],
         dropout=cfg.dropout, attention_dropout=cfg.attention_dropout, activation_dropout=cfg.dropout if cfg.activation_dropout is None else cfg.activation_dropout,
         encoder_layerdrop=0.0, decoder_layerdrop=0.0, max_position_embeddings=cfg.max_positions,
-        scale_embedding=True, pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-        decoder_start_token_id=BOS_ID, forced_eos_token_id=None,
+        scale_embedding=True, pad_token_id=cfg.pad_id, bos_token_id=_bos_token(cfg, tokenizer), eos_token_id=cfg.eos_id,
+        decoder_start_token_id=cfg.bos_id, forced_eos_token_id=None,
     )
     if architecture(cfg, tokenizer) == "m2m_100":
         # transformers 5 ties M2M100's encoder and decoder embeddings and output projection all
@@ -92,27 +99,27 @@ def hf_config(cfg: ModelConfig, tokenizer: Tokenizer):
                         **common)
 
 
-def state_dict(model: Transformer, permute: bool) -> dict[str, torch.Tensor]:
-    """attnmt's weights under the BART family's names (``model.encoder.layers.0.self_attn.q_proj.weight``, ...).
+def hidden_order(d_model: int, permute: bool) -> torch.Tensor:
+    """The hidden dimensions in transformers' order: evens first, then odds, for Marian's position
+    table (``permute``); else unchanged."""
+    return torch.cat([torch.arange(0, d_model, 2), torch.arange(1, d_model, 2)]) if permute else torch.arange(d_model)
 
-    Args:
-        model: the attnmt model.
-        permute: reorder the hidden dimensions evens first, then odds (for Marian's position table).
-    """
-    d = model.cfg.d_model
-    order = torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)]) if permute else torch.arange(d)
-    weights: dict[str, torch.Tensor] = {}
+
+def weight_pairs(model: Transformer) -> list[tuple[str, torch.Tensor, bool, bool]]:
+    """Each transformers weight of the BART family (``model.encoder.layers.0.self_attn.q_proj.weight``,
+    ...) with the attnmt tensor that holds it (a view, where attnmt fuses keys and values into one
+    projection) and whether its columns and its rows are hidden dimensions. The export reads these
+    tensors; ``attnmt-import`` (:mod:`attnmt.pretrained`) writes into them."""
+    pairs: list[tuple[str, torch.Tensor, bool, bool]] = []
 
     def linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None, d_in: bool, d_out: bool) -> None:
-        # A hidden-size input dimension is a weight column, a hidden-size output dimension a row.
-        weight = weight[:, order] if d_in else weight
-        weights[f"{name}.weight"] = weight[order] if d_out else weight
+        pairs.append((f"{name}.weight", weight, d_in, d_out))
         if bias is not None:
-            weights[f"{name}.bias"] = bias[order] if d_out else bias
+            pairs.append((f"{name}.bias", bias, False, d_out))
 
     def norm(name: str, layer_norm: torch.nn.LayerNorm) -> None:
-        weights[f"{name}.weight"] = layer_norm.weight[order]
-        weights[f"{name}.bias"] = layer_norm.bias[order]
+        pairs.append((f"{name}.weight", layer_norm.weight, False, True))
+        pairs.append((f"{name}.bias", layer_norm.bias, False, True))
 
     def attention(name: str, attn) -> None:
         k, v = attn.kv_proj.weight.chunk(2)
@@ -142,13 +149,28 @@ def state_dict(model: Transformer, permute: bool) -> dict[str, torch.Tensor]:
     if model.cfg.norm_first:
         norm("model.encoder.layer_norm", model.encoder_norm)
         norm("model.decoder.layer_norm", model.decoder_norm)
+    src, tgt = model.src_embed.tokens.weight, model.tgt_embed.tokens.weight
+    pairs += [("model.shared.weight", src, True, False), ("model.encoder.embed_tokens.weight", src, True, False),
+              ("model.decoder.embed_tokens.weight", tgt, True, False)]
+    pairs.append(("lm_head.weight", tgt if model.output_proj is None else model.output_proj.weight, True, False))
+    if model.output_bias is not None:
+        pairs.append(("final_logits_bias", model.output_bias[None, :], False, False))  # (1, V)
+    return pairs
 
-    src, tgt = model.src_embed.tokens.weight[:, order], model.tgt_embed.tokens.weight[:, order]
-    weights["model.shared.weight"] = src
-    weights["model.encoder.embed_tokens.weight"] = src
-    weights["model.decoder.embed_tokens.weight"] = tgt
-    weights["lm_head.weight"] = tgt if model.output_proj is None else model.output_proj.weight[:, order]
-    return {name: tensor.detach().to("cpu", torch.float32) for name, tensor in weights.items()}
+
+def state_dict(model: Transformer, permute: bool) -> dict[str, torch.Tensor]:
+    """attnmt's weights under the BART family's names (see :func:`weight_pairs`).
+
+    Args:
+        model: the attnmt model.
+        permute: reorder the hidden dimensions evens first, then odds (for Marian's position table).
+    """
+    order = hidden_order(model.cfg.d_model, permute)
+    weights = {}
+    for name, tensor, d_in, d_out in weight_pairs(model):
+        tensor = tensor[:, order] if d_in else tensor
+        weights[name] = (tensor[order] if d_out else tensor).detach().to("cpu", torch.float32)
+    return weights
 
 
 def hf_model(model: Transformer, tokenizer: Tokenizer):
@@ -164,6 +186,7 @@ def hf_model(model: Transformer, tokenizer: Tokenizer):
         del weights["model.shared.weight"]
     # Computed by transformers itself (Marian's sin/cos table) or all zero (Marian's output bias).
     derived = {"model.encoder.embed_positions.weight", "model.decoder.embed_positions.weight", "final_logits_bias"}
+    derived -= set(weights)
     unfilled = set(target) - set(weights) - derived
     if unfilled or set(weights) - set(target):
         import transformers
@@ -219,13 +242,27 @@ def hf_tokenizer(tokenizer: Tokenizer, max_positions: int):
     )
 
 
-def generation_config(cfg: ModelConfig):
-    """``generate()``'s defaults: greedy search as attnmt's, from ``<s>`` to ``</s>``, never ``<pad>`` or ``<s>``."""
+def suppressed(cfg: ModelConfig) -> list[int]:
+    """The ids attnmt's search never generates: the padding, and the start token unless it is EOS."""
+    return [cfg.pad_id] + ([cfg.bos_id] if cfg.bos_id != cfg.eos_id else [])
+
+
+def _bos_token(cfg: ModelConfig, tokenizer: Tokenizer) -> int:
+    """transformers' ``bos_token_id``: ``<s>`` where the vocabulary has one (M2M100's 0), else the start token."""
+    if tokenizer.vocab is None:
+        return cfg.bos_id
+    bos = tokenizer.tgt_piece_ids(["<s>"])[0]
+    return bos if bos != tokenizer.unk_id else cfg.bos_id
+
+
+def generation_config(cfg: ModelConfig, tokenizer: Tokenizer):
+    """``generate()``'s defaults: greedy search as attnmt's, from the start token to ``</s>``, never
+    ``<pad>`` (nor ``<s>`` where that is the start token)."""
     from transformers import GenerationConfig
 
     return GenerationConfig(
-        decoder_start_token_id=BOS_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-        forced_bos_token_id=None, forced_eos_token_id=None, suppress_tokens=[PAD_ID, BOS_ID],
+        decoder_start_token_id=cfg.bos_id, bos_token_id=_bos_token(cfg, tokenizer), eos_token_id=cfg.eos_id,
+        pad_token_id=cfg.pad_id, forced_bos_token_id=None, forced_eos_token_id=None, suppress_tokens=suppressed(cfg),
         num_beams=1, do_sample=False, max_length=cfg.max_positions,
     )
 
@@ -239,14 +276,20 @@ def export(model: Transformer, tokenizer: Tokenizer, out: str | Path) -> Path:
     """
     check_new_directory(out)
     hf = hf_model(model, tokenizer)
-    fast = hf_tokenizer(tokenizer, model.cfg.max_positions)
-    generation = generation_config(model.cfg)
+    fast = hf_tokenizer(tokenizer, model.cfg.max_positions) if tokenizer.vocab is None else None
+    generation = generation_config(model.cfg, tokenizer)
 
     def fill(tmp: Path) -> None:
         hf.generation_config = generation
         hf.save_pretrained(tmp)
-        fast.save_pretrained(tmp)
-        (tmp / "README.md").write_text(_readme(Path(out).name, hf.config.model_type, tokenizer.tags))
+        if fast is not None:
+            fast.save_pretrained(tmp)
+            # The SentencePiece model itself, beside tokenizer.json: what attnmt-import reads the pieces with.
+            (tmp / "sentencepiece.model").write_bytes(tokenizer.to_state()["models"]["joint"])
+            (tmp / "README.md").write_text(_readme(Path(out).name, hf.config.model_type, tokenizer.tags))
+            return
+        for name, data in tokenizer.vocab["files"].items():  # an imported model's own tokenizer files
+            (tmp / name).write_bytes(bytes(data))
 
     return write_directory(out, fill)
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Protocol
 from attnmt.batching import length_batches
 from attnmt.config import ConfigError, DecodeConfig, trained_data_config
 from attnmt.decoding import Hypothesis, strategy
-from attnmt.tokenizer import EOS_ID, Tokenizer, TokenizerError, language_tag, tag_language, normalize
+from attnmt.tokenizer import Tokenizer, TokenizerError, language_tag, normalize, tag_language
 
 if TYPE_CHECKING:
     import torch
@@ -73,13 +73,16 @@ class Backend(Protocol):
     capabilities: Capabilities
     max_positions: int  # the model's positions: sources are cut to fit them
 
-    def search(self, sources: list[list[int]], line_numbers: list[int], cfg: DecodeConfig) -> list[list[Hypothesis]]:
+    def search(self, sources: list[list[int]], line_numbers: list[int], cfg: DecodeConfig,
+               tgt_prefix: list[int]) -> list[list[Hypothesis]]:
         """Each source's hypotheses, best first (at most ``cfg.nbest``).
 
         Args:
-            sources: source ids (the target prefix, the pieces, EOS), none empty.
+            sources: source ids (the source prefix, the pieces, EOS), none empty.
             line_numbers: each source's line number in its input (fixes its draws when sampling).
             cfg: the search settings, already checked against :attr:`capabilities`.
+            tgt_prefix: ids every translation starts with (the target language's code in M2M100
+                and NLLB; usually none), forced, and kept in the hypotheses' ids.
         """
         ...
 
@@ -138,21 +141,25 @@ def _module(engine: str):
 @dataclass
 class Engine:
     """A model opened for translation: a backend, the checkpoint's tokenizer and run config, and the
-    target prefix (``[<2xx>]`` for a model of several target languages, else empty)."""
+    ids that ask for the target language (:func:`language_prefixes`): ``prefix`` before each source
+    (``[<2xx>]`` for an attnmt model of several target languages, the source language's code for
+    M2M100 and NLLB, else empty) and ``tgt_prefix`` forced at the start of each translation (the
+    target language's code for M2M100 and NLLB, else empty)."""
 
     name: str
     backend: Backend
     tokenizer: Tokenizer
     run_config: dict = field(default_factory=dict)
     prefix: list[int] = field(default_factory=list)
+    tgt_prefix: list[int] = field(default_factory=list)
 
     @property
     def capabilities(self) -> Capabilities:
         return self.backend.capabilities
 
     def translate(self, lines: list[str], cfg: DecodeConfig, *, first_line: int = 1,
-                  on_batch: Callable[[int], None] | None = None,
-                  prefix: Sequence[int] | None = None) -> list[Translation]:
+                  on_batch: Callable[[int], None] | None = None, prefix: Sequence[int] | None = None,
+                  tgt_prefix: Sequence[int] | None = None) -> list[Translation]:
         """Translate ``lines``; one :class:`Translation` per line, in input order.
 
         Args:
@@ -161,17 +168,19 @@ class Engine:
             first_line: the line number of ``lines[0]`` in its file (warnings name lines by it, and
                 sampling fixes a line's draws by it).
             on_batch: called with the number of sentences of each decoded batch (progress bars).
-            prefix: tag ids put before every source instead of the engine's :attr:`prefix`.
+            prefix: ids put before every source instead of the engine's :attr:`prefix`.
+            tgt_prefix: ids forced at the start of every translation instead of :attr:`tgt_prefix`.
 
         Raises:
             ConfigError: ``cfg`` asks for something this engine cannot do.
         """
         check_capabilities(self.name, self.capabilities, cfg)
         prefix = self.prefix if prefix is None else prefix
+        tgt_prefix = list(self.tgt_prefix if tgt_prefix is None else tgt_prefix)
         sources = encode_sources(self.tokenizer, lines, self.backend.max_positions, first_line, prefix)
         hypotheses: list[list[Hypothesis]] = [[] for _ in lines]
         for batch in length_batches([len(s) for s in sources], cfg.max_tokens):
-            results = self.backend.search([sources[i] for i in batch], [first_line + i for i in batch], cfg)
+            results = self.backend.search([sources[i] for i in batch], [first_line + i for i in batch], cfg, tgt_prefix)
             for i, hyps in zip(batch, results):
                 hypotheses[i] = hyps
             if on_batch is not None:
@@ -196,9 +205,9 @@ def open_engine(cfg: TranslateConfig | EvaluateConfig, paths: Sequence, device: 
     module = _module(cfg.engine)
     check_capabilities(cfg.engine, module.CAPABILITIES, cfg)
     backend, tokenizer, run_config = module.open_backend(list(paths), device, getattr(cfg, "compute_type", "default"))
-    prefix = target_prefix(tokenizer, run_config, tgt_lang if tgt_lang is not None else cfg.tgt_lang,
-                           src_lang if src_lang is not None else cfg.src_lang)
-    return Engine(cfg.engine, backend, tokenizer, run_config or {}, prefix)
+    prefix, tgt_prefix = language_prefixes(tokenizer, run_config, tgt_lang if tgt_lang is not None else cfg.tgt_lang,
+                                           src_lang if src_lang is not None else cfg.src_lang)
+    return Engine(cfg.engine, backend, tokenizer, run_config or {}, prefix, tgt_prefix)
 
 
 def encode_sources(tokenizer: Tokenizer, lines: list[str], max_len: int, first_line: int = 1,
@@ -220,7 +229,7 @@ def encode_sources(tokenizer: Tokenizer, lines: list[str], max_len: int, first_l
             log.warning("line %d: %d source tokens exceed the model's limit of %d; truncated",
                         first_line + i, len(prefix) + len(piece_ids) + 1, max_len)
             piece_ids = piece_ids[:room]
-        sources.append([*prefix, *piece_ids, EOS_ID])
+        sources.append([*prefix, *piece_ids, tokenizer.eos_id])
     return sources
 
 
@@ -238,20 +247,34 @@ def translations(tokenizer: Tokenizer, hypotheses: list[list[Hypothesis]], nbest
     return result
 
 
-def target_prefix(tokenizer: Tokenizer, run_config: dict | None, tgt_lang: str | None,
-                  src_lang: str | None = None) -> list[int]:
-    """The tag ids that ask a model for ``tgt_lang``: ``[<2xx>]`` for a model of several target
-    languages, none for a model of one (whose language ``tgt_lang``, if given, must be).
+def language_prefixes(tokenizer: Tokenizer, run_config: dict | None, tgt_lang: str | None,
+                      src_lang: str | None = None) -> tuple[list[int], list[int]]:
+    """The ids that ask a model for ``tgt_lang``: (before each source, forced at the start of each translation).
 
-    The languages a model knows come from its tags, else from the data config it was trained on
-    (``run_config["data"]``); ``src_lang``, if given, must be one it was trained to translate from.
-    A direction of two known languages that was not trained (zero-shot) is translated, with a warning.
+    attnmt's models: ``[<2xx>]`` before the source for a model of several target languages, nothing
+    for a model of one (whose language ``tgt_lang``, if given, must be). The languages a model knows
+    come from its tags, else from the data config it was trained on (``run_config["data"]``);
+    ``src_lang``, if given, must be one it was trained to translate from. A direction of two known
+    languages that was not trained (zero-shot) is translated, with a warning.
+
+    Models with language codes (M2M100, NLLB): the source language's code before the source, the
+    target language's forced first; both languages are needed, from the arguments or else from the
+    one direction the model was fine-tuned on.
 
     Raises:
         TokenizerError: the model does not translate into ``tgt_lang`` or from ``src_lang`` (or, with
             several target languages, none was given); the message names the languages it knows.
     """
     data = trained_data_config(run_config["data"]) if run_config and run_config.get("data") else None
+    if tokenizer.languages:
+        pairs = data.trained_pairs() if data else []
+        src_lang = src_lang or (pairs[0][0] if len(pairs) == 1 else None)
+        tgt_lang = tgt_lang or (pairs[0][1] if len(pairs) == 1 else None)
+        if src_lang is None or tgt_lang is None:
+            known = sorted(tokenizer.languages)
+            raise TokenizerError(f"this model translates between {len(known)} languages ({', '.join(known[:6])}, ...): "
+                                 "name the direction with src_lang= and tgt_lang=")
+        return tokenizer.direction_ids(src_lang, tgt_lang)
     tagged = sorted(lang for lang in map(tag_language, tokenizer.tags) if lang is not None)
     targets = tagged or (data.target_languages() if data else [])
     if src_lang is not None and data and src_lang not in data.source_languages():
@@ -264,6 +287,5 @@ def target_prefix(tokenizer: Tokenizer, run_config: dict | None, tgt_lang: str |
         log.warning("%s-%s is not a direction this model was trained on (%s): zero-shot", src_lang, tgt_lang,
                     ", ".join(sorted({f"{s}-{t}" for s, t in data.trained_pairs()})))
     if not tagged:
-        return []
-    return [tokenizer.tag_id(language_tag(tgt_lang or tagged[0]))]
-
+        return [], []
+    return [tokenizer.tag_id(language_tag(tgt_lang or tagged[0]))], []

@@ -25,7 +25,7 @@ from attnmt.decoding import Hypothesis, length_penalty, max_length
 from attnmt.export import ExportError, checkpoint_hash
 from attnmt.export.ctranslate2 import FORMAT, JOINT_SPM, META_FILE, SOURCE_SPM, TARGET_SPM, export
 from attnmt.inference import Capabilities
-from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from attnmt.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -145,23 +145,31 @@ class CTranslate2Backend:
         self.run_config = meta["config"]  # the checkpoint's (model, data, optim, train), or None
         settings = meta.get("tokenizer_settings")
         if (model_dir / JOINT_SPM).is_file():
-            self.tokenizer = Tokenizer((model_dir / JOINT_SPM).read_bytes(), None, settings)
+            self.tokenizer = Tokenizer((model_dir / JOINT_SPM).read_bytes(), None, settings,
+                                       vocab=meta.get("tokenizer_vocab"))
         else:
             self.tokenizer = Tokenizer((model_dir / SOURCE_SPM).read_bytes(), (model_dir / TARGET_SPM).read_bytes(),
-                                       settings)
+                                       settings, vocab=meta.get("tokenizer_vocab"))
         try:
             self.translator = ctranslate2.Translator(str(model_dir), device=device, device_index=device_index,
                                                      compute_type=compute_type, intra_threads=threads)
         except ValueError as err:
             raise ExportError(f"compute_type={compute_type} on {device}: {err}; use default, auto, int8, "
                               "int8_float32, float32, or (on a GPU) float16, bfloat16, int8_float16") from None
-        self.suppress = [[piece] for piece in self.tokenizer.tgt_pieces([PAD_ID, BOS_ID])]
-        self._eos = self.tokenizer.tgt_pieces([EOS_ID])[0]
+        model_cfg = meta["model_config"]
+        pad, bos, eos = (model_cfg.get(key, default) for key, default in (("pad_id", 0), ("bos_id", 2), ("eos_id", 3)))
+        # What attnmt's search never generates: the padding and the start token (unless that is EOS).
+        self.suppress = [[piece] for piece in self.tokenizer.tgt_pieces([pad] + ([bos] if bos != eos else []))]
+        self._eos = self.tokenizer.tgt_pieces([eos])[0]
 
-    def search(self, sources: list[list[int]], line_numbers: list[int], cfg: DecodeConfig) -> list[list[Hypothesis]]:
+    def search(self, sources: list[list[int]], line_numbers: list[int], cfg: DecodeConfig,
+               tgt_prefix: list[int]) -> list[list[Hypothesis]]:
         limits = [max_length(len(source), cfg.max_len_a, cfg.max_len_b, self.max_positions) for source in sources]
         pieces = [self.tokenizer.src_pieces(source[:-1]) for source in sources]  # CTranslate2 appends </s> itself
-        results = self.translator.translate_batch(pieces, **search_options(cfg, max(limits), self.suppress))
+        options = search_options(cfg, max(limits), self.suppress)
+        if tgt_prefix:
+            options["target_prefix"] = [self.tokenizer.tgt_pieces(tgt_prefix)] * len(sources)
+        results = self.translator.translate_batch(pieces, **options)
         return [self.hypotheses(result, limit, cfg) for limit, result in zip(limits, results)]
 
     def hypotheses(self, result, limit: int, cfg: DecodeConfig) -> list[Hypothesis]:

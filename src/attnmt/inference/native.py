@@ -15,7 +15,7 @@ from attnmt.decoding import STRATEGIES, Hypothesis, search
 from attnmt.device import autocast, inference_dtype
 from attnmt.inference import Capabilities
 from attnmt.model import Transformer
-from attnmt.tokenizer import BOS_ID, Tokenizer
+from attnmt.tokenizer import Tokenizer
 
 CAPABILITIES = Capabilities(strategies=frozenset(s.name for s in STRATEGIES), exact_stop=True, nbest=True,
                             attention=True, compute_type=False)
@@ -31,11 +31,12 @@ class NativeBackend:
         self.max_positions = model.cfg.max_positions
 
     @torch.inference_mode()
-    def search(self, sources: list[list[int]], line_numbers: list[int], cfg: DecodeConfig) -> list[list[Hypothesis]]:
+    def search(self, sources: list[list[int]], line_numbers: list[int], cfg: DecodeConfig,
+               tgt_prefix: list[int]) -> list[list[Hypothesis]]:
         device = next(self.model.parameters()).device
-        src_tokens, src_mask = (t.to(device) for t in pad(sources))
+        src_tokens, src_mask = (t.to(device) for t in pad(sources, pad_id=self.model.cfg.pad_id))
         with autocast(device, inference_dtype(device)):
-            return search(self.model, src_tokens, src_mask, cfg, torch.tensor(line_numbers, device=device))
+            return search(self.model, src_tokens, src_mask, cfg, torch.tensor(line_numbers, device=device), tgt_prefix)
 
     @torch.inference_mode()
     def cross_attention(self, src_ids: list[int], tgt_ids: list[int], layer: int | None = None) -> Tensor:
@@ -49,8 +50,8 @@ class NativeBackend:
 def cross_attention(model: Transformer, src_ids: list[int], tgt_ids: list[int], layer: int | None = None) -> Tensor:
     """:meth:`NativeBackend.cross_attention` of ``model`` (validation draws its maps with it too)."""
     device = next(model.parameters()).device
-    src_tokens, src_mask = (t.to(device) for t in pad([src_ids]))
-    tgt_in = torch.tensor([[BOS_ID, *tgt_ids]], device=device)
+    src_tokens, src_mask = (t.to(device) for t in pad([src_ids], pad_id=model.cfg.pad_id))
+    tgt_in = torch.tensor([[model.cfg.bos_id, *tgt_ids]], device=device)
     weights = model.cross_attention_weights(tgt_in, model.encode(src_tokens, src_mask), src_mask)  # (L, 1, H, T, S)
     weights = weights[:, 0].float().mean(dim=1)  # (L, T, S)
     return (weights.mean(dim=0) if layer is None else weights[layer]).cpu()

@@ -18,7 +18,7 @@ import torch
 from attnmt.config import DecodeConfig
 from attnmt.decoding import Hypothesis, max_length
 from attnmt.inference import Capabilities
-from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from attnmt.tokenizer import Tokenizer
 
 CAPABILITIES = Capabilities(strategies=frozenset({"greedy", "beam"}), exact_stop=False, nbest=False, attention=False,
                             compute_type=False)
@@ -35,17 +35,28 @@ class TransformersBackend:
         self.max_positions = hf_model.config.max_position_embeddings
 
     @torch.inference_mode()
-    def search(self, sources: list[list[int]], line_numbers: list[int], cfg: DecodeConfig) -> list[list[Hypothesis]]:
+    def search(self, sources: list[list[int]], line_numbers: list[int], cfg: DecodeConfig,
+               tgt_prefix: list[int]) -> list[list[Hypothesis]]:
+        if len(tgt_prefix) > 1:
+            raise ValueError(f"engine=transformers forces one target token, not {len(tgt_prefix)}")
+        config = self.hf.config
         limits = [max_length(len(source), cfg.max_len_a, cfg.max_len_b, self.max_positions) for source in sources]
         width = max(len(source) for source in sources)
-        input_ids = torch.tensor([source + [PAD_ID] * (width - len(source)) for source in sources], device=self.hf.device)
-        generated = self.hf.generate(input_ids=input_ids, attention_mask=input_ids != PAD_ID, num_beams=cfg.beam_size,
+        input_ids = torch.tensor([source + [config.pad_token_id] * (width - len(source)) for source in sources],
+                                 device=self.hf.device)
+        mask = torch.tensor([[True] * len(source) + [False] * (width - len(source)) for source in sources],
+                            device=self.hf.device)
+        never = [config.pad_token_id] + ([config.decoder_start_token_id]
+                                         if config.decoder_start_token_id != config.eos_token_id else [])
+        generated = self.hf.generate(input_ids=input_ids, attention_mask=mask, num_beams=cfg.beam_size,
                                      length_penalty=cfg.len_penalty, max_length=None, max_new_tokens=max(limits) + 1,
                                      min_new_tokens=min(cfg.min_len, max(limits) + 1),
-                                     suppress_tokens=[PAD_ID, BOS_ID])  # attnmt never generates them
+                                     forced_bos_token_id=tgt_prefix[0] if tgt_prefix else None,
+                                     suppress_tokens=never)  # attnmt never generates them
         hypotheses = []
-        for limit, row in zip(limits, generated[:, 1:].tolist()):  # [:, 1:]: without <s>
-            tokens = row[: row.index(EOS_ID)] if EOS_ID in row else row
+        eos = config.eos_token_id
+        for limit, row in zip(limits, generated[:, 1:].tolist()):  # [:, 1:]: without the start token
+            tokens = row[: row.index(eos)] if eos in row else row
             hypotheses.append([Hypothesis(tokens[:limit], math.nan)])
         return hypotheses
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from attnmt.model.attention import KVCache, MultiHeadAttention
 from attnmt.model.linear import Linear
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}  # silu: Marian's "swish"
 
 
 class FeedForward(nn.Module):

@@ -119,6 +119,7 @@ class Transformer(nn.Module):
         self.decoder_norm = nn.LayerNorm(cfg.d_model) if cfg.norm_first else nn.Identity()
         self.output_proj = None if cfg.tie_output else Linear(cfg.d_model, cfg.tgt_vocab_size, bias=False)
         self.tied_output = PackedWeight()  # the output projection when it is the embedding matrix
+        self.output_bias = nn.Parameter(torch.zeros(cfg.tgt_vocab_size)) if cfg.output_bias else None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -168,8 +169,9 @@ class Transformer(nn.Module):
     def project(self, states: Tensor) -> Tensor:
         """Logits (..., V) of decoder states (..., D)."""
         if self.output_proj is None:
-            return self.tied_output(states, self.tgt_embed.tokens.weight)
-        return self.output_proj(states)
+            return self.tied_output(states, self.tgt_embed.tokens.weight, self.output_bias)
+        logits = self.output_proj(states)
+        return logits if self.output_bias is None else logits + self.output_bias
 
     def forward(self, src_tokens: Tensor, src_mask: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher-forced training path: logits (B, T, V) for ``tgt_in`` (BOS + target)."""

@@ -1,0 +1,72 @@
+"""``attnmt-import``: a pretrained translation model from transformers as an attnmt checkpoint.
+
+    attnmt-import from=opus-mt-en-de out=models/opus-mt-en-de.pt            # a save_pretrained folder
+    attnmt-import from=Helsinki-NLP/opus-mt-en-de out=opus-mt-en-de.pt      # a hub id, where the network allows
+
+Marian (OPUS-MT), M2M100 and NLLB-200 (dense) are read (:mod:`attnmt.pretrained`); the checkpoint
+translates, evaluates, averages, exports and fine-tunes (``attnmt-train train.init_from=``) as any
+attnmt checkpoint. Another architecture, or an option attnmt cannot compute exactly, ends the command
+with one line naming it, before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from attnmt.cli.common import UserError, run_command, setup_logging
+
+log = logging.getLogger("attnmt.import")
+
+USAGE = "usage: attnmt-import from=FOLDER_OR_HUB_ID out=FILE.pt"
+
+
+def arguments(argv: list[str]) -> dict[str, str]:
+    """``from`` and ``out`` of ``key=value`` arguments.
+
+    Raises:
+        UserError: a missing, unknown or malformed argument.
+    """
+    values = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if arg in ("-h", "--help"):
+            raise UserError(f"{USAGE}\n{__doc__}")
+        if not sep or key not in ("from", "out") or not value:
+            raise UserError(f"{arg!r} is not an argument of attnmt-import; {USAGE}")
+        values[key] = value
+    missing = [key for key in ("from", "out") if key not in values]
+    if missing:
+        raise UserError(f"{' and '.join(k + '=' for k in missing)} required; {USAGE}")
+    return values
+
+
+def run(argv: list[str]) -> None:
+    from attnmt.pretrained import PretrainedError, import_model, save
+
+    args = arguments(argv)
+    out = Path(args["out"])
+    if out.is_dir():
+        raise UserError(f"out={out} is a folder; give the checkpoint's file name, e.g. out={out / 'model.pt'}")
+    try:
+        model, tokenizer = import_model(args["from"])
+    except PretrainedError as err:
+        raise UserError(str(err)) from None
+    save(model, tokenizer, out, args["from"])
+    c = model.cfg
+    log.info("imported %s (%s: %d+%d layers, d_model %d, vocabulary %d, %s parameters) into %s",
+             args["from"], tokenizer.vocab["family"], c.encoder_layers, c.decoder_layers, c.d_model, c.tgt_vocab_size,
+             f"{model.num_parameters():,}", out)
+    if tokenizer.languages:
+        log.info("languages: %s; translate with src_lang= and tgt_lang=", ", ".join(sorted(tokenizer.languages)[:8])
+                 + (f" and {len(tokenizer.languages) - 8} more" if len(tokenizer.languages) > 8 else ""))
+
+
+def main(argv: list[str] | None = None) -> None:
+    setup_logging()
+    run_command("attnmt-import", lambda: run(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    main()

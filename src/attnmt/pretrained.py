@@ -1,0 +1,267 @@
+"""Import pretrained translation models saved by transformers: Marian (OPUS-MT), M2M100 and NLLB-200 (dense).
+
+:func:`import_model` reads a folder written by ``save_pretrained`` (model and tokenizer files), or a
+hub id where the network allows, and returns an attnmt model and tokenizer that compute what the
+transformers model computes; :func:`save` writes them as an ordinary attnmt checkpoint, which
+``attnmt-translate``, ``attnmt-evaluate``, ``attnmt-average``, both exporters and
+``attnmt-train train.init_from=`` take.
+
+Each architecture is one entry of :data:`IMPORTERS` (``config.model_type`` -> a function giving the
+attnmt :class:`~attnmt.config.ModelConfig`); the weights of both come through the mapping that
+``attnmt-export to=hf`` writes them by (:func:`attnmt.export.hf.weight_pairs`), read backwards:
+
+- **Marian**: post-norm, scaled embeddings, Vaswani's sin/cos table with sines and cosines in halves
+  (attnmt's ``sinusoidal`` holds them interleaved: the hidden dimensions are permuted back, which
+  changes no output), ``swish`` (``model.activation=silu``), ``final_logits_bias``
+  (``model.output_bias``), the decoder starting from ``<pad>``;
+- **M2M100 / NLLB-200**: pre-norm with a closing LayerNorm per stack, scaled embeddings, fairseq's
+  sin/cos table counted after the padding id (``sinusoidal_fairseq`` with ``model.pad_id=1``), the
+  decoder starting from ``</s>``, then the target language's code.
+
+The tokenizer keeps the model's own vocabulary (its ids, special ids and language codes: see
+:class:`~attnmt.tokenizer.Tokenizer`'s ``vocab``) over its SentencePiece model(s), and its tokenizer
+files, which ``attnmt-export to=hf`` writes back. Anything else (another architecture, or an option
+without an exact attnmt equivalent) is refused in one line naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from attnmt.config import ModelConfig
+from attnmt.model import Transformer, build_model
+from attnmt.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class PretrainedError(ValueError):
+    """A model or folder that cannot be imported; the message names the option or file and what to do."""
+
+
+# The tokenizer files of a transformers folder, kept in the checkpoint and written back by attnmt-export to=hf.
+TOKENIZER_FILES = ("source.spm", "target.spm", "vocab.json", "target_vocab.json", "sentencepiece.bpe.model", "sentencepiece.model",
+                   "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+ATTNMT_SPM = "sentencepiece.model"  # attnmt-export to=hf writes the model's own SentencePiece model beside tokenizer.json
+NLLB_CODE = re.compile(r"^[a-z]{3}_[A-Z][a-z]{3}$")  # eng_Latn, deu_Latn, ...
+ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "swish": "silu", "silu": "silu"}  # transformers' -> attnmt's
+
+
+def _common(config, **fields) -> dict:
+    """The ModelConfig fields that Marian and M2M100 name alike; refuses what attnmt cannot express."""
+    for side in ("encoder", "decoder"):
+        if getattr(config, f"{side}_layerdrop", 0.0):
+            log.info("%s_layerdrop=%s is dropped: attnmt has no layer drop", side, getattr(config, f"{side}_layerdrop"))
+    if config.encoder_attention_heads != config.decoder_attention_heads or config.encoder_ffn_dim != config.decoder_ffn_dim:
+        raise PretrainedError(f"{config.model_type}: encoder and decoder differ in heads or feed-forward size "
+                              f"({config.encoder_attention_heads}/{config.decoder_attention_heads} heads, "
+                              f"{config.encoder_ffn_dim}/{config.decoder_ffn_dim}); attnmt's stacks share them")
+    if config.activation_function not in ACTIVATIONS:
+        raise PretrainedError(f"{config.model_type}: activation_function={config.activation_function!r} has no attnmt "
+                              f"equivalent (attnmt has {', '.join(sorted(ACTIVATIONS))})")
+    if not getattr(config, "scale_embedding", False):
+        raise PretrainedError(f"{config.model_type}: scale_embedding=false; attnmt always scales embeddings by "
+                              "sqrt(d_model)")
+    return dict(
+        d_model=config.d_model, n_heads=config.encoder_attention_heads, ffn_dim=config.encoder_ffn_dim,
+        encoder_layers=config.encoder_layers, decoder_layers=config.decoder_layers, dropout=config.dropout,
+        attention_dropout=config.attention_dropout, activation_dropout=config.activation_dropout,
+        activation=ACTIVATIONS[config.activation_function], max_positions=config.max_position_embeddings,
+        pad_id=config.pad_token_id, bos_id=config.decoder_start_token_id, eos_id=config.eos_token_id, **fields,
+    )
+
+
+def _marian(config, weights: dict[str, torch.Tensor]) -> ModelConfig:
+    if getattr(config, "normalize_embedding", False):
+        raise PretrainedError("marian: normalize_embedding=true (a LayerNorm on the embeddings) has no attnmt equivalent")
+    if config.d_model % 2:
+        raise PretrainedError(f"marian: d_model={config.d_model} is odd; Marian's sin/cos table needs an even size")
+    tgt_vocab = getattr(config, "decoder_vocab_size", None) or config.vocab_size
+    bias = weights.get("final_logits_bias")
+    return ModelConfig(**_common(
+        config, norm_first=False, positions="sinusoidal", share_embeddings=config.share_encoder_decoder_embeddings,
+        tie_output=config.tie_word_embeddings, src_vocab_size=config.vocab_size, tgt_vocab_size=tgt_vocab,
+        output_bias=bias is not None and bool(bias.abs().sum() > 0),
+    ))
+
+
+def _m2m_100(config, weights: dict[str, torch.Tensor]) -> ModelConfig:
+    return ModelConfig(**_common(
+        config, norm_first=True, positions="sinusoidal_fairseq", share_embeddings=True,
+        tie_output="lm_head.weight" not in weights or torch.equal(weights["lm_head.weight"],
+                                                                   weights["model.shared.weight"]),
+        src_vocab_size=config.vocab_size, tgt_vocab_size=config.vocab_size, output_bias=False,
+    ))
+
+
+# config.model_type -> the attnmt model config of that architecture (NLLB-200 dense is m2m_100).
+IMPORTERS: dict[str, Callable[..., ModelConfig]] = {"marian": _marian, "m2m_100": _m2m_100}
+
+
+def resolve(source: str | Path) -> Path:
+    """The local folder of ``source``: a folder, or a hub id downloaded to the hub's cache.
+
+    Raises:
+        PretrainedError: not a folder, and the hub cannot be reached (one line saying so).
+    """
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if path.exists() or str(source).count("/") > 1 or not str(source).strip():
+        raise PretrainedError(f"from={source}: not a folder written by save_pretrained, nor a hub id (owner/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(source)))
+    except Exception as err:  # offline, unknown id, no permission: one line each
+        raise PretrainedError(f"from={source}: no such folder, and the hub cannot give it ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0] if str(err) else 'no detail'}); download it where the "
+                              "network allows (huggingface-cli download ID --local-dir DIR) and pass from=DIR") from None
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        from safetensors.torch import load_file
+
+        return {name: tensor for f in files for name, tensor in load_file(str(f)).items()}
+    binaries = sorted(folder.glob("pytorch_model*.bin"))
+    if binaries:
+        return {name: tensor for f in binaries for name, tensor in torch.load(f, map_location="cpu", weights_only=True).items()}
+    raise PretrainedError(f"{folder}: no model.safetensors or pytorch_model.bin; is it a save_pretrained folder?")
+
+
+def _tokenizer(folder: Path, config, cfg: ModelConfig) -> Tokenizer:
+    """The model's tokenizer over its SentencePiece model(s), with its vocabulary's ids."""
+    from transformers import AutoTokenizer
+
+    def read(name: str) -> bytes:
+        path = folder / name
+        if not path.is_file():
+            raise PretrainedError(f"{folder}: no {name}; attnmt tokenizes with the model's SentencePiece file "
+                                  f"(the hub's {config.model_type} folders have it): copy it into {folder}")
+        return path.read_bytes()
+
+    hf = AutoTokenizer.from_pretrained(str(folder))
+    kind = type(hf).__name__
+    if kind.startswith("Marian"):
+        src_model, tgt_model, family = read("source.spm"), read("target.spm"), "marian"
+    elif kind.startswith("Nllb"):
+        src_model, tgt_model, family = read("sentencepiece.bpe.model"), None, "nllb"
+    elif kind.startswith("M2M100"):
+        src_model, tgt_model, family = read("sentencepiece.bpe.model"), None, "m2m_100"
+    elif (folder / ATTNMT_SPM).is_file():  # written by attnmt-export to=hf: its pieces are the model's ids
+        src_model, tgt_model, family = read(ATTNMT_SPM), None, "attnmt"
+    else:
+        raise PretrainedError(f"{folder}: tokenizer {kind} is not one attnmt reads (MarianTokenizer, M2M100Tokenizer, "
+                              f"NllbTokenizer, or an attnmt export's {ATTNMT_SPM})")
+
+    def table(vocab: dict[str, int], size: int) -> list[str]:
+        pieces = [f"<unused{i}>" for i in range(size)]  # rows of the model no token names (M2M100's madeup words)
+        for piece, i in vocab.items():
+            if i < size:
+                pieces[i] = piece
+        return pieces
+
+    src_size, tgt_size = cfg.src_vocab_size, cfg.tgt_vocab_size
+    ids = {**hf.get_vocab(), **getattr(hf, "lang_token_to_id", {})}  # M2M100's codes are not in get_vocab()
+    src = table(ids, src_size)
+    tgt = table(hf.target_encoder, tgt_size) if getattr(hf, "separate_vocabs", False) else None
+    named = set(ids.values())
+    control = {i for i in hf.all_special_ids if i != hf.unk_token_id} | {i for i in range(src_size) if i not in named}
+    if family == "m2m_100":
+        languages = {code: token for code, token in hf.lang_code_to_token.items()}
+    elif family == "nllb":
+        languages = {token: token for token in hf.get_vocab() if NLLB_CODE.match(token)}
+    else:
+        languages = {}
+        tags = [token for token in hf.get_vocab() if token.startswith(">>") and token.endswith("<<")]
+        if tags:
+            log.warning("this Marian model reads a target-language token before the source (%s, ...): write it at "
+                        "the start of each input line yourself; attnmt's tgt_lang= does not choose it", tags[0])
+    control |= {ids[token] for token in languages.values() if token in ids}  # codes are never text
+    vocab = {
+        "family": family, "src": src, "tgt": tgt, "control": sorted(control), "languages": languages,
+        "special": {"pad": cfg.pad_id, "unk": hf.unk_token_id, "bos": cfg.bos_id, "eos": cfg.eos_id},
+        "files": {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()},
+    }
+    tags = [t for t in getattr(hf, "additional_special_tokens", None) or [] if t in ids] if family == "attnmt" else []
+    return Tokenizer(src_model, tgt_model, {"imported": family, **({"tags": tags} if tags else {})}, vocab=vocab)
+
+
+def import_model(source: str | Path) -> tuple[Transformer, Tokenizer]:
+    """The attnmt model and tokenizer of a transformers translation model (see the module docstring).
+
+    Raises:
+        PretrainedError: one line naming what cannot be imported, and what to do.
+    """
+    folder = resolve(source)
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        raise PretrainedError("attnmt-import needs transformers: pip install 'attnmt[hf]'") from None
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except (OSError, ValueError) as err:
+        raise PretrainedError(f"{folder}: no readable config.json ({str(err).splitlines()[0]})") from None
+    if config.model_type not in IMPORTERS:
+        raise PretrainedError(f"{folder}: model_type={config.model_type!r} cannot be imported; attnmt imports "
+                              f"{', '.join(IMPORTERS)} (Marian/OPUS-MT, M2M100 and NLLB-200 dense)")
+    weights = _weights(folder)
+    cfg = IMPORTERS[config.model_type](config, weights)
+    tokenizer = _tokenizer(folder, config, cfg)
+    model = build_model(cfg)
+    load_hf_weights(model, weights, permute=config.model_type == "marian")
+    return model.eval(), tokenizer
+
+
+def load_hf_weights(model: Transformer, weights: dict[str, torch.Tensor], permute: bool) -> None:
+    """Copy transformers' weights into ``model`` through :func:`attnmt.export.hf.weight_pairs`, the
+    hidden dimensions put back in attnmt's order where the export reorders them (``permute``).
+
+    Raises:
+        PretrainedError: a weight the model needs is missing, or has another shape.
+    """
+    from attnmt.export.hf import hidden_order, weight_pairs
+
+    inverse = torch.argsort(hidden_order(model.cfg.d_model, permute))
+    aliases = {"model.shared.weight": "model.encoder.embed_tokens.weight",
+               "model.encoder.embed_tokens.weight": "model.shared.weight",
+               "model.decoder.embed_tokens.weight": "model.shared.weight", "lm_head.weight": "model.shared.weight"}
+    with torch.no_grad():
+        for name, tensor, d_in, d_out in weight_pairs(model):
+            value = weights.get(name, weights.get(aliases.get(name, ""), None))
+            if value is None:
+                raise PretrainedError(f"the model has no weight {name}: the folder holds an incomplete or "
+                                      "another model")
+            value = value.float()
+            value = value[:, inverse] if d_in else value
+            value = value[inverse] if d_out else value
+            if value.shape != tensor.shape:
+                raise PretrainedError(f"weight {name} has shape {tuple(value.shape)}, attnmt expects {tuple(tensor.shape)}")
+            tensor.copy_(value)
+
+
+def save(model: Transformer, tokenizer: Tokenizer, out: str | Path, source: str) -> Path:
+    """Write ``model`` and ``tokenizer`` as an attnmt checkpoint ``out`` (atomically, ``weights_only`` loadable)."""
+    from attnmt import __version__
+    from attnmt.checkpoint import FORMAT, save_checkpoint
+
+    state = {
+        "format": FORMAT,
+        "model": {name: tensor.detach().clone() for name, tensor in model.state_dict().items()},
+        "model_config": asdict(model.cfg),
+        "tokenizer": tokenizer.to_state(),
+        "config": {"model": asdict(model.cfg), "data": None, "optim": None, "train": None},
+        "step": 0,
+        "imported_from": str(source),
+        "attnmt_version": __version__,
+    }
+    save_checkpoint(state, out)
+    return Path(out)

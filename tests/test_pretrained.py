@@ -1,0 +1,243 @@
+"""attnmt-import: pretrained Marian, M2M100 and NLLB models compute what transformers computes,
+translate through every engine, fine-tune, and export back as the architecture they came from.
+
+No weights can be downloaded here: the models are made by ``tests/hf_models.py`` from transformers'
+configs, with SentencePiece models trained on Multi30k, and saved with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import hf_models  # noqa: E402
+from conftest import decode_config, train_tiny  # noqa: E402
+
+from attnmt.checkpoint import load_checkpoint, load_for_inference  # noqa: E402
+from attnmt.inference import Engine, encode_sources, language_prefixes  # noqa: E402
+from attnmt.inference.native import NativeBackend  # noqa: E402
+from attnmt.pretrained import PretrainedError, import_model, save  # noqa: E402
+
+# Each architecture's direction: the language arguments attnmt takes (None: a model of one direction).
+DIRECTIONS = {"marian": (None, None), "m2m_100": ("de", "en"), "nllb": ("deu_Latn", "eng_Latn")}
+LIMIT = 30  # generated tokens, EOS excluded: attnmt's max_len_a=0 max_len_b=30, transformers' max_length=32
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, request) -> dict[str, Path]:
+    from conftest import data_root
+
+    multi30k = data_root() / "multi30k"
+    if not (multi30k / "train.de").is_file():
+        pytest.skip(f"Multi30k not found at {multi30k}")
+    root = tmp_path_factory.mktemp("hf")
+    return {name: build(multi30k, root / name) for name, build in hf_models.BUILDERS.items()}
+
+
+@pytest.fixture(scope="module")
+def test_lines() -> list[str]:
+    from conftest import data_root
+
+    path = data_root() / "multi30k" / "test2016.de"
+    if not path.is_file():
+        pytest.skip(f"Multi30k not found at {path}")
+    return path.read_text(encoding="utf-8").splitlines()[:200]
+
+
+def hf_generate(hf, sources: list[list[int]], tgt_prefix: list[int], num_beams: int) -> list[list[int]]:
+    """transformers' ``generate()`` of each source with attnmt's length limit and never-generated tokens."""
+    c = hf.config
+    never = [c.pad_token_id] + ([c.decoder_start_token_id] if c.decoder_start_token_id != c.eos_token_id else [])
+    outputs = []
+    for start in range(0, len(sources), 50):
+        batch = sources[start : start + 50]
+        width = max(map(len, batch))
+        ids = torch.tensor([s + [c.pad_token_id] * (width - len(s)) for s in batch])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in batch])
+        with torch.no_grad():
+            generated = hf.generate(input_ids=ids, attention_mask=mask, num_beams=num_beams, do_sample=False,
+                                    max_length=LIMIT + 2, forced_eos_token_id=c.eos_token_id, length_penalty=0.0,
+                                    early_stopping=True, suppress_tokens=never,
+                                    forced_bos_token_id=tgt_prefix[0] if tgt_prefix else None)
+        for row in generated[:, 1:].tolist():
+            outputs.append(row[: row.index(c.eos_token_id)] if c.eos_token_id in row else row)
+    return outputs
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("name", list(hf_models.BUILDERS))
+def test_imported_model_computes_what_transformers_computes(folders, test_lines, name):
+    """On 200 Multi30k test sentences: the same source ids as transformers' tokenizer, first-step
+    logits within 1e-4, greedy output equal on >= 99% of lines. (These random models never end a
+    sentence before the length limit, where transformers' forced EOS costs nothing and attnmt's costs
+    log P(EOS): beam search is compared on a trained model, below.)"""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    model, tokenizer = import_model(folders[name])
+    hf = AutoModelForSeq2SeqLM.from_pretrained(folders[name]).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(folders[name])
+    src_lang, tgt_lang = DIRECTIONS[name]
+    if src_lang:
+        hf_tokenizer.src_lang = src_lang
+    prefix, tgt_prefix = language_prefixes(tokenizer, None, tgt_lang, src_lang)
+    sources = encode_sources(tokenizer, test_lines, model.cfg.max_positions, 1, prefix)
+    assert sum(a == hf_tokenizer(line).input_ids for a, line in zip(sources, test_lines)) >= 0.99 * len(test_lines)
+
+    start = torch.tensor([[model.cfg.bos_id]])
+    worst = 0.0
+    for source in sources[:50]:
+        src = torch.tensor([source])
+        mask = torch.ones_like(src, dtype=torch.bool)
+        with torch.no_grad():
+            ours = model.decode(start, model.encode(src, mask), mask)[0, -1]
+            theirs = hf(input_ids=src, decoder_input_ids=torch.tensor([[hf.config.decoder_start_token_id]])).logits[0, -1]
+        worst = max(worst, (ours - theirs).abs().max().item())
+    assert worst < 1e-4
+
+    engine = Engine("native", NativeBackend(model), tokenizer, {}, prefix, tgt_prefix)
+    cfg = decode_config(beam_size=1, max_len_a=0.0, max_len_b=LIMIT, min_len=0)
+    ours = [t.tokens[0] for t in engine.translate(test_lines, cfg)]
+    same = sum(a == b for a, b in zip(ours, hf_generate(hf, sources, tgt_prefix, 1)))
+    assert same >= 0.99 * len(test_lines), f"greedy: {same} of {len(test_lines)} lines equal"
+
+
+@pytest.mark.data
+def test_trained_model_through_transformers_greedy_and_beam(trained_checkpoint, test_lines, tmp_path):
+    """A trained model exported to M2M100 and imported back: on 200 Multi30k test sentences greedy
+    output equals transformers' generate() on >= 99% of lines and beam 5 on >= 95%."""
+    from transformers import AutoModelForSeq2SeqLM
+
+    from attnmt.export import hf as hf_export
+
+    model, tokenizer, _ = load_for_inference([trained_checkpoint])
+    hf_export.export(model, tokenizer, tmp_path / "hf")
+    imported, imported_tokenizer = import_model(tmp_path / "hf")
+    hf = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf").eval()
+    sources = encode_sources(imported_tokenizer, test_lines, imported.cfg.max_positions)
+    engine = Engine("native", NativeBackend(imported), imported_tokenizer)
+    for beams, share in ((1, 0.99), (5, 0.95)):
+        cfg = decode_config(beam_size=beams, len_penalty=0.0, max_len_a=0.0, max_len_b=LIMIT, min_len=0,
+                            beam_stop="finished")
+        ours = [t.tokens[0] for t in engine.translate(test_lines, cfg)]
+        same = sum(a == b for a, b in zip(ours, hf_generate(hf, sources, [], beams)))
+        assert same >= share * len(test_lines), f"beam {beams}: {same} of {len(test_lines)} lines equal"
+
+
+def test_export_then_import_gives_the_original_model_back(trained_checkpoint, tmp_path):
+    """attnmt -> transformers (M2M100 for pre-norm) -> attnmt: the same weights, so the same translations."""
+    from attnmt.export import hf as hf_export
+
+    model, tokenizer, _ = load_for_inference([trained_checkpoint])
+    hf_export.export(model, tokenizer, tmp_path / "hf")
+    imported, imported_tokenizer = import_model(tmp_path / "hf")
+    original = model.state_dict()
+    assert all(torch.equal(original[k], v) for k, v in imported.state_dict().items())
+    lines = (Path(__file__).parent / "fixtures" / "tiny" / "test.de").read_text().splitlines()[:20]
+    cfg = decode_config(beam_size=4)
+    before = Engine("native", NativeBackend(model), tokenizer).translate(lines, cfg)
+    after = Engine("native", NativeBackend(imported), imported_tokenizer).translate(lines, cfg)
+    assert [t.texts for t in before] == [t.texts for t in after]
+    assert len({t.texts[0] for t in before}) > 10  # a trained model: outputs that differ
+
+
+def test_marian_options_round_trip_exactly(tmp_path):
+    """Post-norm, SiLU and an output bias (Marian's options) go to transformers and back bit for bit."""
+    import sentencepiece as spm
+
+    from attnmt.config import ModelConfig
+    from attnmt.export import hf as hf_export
+    from attnmt.model import build_model
+    from attnmt.tokenizer import Tokenizer
+    from conftest import tiny_config
+
+    lines = (Path(__file__).parent / "fixtures" / "tiny" / "train.de").read_text().splitlines()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "sp"), vocab_size=200,
+                                   pad_id=0, unk_id=1, bos_id=2, eos_id=3, normalization_rule_name="identity", hard_vocab_limit=False,
+                                   minloglevel=2)
+    tokenizer = Tokenizer((tmp_path / "sp.model").read_bytes())
+    cfg: ModelConfig = tiny_config(norm_first=False, positions="sinusoidal", activation="silu", output_bias=True,
+                                   src_vocab_size=tokenizer.src_vocab_size, tgt_vocab_size=tokenizer.tgt_vocab_size)
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        model.output_bias.normal_()
+    hf_export.export(model, tokenizer, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == "marian"
+    imported, _ = import_model(tmp_path / "hf")
+    assert imported.cfg == replace(cfg, activation_dropout=cfg.dropout)  # None: model.dropout, written out
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in imported.state_dict().items())
+
+
+@pytest.mark.data
+def test_fine_tune_an_imported_model_then_export_it_back(folders, tmp_path):
+    """attnmt-import -> attnmt-train train.init_from (embeddings frozen, the model's own tokenizer) ->
+    exports: transformers loads the result with the original MarianTokenizer and translates as attnmt."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from attnmt.export import ctranslate2 as ct2_export
+    from attnmt.export import hf as hf_export
+
+    model, tokenizer = import_model(folders["marian"])
+    save(model, tokenizer, tmp_path / "marian.pt", "test")
+    best = train_tiny(tmp_path / "run", f"train.init_from={tmp_path / 'marian.pt'}", "train.freeze=[embeddings]",
+                      "train.valid_max_sentences=10", max_steps=20)
+    tuned = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert tuned["tokenizer"] == tokenizer.to_state()  # no new SentencePiece model
+    assert tuned["model_config"]["d_model"] == model.cfg.d_model  # the imported shape, not model=tiny's
+    start = model.state_dict()
+    assert torch.equal(tuned["model"]["src_embed.tokens.weight"], start["src_embed.tokens.weight"])
+    assert not torch.equal(tuned["model"]["encoder_layers.0.ffn.fc1.weight"], start["encoder_layers.0.ffn.fc1.weight"])
+
+    tuned_model, tuned_tokenizer, _ = load_for_inference([best])
+    hf_export.export(tuned_model, tuned_tokenizer, tmp_path / "hf")
+    hf = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(hf).__name__ == "MarianMTModel"
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert type(hf_tokenizer).__name__ == "MarianTokenizer"
+    lines = (Path(__file__).parent / "fixtures" / "tiny" / "test.de").read_text().splitlines()[:20]
+    sources = [hf_tokenizer(line).input_ids for line in lines]
+    cfg = decode_config(beam_size=1, max_len_a=0.0, max_len_b=LIMIT, min_len=0)
+    ours = [t.tokens[0] for t in Engine("native", NativeBackend(tuned_model), tuned_tokenizer).translate(lines, cfg)]
+    assert hf_generate(hf, sources, [], 1) == ours
+
+    ct2_export.export(tuned_model, tuned_tokenizer, tmp_path / "ct2")
+    from attnmt.inference.ctranslate2 import CTranslate2Backend
+
+    pytest.importorskip("ctranslate2")
+    backend = CTranslate2Backend(tmp_path / "ct2")
+    assert [t.tokens[0] for t in Engine("ctranslate2", backend, backend.tokenizer).translate(lines, cfg)] == ours
+
+
+def test_import_command_refuses_in_one_line(tmp_path):
+    """Another architecture, a missing file and an unreachable hub id each end the command with one line."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    BartForConditionalGeneration(BartConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_ffn_dim=16,
+                                            decoder_ffn_dim=16, encoder_attention_heads=2, decoder_attention_heads=2,
+                                            vocab_size=50)).save_pretrained(tmp_path / "bart")
+    command = [sys.executable, "-m", "attnmt.cli.import_"]
+    for source, said in ((tmp_path / "bart", "model_type='bart' cannot be imported"),
+                         ("no-such-owner/no-such-model-xyz", "the hub cannot give it"),
+                         (tmp_path / "none" / "x" / "y", "not a folder")):
+        proc = subprocess.run([*command, f"from={source}", f"out={tmp_path / 'x.pt'}"], capture_output=True,
+                              text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+        assert proc.returncode == 2
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("attnmt-import: error:")]
+        assert len(lines) == 1 and said in lines[0], proc.stderr
+        assert not (tmp_path / "x.pt").exists()
+
+
+def test_missing_sentencepiece_file_is_named(folders, tmp_path):
+    import shutil
+
+    shutil.copytree(folders["nllb"], tmp_path / "nllb")
+    (tmp_path / "nllb" / "sentencepiece.bpe.model").unlink()
+    with pytest.raises(PretrainedError, match="no sentencepiece.bpe.model"):
+        import_model(tmp_path / "nllb")
