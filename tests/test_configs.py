@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from attnmt.cli.common import UserError, compose_cli
-from attnmt.config import EvaluateConfig, TrainRunConfig, TranslateConfig, config_dir, register_configs
+from attnmt.config import ConfigError, EvaluateConfig, TrainRunConfig, TranslateConfig, config_dir, register_configs
 from attnmt.config import compose as compose_shipped
 from attnmt.training import check_config, max_sentence_tokens
 
@@ -86,6 +86,21 @@ def test_train_with_each_data_config(hydra_config_dir, data):
 def test_train_with_each_optim(hydra_config_dir, optim):
     run_cfg = compose_train([f"optim={optim}"])
     check_config(run_cfg.model, run_cfg.optim, run_cfg.train, max_sentence_tokens(run_cfg.data))
+
+
+@pytest.mark.parametrize("freeze, said", [
+    ("[embeddings,encoder]", None),
+    ("[embedding]", r"embedding is no parameter group; use embeddings, encoder, decoder"),
+    ("[encoder,encoder,decoder,embeddings]", r"freezes every parameter: nothing would train"),
+])
+def test_freeze_takes_parameter_groups_and_leaves_something_to_train(hydra_config_dir, freeze, said):
+    run_cfg = compose_train([f"train.freeze={freeze}"])
+    check = lambda: check_config(run_cfg.model, run_cfg.optim, run_cfg.train, max_sentence_tokens(run_cfg.data))  # noqa: E731
+    if said is None:
+        check()
+    else:
+        with pytest.raises(ConfigError, match=said):
+            check()
 
 
 def test_hydra_writes_nothing_and_leaves_the_run_dir_to_attnmt(hydra_config_dir):

@@ -940,7 +940,9 @@ def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, cfg: DataConfig, train:
     features["src_ids"] = datasets.Sequence(datasets.Value(dtype))
     features["tgt_ids"] = datasets.Sequence(datasets.Value(dtype))
     features["src_len"] = features["tgt_len"] = datasets.Value("int32")
-    key = _key("tok", ds._fingerprint, tokenizer.fingerprint, dtype, list(prefix), *([list(tgt_prefix)] if tgt_prefix else []))
+    # The target prefix joins the key only where there is one: the caches of attnmt's own models stay valid.
+    key = _key("tok", ds._fingerprint, tokenizer.fingerprint, dtype, list(prefix),
+               *([list(tgt_prefix)] if tgt_prefix else []))
     ds = _map(ds, cfg, cache_root(cfg) / f"tokenized-{key}.arrow", _encode, 1.8,
               fn_kwargs={"tokenizer": tokenizer, "prefix": list(prefix), "tgt_prefix": list(tgt_prefix)},
               features=features, new_fingerprint=key, desc="tokenizing")

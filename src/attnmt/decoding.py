@@ -6,14 +6,14 @@ entry of :data:`STRATEGIES`, which says when a :class:`~attnmt.config.DecodeConf
 (:class:`attnmt.inference.Capabilities`). Every setting comes from the config: there are no defaults
 here (they live in ``configs/decode/``).
 
-All return token ids without BOS, EOS or PAD, the model's own (``model.bos_id`` and so on). A sentence's result does not depend on the other
-sentences in its batch: each has its own length limits, and a sentence leaves the batch (its rows
-are dropped from the cache) as soon as it is finished.
+All return token ids without BOS, EOS or PAD, the model's own (``model.bos_id`` and so on). A
+sentence's result does not depend on the other sentences in its batch: each has its own length
+limits, and a sentence leaves the batch (its rows are dropped from the cache) as soon as it is finished.
 
 Lengths count generated tokens. A sentence with ``n`` real source tokens (EOS included) may
 generate at most ``max_len_a * n + max_len_b`` tokens before EOS is forced (and never more than
 the model's positions allow); EOS is forbidden before ``min_len`` tokens. PAD and the start token
-are never generated (unless the start token is EOS, as in M2M100 and NLLB).
+are never generated (:func:`never_generated`).
 
 A target prefix (``tgt_prefix``: the target language's code for M2M100 and NLLB) is forced as the
 first tokens of every hypothesis, with log-probability 0, as transformers' ``forced_bos_token_id``
@@ -59,18 +59,23 @@ def max_lengths(model: Transformer, src_mask: Tensor, max_len_a: float, max_len_
     return [max_length(n, max_len_a, max_len_b, model.cfg.max_positions) for n in src_lens]
 
 
+def never_generated(pad_id: int, bos_id: int, eos_id: int) -> list[int]:
+    """The ids no search generates, for a model with these special ids: the padding, and the start
+    token unless it is EOS (M2M100 and NLLB start from ``</s>``). Every engine suppresses these."""
+    return [pad_id] + ([bos_id] if bos_id != eos_id else [])
+
+
 def _forbid(logits: Tensor, model: Transformer, step: int, min_len: int, forced: Sequence[int]) -> None:
-    """Set the logits (N, V) of tokens that may not come next to -inf, in place: PAD and the start
-    token always (the start token only where it is not EOS), EOS before ``min_len`` tokens; at a step
-    of the forced prefix, every token but ``forced[step]``, which gets 0."""
+    """Set the logits (N, V) of tokens that may not come next to -inf, in place: :func:`never_generated`
+    always, EOS before ``min_len`` tokens; at a step of the forced prefix, every token but
+    ``forced[step]``, which gets 0."""
     if step < len(forced):
         logits.fill_(-math.inf)
         logits[:, forced[step]] = 0.0
         return
     cfg = model.cfg
-    logits[:, cfg.pad_id] = -math.inf
-    if cfg.bos_id != cfg.eos_id:
-        logits[:, cfg.bos_id] = -math.inf
+    for token in never_generated(cfg.pad_id, cfg.bos_id, cfg.eos_id):
+        logits[:, token] = -math.inf
     if step < min_len:
         logits[:, cfg.eos_id] = -math.inf
 
@@ -88,9 +93,8 @@ def _top_tokens(model: Transformer, states: Tensor, step: int, min_len: int, max
 
     ``states`` (N, D) are the decoder's output states (:meth:`Transformer.decode_states`); ``step``
     is the number of tokens generated so far; ``max_len`` (N,) holds each row's limit; ``forced`` is
-    the target prefix. Beam search
-    needs no more than its 2k best candidates per row, so the candidates of a sentence are combined
-    from these instead of from all k x V.
+    the target prefix. Beam search needs no more than its 2k best candidates per row, so the
+    candidates of a sentence are combined from these instead of from all k x V.
     """
     tops, tokens = [], []
     eos = model.cfg.eos_id

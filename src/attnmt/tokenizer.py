@@ -36,7 +36,6 @@ UNK_ID = 1
 BOS_ID = 2
 EOS_ID = 3
 
-SPECIAL_IDS = frozenset({PAD_ID, BOS_ID, EOS_ID})
 STATE_FORMAT = 1
 SETTINGS_FILE = "tokenizer.json"
 

@@ -116,7 +116,7 @@ def check_config(model: ModelConfig, optim: OptimConfig, train: TrainConfig, max
     if unknown:
         raise ConfigError(f"train.freeze={train.freeze}: {', '.join(unknown)} is no parameter group; use "
                           f"{', '.join(FREEZABLE)}")
-    if len(train.freeze) == len(set(FREEZABLE)) and set(train.freeze) == set(FREEZABLE):
+    if set(train.freeze) == set(FREEZABLE):
         raise ConfigError(f"train.freeze={train.freeze} freezes every parameter: nothing would train")
     if train.init_from and train.resume != "none":
         raise ConfigError(f"train.init_from={train.init_from} starts a new run, train.resume={train.resume} continues "
@@ -194,6 +194,9 @@ def freeze(model: nn.Module, groups: list[str]) -> int:
     return count
 
 
+DROPOUTS = ("dropout", "attention_dropout", "activation_dropout")  # the model keys a fine-tuning run sets
+
+
 def init_model_config(model: ModelConfig, state: dict, path: str | Path) -> ModelConfig:
     """The model config of a run that starts from an imported checkpoint ``state`` (or continues one
     started from a checkpoint): the checkpoint's shape, vocabulary and special ids, with this run's
@@ -204,9 +207,6 @@ def init_model_config(model: ModelConfig, state: dict, path: str | Path) -> Mode
         logger.info("the model's shape comes from %s: %s", path,
                     ", ".join(f"model.{key}={getattr(saved, key)!r}" for key in changed[:8]))
     return replace(saved, **{key: getattr(model, key) for key in DROPOUTS})
-
-
-DROPOUTS = ("dropout", "attention_dropout", "activation_dropout")
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:

@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from attnmt.config import ModelConfig
+from attnmt.decoding import never_generated
 from attnmt.export import CONVERTED_OPTIONS, ExportError, check_model_options, check_new_directory, write_directory
 from attnmt.model import Transformer
 from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
@@ -242,11 +243,6 @@ def hf_tokenizer(tokenizer: Tokenizer, max_positions: int):
     )
 
 
-def suppressed(cfg: ModelConfig) -> list[int]:
-    """The ids attnmt's search never generates: the padding, and the start token unless it is EOS."""
-    return [cfg.pad_id] + ([cfg.bos_id] if cfg.bos_id != cfg.eos_id else [])
-
-
 def _bos_token(cfg: ModelConfig, tokenizer: Tokenizer) -> int:
     """transformers' ``bos_token_id``: ``<s>`` where the vocabulary has one (M2M100's 0), else the start token."""
     if tokenizer.vocab is None:
@@ -262,7 +258,7 @@ def generation_config(cfg: ModelConfig, tokenizer: Tokenizer):
 
     return GenerationConfig(
         decoder_start_token_id=cfg.bos_id, bos_token_id=_bos_token(cfg, tokenizer), eos_token_id=cfg.eos_id,
-        pad_token_id=cfg.pad_id, forced_bos_token_id=None, forced_eos_token_id=None, suppress_tokens=suppressed(cfg),
+        pad_token_id=cfg.pad_id, forced_bos_token_id=None, forced_eos_token_id=None, suppress_tokens=never_generated(cfg.pad_id, cfg.bos_id, cfg.eos_id),
         num_beams=1, do_sample=False, max_length=cfg.max_positions,
     )
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from attnmt.config import DecodeConfig
-from attnmt.decoding import Hypothesis, length_penalty, max_length
+from attnmt.config import MODEL_KEYS_ADDED, DecodeConfig
+from attnmt.decoding import Hypothesis, length_penalty, max_length, never_generated
 from attnmt.export import ExportError, checkpoint_hash
 from attnmt.export.ctranslate2 import FORMAT, JOINT_SPM, META_FILE, SOURCE_SPM, TARGET_SPM, export
 from attnmt.inference import Capabilities
@@ -156,10 +156,9 @@ class CTranslate2Backend:
         except ValueError as err:
             raise ExportError(f"compute_type={compute_type} on {device}: {err}; use default, auto, int8, "
                               "int8_float32, float32, or (on a GPU) float16, bfloat16, int8_float16") from None
-        model_cfg = meta["model_config"]
-        pad, bos, eos = (model_cfg.get(key, default) for key, default in (("pad_id", 0), ("bos_id", 2), ("eos_id", 3)))
-        # What attnmt's search never generates: the padding and the start token (unless that is EOS).
-        self.suppress = [[piece] for piece in self.tokenizer.tgt_pieces([pad] + ([bos] if bos != eos else []))]
+        model_cfg = {**MODEL_KEYS_ADDED, **meta["model_config"]}  # a directory exported before the special ids
+        pad, bos, eos = model_cfg["pad_id"], model_cfg["bos_id"], model_cfg["eos_id"]
+        self.suppress = [[piece] for piece in self.tokenizer.tgt_pieces(never_generated(pad, bos, eos))]
         self._eos = self.tokenizer.tgt_pieces([eos])[0]
 
     def search(self, sources: list[list[int]], line_numbers: list[int], cfg: DecodeConfig,

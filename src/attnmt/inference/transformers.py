@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from attnmt.config import DecodeConfig
-from attnmt.decoding import Hypothesis, max_length
+from attnmt.decoding import Hypothesis, max_length, never_generated
 from attnmt.inference import Capabilities
 from attnmt.tokenizer import Tokenizer
 
@@ -46,8 +46,7 @@ class TransformersBackend:
                                  device=self.hf.device)
         mask = torch.tensor([[True] * len(source) + [False] * (width - len(source)) for source in sources],
                             device=self.hf.device)
-        never = [config.pad_token_id] + ([config.decoder_start_token_id]
-                                         if config.decoder_start_token_id != config.eos_token_id else [])
+        never = never_generated(config.pad_token_id, config.decoder_start_token_id, config.eos_token_id)
         generated = self.hf.generate(input_ids=input_ids, attention_mask=mask, num_beams=cfg.beam_size,
                                      length_penalty=cfg.len_penalty, max_length=None, max_new_tokens=max(limits) + 1,
                                      min_new_tokens=min(cfg.min_len, max(limits) + 1),
