@@ -109,16 +109,25 @@ def test_imported_model_computes_what_transformers_computes(folders, test_lines,
     assert same >= 0.99 * len(test_lines), f"greedy: {same} of {len(test_lines)} lines equal"
 
 
+# Marian's options: post-norm, its sin/cos table, SiLU and an output bias.
+MARIAN_OPTIONS = ("model.norm_first=false", "model.positions=sinusoidal", "model.activation=silu",
+                  "model.output_bias=true")
+
+
 @pytest.mark.data
-def test_trained_model_through_transformers_greedy_and_beam(trained_checkpoint, test_lines, tmp_path):
-    """A trained model exported to M2M100 and imported back: on 200 Multi30k test sentences greedy
-    output equals transformers' generate() on >= 99% of lines and beam 5 on >= 95%."""
+@pytest.mark.parametrize("architecture", ["m2m_100", "marian"])
+def test_trained_model_through_transformers_greedy_and_beam(trained_checkpoint, test_lines, tmp_path, architecture):
+    """A trained model exported to M2M100 (pre-norm) or Marian (post-norm, SiLU, output bias) and
+    imported back: on 200 Multi30k test sentences greedy output equals transformers' generate() on
+    >= 99% of lines and beam 5 on >= 95%."""
     from transformers import AutoModelForSeq2SeqLM
 
     from attnmt.export import hf as hf_export
 
-    model, tokenizer, _ = load_for_inference([trained_checkpoint])
+    checkpoint = trained_checkpoint if architecture == "m2m_100" else train_tiny(tmp_path / "run", *MARIAN_OPTIONS)
+    model, tokenizer, _ = load_for_inference([checkpoint])
     hf_export.export(model, tokenizer, tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"] == architecture
     imported, imported_tokenizer = import_model(tmp_path / "hf")
     hf = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "hf").eval()
     sources = encode_sources(imported_tokenizer, test_lines, imported.cfg.max_positions)
