@@ -47,7 +47,7 @@ def ids(n: int) -> torch.Tensor:
     return torch.arange(n)
 
 
-@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=1e-6), dict(top_k=1),
+@pytest.mark.parametrize("settings", [dict(temperature=0.0), dict(temperature=1e-6), dict(temperature=1e-300), dict(top_k=1),
                                       dict(top_p=1e-9)])
 def test_the_limits_of_sampling_are_greedy_search(eager_model, settings) -> None:
     src, src_mask = padded_batch([5, 2, 8, 6, 3, 7])

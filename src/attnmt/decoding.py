@@ -50,7 +50,8 @@ def max_length(src_len: int, max_len_a: float, max_len_b: int, max_positions: in
     """The limit on generated tokens (EOS excluded) for a source of ``src_len`` tokens (EOS included):
     ``a * src_len + b``, capped so that BOS + tokens + EOS fit ``max_positions``. Every engine
     (attnmt's search, CTranslate2, the benchmarks) limits lengths with this function."""
-    return max(0, min(max_positions - 1, int(max_len_a * src_len + max_len_b)))
+    # min before int: a * src_len may overflow to inf for huge a (a request's value, say), which int() refuses.
+    return max(0, int(min(max_positions - 1, max_len_a * src_len + max_len_b)))
 
 
 def max_lengths(model: Transformer, src_mask: Tensor, max_len_a: float, max_len_b: int) -> list[int]:
@@ -214,8 +215,10 @@ def uniform_noise(seed: int, sentence_ids: Tensor, step: int, vocab: int) -> Ten
 
 def _filter(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
     """``logits / temperature`` with all but the ``top_k`` best tokens, and all past the smallest set whose
-    probability reaches ``top_p``, set to -inf (0 and 1.0 turn either off)."""
-    logits = logits / temperature
+    probability reaches ``top_p``, set to -inf (0 and 1.0 turn either off). The best token's logit is
+    subtracted first (which changes no draw): a tiny temperature then sends the others to -inf rather
+    than every logit to +-inf."""
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if 0 < top_k < logits.size(-1):
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
