@@ -175,12 +175,26 @@ class Engine:
             ConfigError: ``cfg`` asks for something this engine cannot do.
         """
         check_capabilities(self.name, self.capabilities, cfg)
+        sources = self.encode(lines, first_line, prefix)
+        line_numbers = range(first_line, first_line + len(lines))
+        return self.translate_sources(sources, cfg, line_numbers, tgt_prefix=tgt_prefix, on_batch=on_batch)
+
+    def encode(self, lines: list[str], first_line: int = 1, prefix: Sequence[int] | None = None) -> list[list[int]]:
+        """The source ids of ``lines`` (:func:`encode_sources` with ``prefix``, by default :attr:`prefix`)."""
         prefix = self.prefix if prefix is None else prefix
+        return encode_sources(self.tokenizer, lines, self.backend.max_positions, first_line, prefix)
+
+    def translate_sources(self, sources: list[list[int]], cfg: DecodeConfig, line_numbers: Sequence[int], *,
+                          tgt_prefix: Sequence[int] | None = None,
+                          on_batch: Callable[[int], None] | None = None) -> list[Translation]:
+        """:meth:`translate` from encoded sources (:meth:`encode`); ``line_numbers`` gives each one's
+        line number (sampling fixes a line's draws by it), so that sources of several inputs can share
+        batches and each still gets the translation it would get alone. ``cfg`` must have been
+        checked against :attr:`capabilities`."""
         tgt_prefix = list(self.tgt_prefix if tgt_prefix is None else tgt_prefix)
-        sources = encode_sources(self.tokenizer, lines, self.backend.max_positions, first_line, prefix)
-        hypotheses: list[list[Hypothesis]] = [[] for _ in lines]
+        hypotheses: list[list[Hypothesis]] = [[] for _ in sources]
         for batch in length_batches([len(s) for s in sources], cfg.max_tokens):
-            results = self.backend.search([sources[i] for i in batch], [first_line + i for i in batch], cfg, tgt_prefix)
+            results = self.backend.search([sources[i] for i in batch], [line_numbers[i] for i in batch], cfg, tgt_prefix)
             for i, hyps in zip(batch, results):
                 hypotheses[i] = hyps
             if on_batch is not None:

@@ -45,16 +45,27 @@ class NativeBackend:
         columns the source tokens (EOS last)."""
         return cross_attention(self.model, src_ids, tgt_ids, layer)
 
+    def attention_maps(self, src_ids: list[int], tgt_ids: list[int]) -> Tensor:
+        """:func:`attention_maps`: every layer's and head's cross-attention (L, H, T, S) of one pair."""
+        return attention_maps(self.model, src_ids, tgt_ids)
 
-@torch.inference_mode()
+
 def cross_attention(model: Transformer, src_ids: list[int], tgt_ids: list[int], layer: int | None = None) -> Tensor:
     """:meth:`NativeBackend.cross_attention` of ``model`` (validation draws its maps with it too)."""
+    weights = attention_maps(model, src_ids, tgt_ids).mean(dim=1)  # (L, T, S)
+    return weights.mean(dim=0) if layer is None else weights[layer]
+
+
+@torch.inference_mode()
+def attention_maps(model: Transformer, src_ids: list[int], tgt_ids: list[int]) -> Tensor:
+    """The cross-attention (L, H, T, S) of every decoder layer and head for one sentence pair, as the
+    model attended while it decoded ``tgt_ids`` (teacher-forced: cached decoding computes the same).
+    Rows are the predicted target tokens (EOS last), columns the source tokens (EOS last)."""
     device = next(model.parameters()).device
     src_tokens, src_mask = (t.to(device) for t in pad([src_ids], pad_id=model.cfg.pad_id))
     tgt_in = torch.tensor([[model.cfg.bos_id, *tgt_ids]], device=device)
     weights = model.cross_attention_weights(tgt_in, model.encode(src_tokens, src_mask), src_mask)  # (L, 1, H, T, S)
-    weights = weights[:, 0].float().mean(dim=1)  # (L, T, S)
-    return (weights.mean(dim=0) if layer is None else weights[layer]).cpu()
+    return weights[:, 0].float().cpu()
 
 
 def open_backend(paths: Sequence, device: torch.device, compute_type: str) -> tuple[NativeBackend, Tokenizer, dict]:
