@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from attnmt.cli.common import UserError, compose_cli
-from attnmt.config import ConfigError, EvaluateConfig, TrainRunConfig, TranslateConfig, config_dir, register_configs
+from attnmt.config import ConfigError, EvaluateConfig, ServeConfig, TrainRunConfig, TranslateConfig, config_dir, register_configs
 from attnmt.config import compose as compose_shipped
 from attnmt.training import check_config, max_sentence_tokens
 
@@ -119,7 +119,8 @@ def test_command_line_overrides_reach_the_dataclasses(hydra_config_dir):
     assert run_cfg.data.root == "/data/x" and run_cfg.data.tokenizer.vocab_size == 3000
 
 
-@pytest.mark.parametrize("name, schema", [("evaluate", EvaluateConfig), ("translate", TranslateConfig)])
+@pytest.mark.parametrize("name, schema", [("evaluate", EvaluateConfig), ("translate", TranslateConfig),
+                                          ("serve", ServeConfig)])
 def test_evaluate_and_translate_compose(hydra_config_dir, name, schema):
     cfg = compose(config_name=name, overrides=["ckpt=runs/x/checkpoints/best.pt"])
     obj = OmegaConf.to_object(cfg)
@@ -304,6 +305,14 @@ def test_translate_composes_without_hydra_as_hydra_does(overrides):
     fast = compose_cli("translate", TranslateConfig, overrides)
     assert fast is not None, "the shipped translate.yaml must take the fast path"
     assert OmegaConf.to_object(fast) == compose_shipped("translate", overrides)
+
+
+@pytest.mark.parametrize("overrides", [["ckpt=x.pt"], ["ckpt=[a.pt,b.pt]", "port=0", "host=0.0.0.0", "beam_size=2",
+                                                        "batch_wait_ms=0.5", "max_lines=10", "engine=ctranslate2"]])
+def test_serve_composes_without_hydra_as_hydra_does(overrides):
+    fast = compose_cli("serve", ServeConfig, overrides)
+    assert fast is not None, "the shipped serve.yaml must take the fast path (attnmt-serve starts without Hydra)"
+    assert OmegaConf.to_object(fast) == compose_shipped("serve", overrides)
 
 
 def test_fast_composition_follows_a_group_options_own_defaults(tmp_path, monkeypatch):

@@ -333,9 +333,11 @@ class DecodeConfig:
         if self.nbest > self.beam_size and not self.sampling:
             raise ConfigError(f"{prefix}nbest={self.nbest} needs {prefix}beam_size >= {self.nbest} "
                               f"({prefix}beam_size={self.beam_size})")
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError(f"{prefix}temperature={self.temperature}, {prefix}top_k={self.top_k} and "
-                              f"{prefix}top_p={self.top_p}: temperature and top_k must not be negative, top_p in (0, 1]")
+        for key in ("temperature", "top_k"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{prefix}{key}={getattr(self, key)} must not be negative")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{prefix}top_p={self.top_p} must lie in (0, 1]: the share of probability kept")
         if not 0 <= self.seed < 2**63:
             raise ConfigError(f"{prefix}seed={self.seed} must be between 0 and 2**63 - 1")
         if abs(self.len_penalty) > 100:  # ((5 + length) / 6) ** alpha overflows a float at long outputs past that
@@ -441,6 +443,42 @@ class EvaluateConfig(DecodeConfig):
 
 
 @dataclass
+class ServeConfig(DecodeConfig):
+    """``attnmt-serve``: the model and engine, where to listen, how requests are batched, what a
+    request may ask. The decode settings are the defaults a request's own settings override."""
+
+    ckpt: Any  # a checkpoint path, or a list of paths whose weights are averaged
+    device: str
+    engine: str  # native | ctranslate2 | transformers (attnmt.inference)
+    compute_type: str  # engine=ctranslate2: CTranslate2's compute_type (default, auto, int8, float16, ...)
+    tgt_lang: str | None  # the default language to translate into; a request may name another
+    src_lang: str | None  # the default language of the input; a request may name another
+    host: str  # the address to listen on; 127.0.0.1 = this machine only
+    port: int
+    batch_wait_ms: float  # how long a request waits for others to share its batch
+    max_lines: int  # lines a request may hold (more: 413)
+    max_line_bytes: int  # UTF-8 bytes a line may hold (more: 413)
+    max_request_bytes: int  # bytes a request body may hold (more: 413)
+    max_beam_size: int  # the largest beam_size (and nbest) a request may ask for
+    max_pending_lines: int  # lines waiting for the engine before new requests are turned away (503)
+    threads: int  # torch's threads for the engine (native, transformers); 0 = all cores but one
+
+    def check(self, prefix: str = "") -> None:
+        super().check(prefix)
+        for key in ("max_lines", "max_line_bytes", "max_request_bytes", "max_beam_size", "max_pending_lines"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{prefix}{key}={getattr(self, key)} must be at least 1")
+        if self.threads < 0:
+            raise ConfigError(f"{prefix}threads={self.threads} must not be negative (0: all cores but one)")
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"{prefix}port={self.port} must be between 0 and 65535 (0: any free port)")
+        if not 0 <= self.batch_wait_ms <= 1000:
+            raise ConfigError(f"{prefix}batch_wait_ms={self.batch_wait_ms} must be between 0 and 1000 (milliseconds)")
+        if self.beam_size > self.max_beam_size:
+            raise ConfigError(f"{prefix}beam_size={self.beam_size} exceeds max_beam_size={self.max_beam_size}")
+
+
+@dataclass
 class ExportConfig:
     """``attnmt-export``: a checkpoint as a CTranslate2 model directory or a transformers folder."""
 
@@ -462,6 +500,7 @@ def register_configs() -> None:
     cs.store(name="translate_schema", node=TranslateConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="export_schema", node=ExportConfig)
+    cs.store(name="serve_schema", node=ServeConfig)
 
 
 def config_dir() -> Path:

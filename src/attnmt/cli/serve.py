@@ -1,0 +1,90 @@
+"""``attnmt-serve``: a checkpoint behind HTTP: ``POST /translate``, ``GET /health``, ``GET /info`` and a
+page at ``/`` that translates what is typed and draws where the model looked.
+
+    attnmt-serve ckpt=runs/quickstart/checkpoints/best.pt [engine=native] [host=127.0.0.1] [port=8000]
+    curl -s localhost:8000/translate -H 'content-type: application/json' -d '{"text": ["Ein Hund rennt."]}'
+
+The model is loaded once, before the port opens. Concurrent requests share the engine's batches
+(:mod:`attnmt.serve.batcher`). SIGTERM or Ctrl-C stops taking connections, finishes the requests in
+flight, then exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+from omegaconf import DictConfig
+
+from attnmt.checkpoint import CheckpointError
+from attnmt.cli.common import UserError, compose_cli, exit_at_once, run_command, setup_logging, to_config
+from attnmt.config import ConfigError, ServeConfig, config_dir
+from attnmt.device import resolve_device
+from attnmt.export import ExportError
+from attnmt.inference import capabilities_of, check_capabilities, open_engine
+from attnmt.tokenizer import TokenizerError
+
+log = logging.getLogger("attnmt.serve")
+
+USER_ERRORS = (CheckpointError, ConfigError, ExportError, TokenizerError)
+
+
+def run(cfg: ServeConfig) -> None:
+    cfg.check()
+    check_capabilities(cfg.engine, capabilities_of(cfg.engine), cfg)  # before anything is loaded
+    try:
+        import uvicorn
+
+        from attnmt.serve.app import create_app
+    except ImportError as err:
+        raise UserError(f"attnmt-serve needs FastAPI and uvicorn ({err}): pip install 'attnmt[serve]'") from None
+    device = resolve_device(cfg.device, key="device")
+    paths = [str(p) for p in cfg.ckpt] if isinstance(cfg.ckpt, (list, tuple)) else [str(cfg.ckpt)]
+    # The engine's ops on all cores but one: the event loop (HTTP, JSON) needs the other. Sharing
+    # every core with it made each engine call 1.6x slower under 32 clients (docs/BENCHMARKS.md).
+    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) - 1))
+    engine = open_engine(cfg, paths, device)
+    app = create_app(engine, cfg, " + ".join(paths))
+    log.info("serving %s with engine=%s on http://%s:%d (page at /, POST /translate)", " + ".join(paths),
+             cfg.engine, cfg.host, cfg.port)
+    # log_config=None: uvicorn's loggers go through attnmt's (one format on stderr). No graceful-shutdown
+    # time limit: SIGTERM lets every request in flight finish.
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=None, timeout_graceful_shutdown=None)
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    setup_logging()
+
+    def body() -> None:
+        cfg = compose_cli("serve", ServeConfig, argv)
+        if cfg is None:  # a command line for Hydra itself: --help, --cfg, hydra.* keys, ...
+            hydra_main(argv)
+        else:
+            run(to_config(cfg))
+
+    run_command("attnmt-serve", body, USER_ERRORS)
+
+
+def hydra_main(argv: list[str]) -> None:
+    """The command under Hydra's ``@hydra.main``, for the command lines :func:`compose_cli` leaves to it."""
+    import hydra
+
+    from attnmt.config import register_configs
+
+    register_configs()
+
+    @hydra.main(config_path=str(config_dir()), config_name="serve", version_base="1.3")
+    def _main(cfg: DictConfig) -> None:
+        run_command("attnmt-serve", lambda: run(to_config(cfg)), USER_ERRORS)
+
+    sys.argv[1:] = argv
+    _main()
+
+
+console_main = exit_at_once(main)  # attnmt-serve; tests call main() or run() in-process
+
+if __name__ == "__main__":
+    console_main()

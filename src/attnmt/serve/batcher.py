@@ -1,0 +1,195 @@
+"""Dynamic batching: the lines of concurrent requests share the engine's batches.
+
+Requests arrive one by one on the event loop; the engine translates best in large batches. The
+:class:`Batcher` queues each request's encoded lines as a :class:`Job`. Its loop takes the oldest job,
+waits up to ``wait_s`` for others (or until ``max_tokens`` source tokens are queued), and hands the
+lines of every job with the same search settings to the engine in one call, in a worker thread, so the
+event loop keeps accepting requests meanwhile. What arrives while the engine works is gathered for
+the next call, so under load each call takes what queued up during the last one, and the throughput
+approaches the command line's; with one client a request waits ``wait_s`` at most.
+
+Each line keeps its line number within its own request (1, 2, ...), so sampling draws what it would
+for that request alone, and the engine's batching never changes a search's result. A job whose client
+has gone before its turn is dropped unseen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import astuple, dataclass, field
+
+from torch import Tensor
+
+from attnmt.config import DecodeConfig
+from attnmt.inference import Engine, Translation
+
+log = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """More lines are queued than the batcher takes (``max_pending_lines``): try again later."""
+
+
+@dataclass
+class Job:
+    """One request's lines: encoded sources, how to search them, and the future of its result."""
+
+    sources: list[list[int]]
+    cfg: DecodeConfig
+    tgt_prefix: tuple[int, ...] = ()
+    attention: bool = False  # also the cross-attention maps of each line (engine=native)
+    future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    @property
+    def key(self) -> tuple:
+        """Jobs with equal keys are searched in one engine call."""
+        return astuple(self.cfg), self.tgt_prefix
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(source) for source in self.sources)
+
+
+@dataclass
+class Result:
+    """A job's translations (one per line, in order) and, if asked for, each line's attention maps
+    (L, H, T, S), None for an empty line."""
+
+    translations: list[Translation]
+    attention: list[Tensor | None] | None = None
+
+
+class Batcher:
+    """Gathers jobs into engine calls, one call at a time, in a worker thread.
+
+    Args:
+        engine: the opened engine; only the batcher's thread uses it once the batcher has started.
+        wait_s: how long the oldest queued job waits for others.
+        max_tokens: source tokens gathered into one engine call before it starts without waiting
+            (the engine cuts it into batches of at most its decode settings' ``max_tokens``).
+        max_pending_lines: queued lines past which :meth:`submit` refuses new jobs.
+    """
+
+    def __init__(self, engine: Engine, wait_s: float, max_tokens: int, max_pending_lines: int) -> None:
+        self.engine = engine
+        self.wait_s = wait_s
+        self.max_tokens = max_tokens
+        self.max_pending_lines = max_pending_lines
+        self.pending_lines = 0  # submitted, not yet handed to the engine
+        self.translated_lines = 0
+        self.engine_calls = 0
+        self.engine_seconds = 0.0  # time spent in engine calls
+        # A deque and an event rather than an asyncio.Queue: waiting for a queue's get() with a timeout
+        # (asyncio.wait_for) can lose the item that arrives as the time runs out (Python 3.11).
+        self._jobs: deque[Job] = deque()
+        self._queued_tokens = 0
+        self._arrived = asyncio.Event()
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Start the loop on the running event loop (again after :meth:`stop`: a test's second client)."""
+        self._arrived = asyncio.Event()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="attnmt-engine")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="attnmt-batcher")
+
+    async def stop(self) -> None:
+        """Stop the loop once the engine call under way (if any) has ended; what is still queued is
+        answered with an error. The server calls it after its requests have drained."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+        while self._jobs:
+            job = self._jobs.popleft()
+            if not job.future.done():
+                job.future.set_exception(RuntimeError("the server is shutting down"))
+        self.pending_lines = self._queued_tokens = 0
+
+    def submit(self, job: Job) -> asyncio.Future:
+        """Queue ``job``; its future gets a :class:`Result`.
+
+        Raises:
+            Overloaded: ``max_pending_lines`` would be exceeded.
+        """
+        if self.pending_lines + len(job.sources) > self.max_pending_lines and self.pending_lines > 0:
+            raise Overloaded(f"{self.pending_lines} lines are waiting for the engine")
+        self.pending_lines += len(job.sources)
+        self._queued_tokens += job.tokens
+        self._jobs.append(job)
+        self._arrived.set()
+        return job.future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            jobs = await self._gather()
+            groups: dict[tuple, list[Job]] = {}
+            for job in jobs:
+                if not job.future.done():  # done already: cancelled, its client gone
+                    groups.setdefault(job.key, []).append(job)
+            for group in groups.values():
+                try:
+                    results = await loop.run_in_executor(self._executor, self._translate, group)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as err:  # a bug or out of memory: these requests fail, the service goes on
+                    log.exception("translating %d requests failed", len(group))
+                    results = [err] * len(group)
+                for job, result in zip(group, results):
+                    if job.future.done():
+                        continue
+                    if isinstance(result, Exception):
+                        job.future.set_exception(result)
+                    else:
+                        job.future.set_result(result)
+
+    async def _gather(self) -> list[Job]:
+        """The queued jobs, oldest first, once the oldest has waited ``wait_s`` for others or about
+        ``max_tokens`` source tokens are queued; at most about ``max_tokens`` of them."""
+        loop = asyncio.get_running_loop()
+        while not self._jobs:
+            self._arrived.clear()
+            await self._arrived.wait()
+        deadline = loop.time() + self.wait_s
+        while self._queued_tokens < self.max_tokens and (remaining := deadline - loop.time()) > 0:
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+            except TimeoutError:
+                break
+        jobs: list[Job] = []
+        tokens = 0
+        while self._jobs and (not jobs or tokens + self._jobs[0].tokens <= self.max_tokens):
+            job = self._jobs.popleft()
+            jobs.append(job)
+            tokens += job.tokens
+        self._queued_tokens -= tokens
+        self.pending_lines -= sum(len(job.sources) for job in jobs)
+        return jobs
+
+    def _translate(self, jobs: list[Job]) -> list[Result]:
+        """One engine call for the lines of ``jobs`` (equal keys), in the worker thread."""
+        sources = [source for job in jobs for source in job.sources]
+        line_numbers = [number for job in jobs for number in range(1, len(job.sources) + 1)]
+        first = jobs[0]
+        start = time.perf_counter()
+        translations = self.engine.translate_sources(sources, first.cfg, line_numbers, tgt_prefix=first.tgt_prefix)
+        self.engine_seconds += time.perf_counter() - start
+        self.engine_calls += 1
+        self.translated_lines += len(sources)
+        results, start = [], 0
+        for job in jobs:
+            mine = translations[start : start + len(job.sources)]
+            attention = None
+            if job.attention:
+                attention = [self.engine.backend.attention_maps(source, t.tokens[0]) if source else None
+                             for source, t in zip(job.sources, mine)]
+            results.append(Result(mine, attention))
+            start += len(job.sources)
+        return results
