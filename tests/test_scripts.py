@@ -193,3 +193,19 @@ def test_quickstart_sh_trains_evaluates_and_translates(tmp_path):
     assert "== evaluating test2016" in proc.stdout and '"bleu":' in proc.stdout and "== done" in proc.stdout
     assert (tmp_path / "runs" / "quickstart" / "checkpoints" / "best.pt").is_file()
     assert not (tmp_path / ".venv").exists()
+
+
+def test_bench_serve_loads_a_real_server_and_tabulates(trained_checkpoint, tmp_path):
+    pytest.importorskip("fastapi", reason="attnmt-serve needs the serve extra")
+    source = tmp_path / "lines.de"
+    source.write_text((FIXTURE_CORPUS / "test.de").read_text(encoding="utf-8"), encoding="utf-8")
+    proc = run_script("bench_serve.py", "--ckpt", str(trained_checkpoint), "--input", str(source), "--lines", "12",
+                      "--clients", "1,4", "--searches", "greedy", "--repeats", "1", cwd=tmp_path)
+    assert "start to first answer:" in proc.stdout
+    assert "| greedy | attnmt-translate |" in proc.stdout
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| greedy | 1 |") or line.startswith("| greedy | 4 |")]
+    assert len(rows) == 2 and all(row.endswith("| 12/12 |") for row in rows), proc.stdout
+    refused("bench_serve.py", "--ckpt", str(trained_checkpoint), "--input", str(source), "--searches", "beam9",
+            cwd=tmp_path, message="--searches: unknown beam9")
+    refused("bench_serve.py", "--ckpt", str(trained_checkpoint), "--input", str(source), "--clients", "0",
+            cwd=tmp_path, message="--clients")
