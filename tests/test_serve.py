@@ -199,6 +199,7 @@ def test_a_full_queue_answers_503_and_a_gone_client_costs_nothing(engine, traine
                 await gone
                 release.set()
                 answers = [await first, await queued]
+        assert refused.headers["retry-after"] == "1"
         return refused.status_code, [a.status_code for a in answers], batcher.translated_lines
 
     engine.translate_sources = held

@@ -76,9 +76,9 @@ DECODE_KEYS = tuple(f.name for f in fields(DecodeConfig) if f.name in TranslateR
 class RequestError(Exception):
     """A request the service answers ``status`` with ``{"error": message, "field": field}``."""
 
-    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+    def __init__(self, status: int, message: str, field: str | None = None, headers: dict | None = None) -> None:
         super().__init__(message)
-        self.status, self.message, self.field = status, message, field
+        self.status, self.message, self.field, self.headers = status, message, field, headers
 
 
 def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
@@ -102,7 +102,7 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def request_error(_request: Request, err: RequestError) -> JSONResponse:
-        return JSONResponse({"error": err.message, "field": err.field}, status_code=err.status)
+        return JSONResponse({"error": err.message, "field": err.field}, status_code=err.status, headers=err.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, err: HTTPException) -> JSONResponse:  # 404, 405, ...
@@ -122,7 +122,7 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
         try:
             future = batcher.submit(Job(sources, decode, tuple(tgt_prefix), body.attention))
         except Overloaded as err:
-            raise RequestError(503, f"the server is busy ({err}); try again shortly") from None
+            raise RequestError(503, f"the server is busy ({err}); try again shortly", headers={"Retry-After": "1"}) from None
         result = await answer_unless_gone(request, future)
         if result is None:
             return Response(status_code=499)  # nobody is there to read it
