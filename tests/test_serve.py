@@ -87,9 +87,26 @@ def test_attention_maps_are_the_models_for_each_layer_and_head(client, engine) -
     assert {len(row) for layer in weights for head in layer for row in head} == {len(maps["src_pieces"])}
     for row in (row for layer in weights for head in layer for row in head):
         assert sum(row) == pytest.approx(1.0, abs=1e-3)  # each target piece's attention is a distribution
-    # The head mean of the last layer is what attnmt-translate's attention_plot draws for that layer.
-    expected = engine.backend.cross_attention(engine.encode(lines[:1])[0], tokens, len(weights) - 1)
-    torch.testing.assert_close(torch.tensor(weights[-1]).mean(dim=0), expected, atol=1e-3, rtol=0)
+    # The weights are the ones the model used: applied to each layer's values, they give the output its
+    # cross-attention computed while decoding the translation (captured from the layer itself).
+    src = torch.tensor([engine.encode(lines[:1])[0]])
+    src_mask = torch.ones_like(src, dtype=torch.bool)
+    outputs = []
+    hooks = [layer.cross_attn.register_forward_hook(lambda _m, _args, out: outputs.append(out))
+             for layer in model.decoder_layers]
+    try:
+        with torch.inference_mode():
+            memory = model.encode(src, src_mask)
+            model.decode(torch.tensor([[model.cfg.bos_id, *tokens]]), memory, src_mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    with torch.inference_mode():
+        for layer, maps_of_layer, output in zip(model.decoder_layers, weights, outputs):
+            attn = layer.cross_attn
+            _, values = attn.project_kv(memory)  # (1, H, S, Dh)
+            context = (torch.tensor(maps_of_layer)[None] @ values).transpose(1, 2).flatten(2)  # (1, T, D)
+            torch.testing.assert_close(attn.out_proj(context), output, atol=2e-3, rtol=0)
 
 
 BAD_REQUESTS = [
@@ -113,6 +130,10 @@ BAD_REQUESTS = [
     (b'{"text": ["Ein Hund."], "temperature": -1.5}', 422, "temperature"),
     (b'{"text": ["Ein Hund."], "beam_stop": "never"}', 422, "beam_stop"),
     (b'{"text": ["Ein Hund."], "seed": -1}', 422, "seed"),
+    (b'{"text": ["Ein Hund."], "max_len_b": 1' + b"0" * 400 + b'}', 422, "max_len_b"),
+    (b'{"text": ["Ein Hund."], "max_len_a": -1}', 422, "max_len_a"),
+    (b'{"text": [' + (b'"' + b"Ein Hund rennt. " * 15 + b'", ') * 49 + b'"Ein Hund."], "attention": true}', 413,
+     "attention"),
     (b'{"text": ["Ein Hund."], "max_tokens": 1}', 422, "max_tokens"),
     (b'{"text": ["Ein Hund."], "tgt_lang": "fr"}', 422, "tgt_lang"),
     (b'{"text": ["Ein Hund."], "src_lang": "ja"}', 422, "src_lang"),
@@ -177,10 +198,11 @@ def test_concurrent_requests_share_engine_calls_and_get_their_own_answers(engine
 def test_a_full_queue_answers_503_and_a_gone_client_costs_nothing(engine, trained_checkpoint) -> None:
     app = create_app(engine, serve_config(trained_checkpoint, "max_pending_lines=4", "batch_wait_ms=0"), "fixture")
     batcher = app.state.batcher
-    release = threading.Event()
+    busy, release = threading.Event(), threading.Event()
     translate = engine.translate_sources
 
     def held(*args, **kwargs):  # the engine busy until the test lets it go
+        busy.set()
         release.wait(10)
         return translate(*args, **kwargs)
 
@@ -189,9 +211,8 @@ def test_a_full_queue_answers_503_and_a_gone_client_costs_nothing(engine, traine
         async with app.router.lifespan_context(app):
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
                 first = asyncio.ensure_future(http.post("/translate", json={"text": FIXTURE_LINES[:1], "beam_size": 1}))
-                while batcher.engine_calls == 0 and batcher.pending_lines == 1:
-                    await asyncio.sleep(0.01)  # the first request is in the engine
-                await asyncio.sleep(0.05)
+                while not busy.is_set():
+                    await asyncio.sleep(0.01)  # until the first request is in the engine
                 queued = asyncio.ensure_future(http.post("/translate", json={"text": FIXTURE_LINES[1:4], "beam_size": 1}))
                 gone = asyncio.ensure_future(gone_client(app, {"text": [FIXTURE_LINES[4]], "beam_size": 1}))
                 await asyncio.sleep(0.1)
@@ -336,7 +357,7 @@ def test_under_load_every_answer_equals_the_command_lines(server, engine, multi3
 
 def test_sigterm_finishes_the_requests_in_flight_then_exits(server) -> None:
     running = server()
-    body = {"text": FIXTURE_LINES * 2, "beam_size": 8}  # a few seconds of work
+    body = {"text": FIXTURE_LINES * 4, "beam_size": 16}  # about a second of work
 
     def send() -> httpx.Response:
         return httpx.post(f"{running.url}/translate", json=body, timeout=60)

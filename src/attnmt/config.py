@@ -343,9 +343,13 @@ class DecodeConfig:
         if abs(self.len_penalty) > 100:  # ((5 + length) / 6) ** alpha overflows a float at long outputs past that
             raise ConfigError(f"{prefix}len_penalty={self.len_penalty} is out of range: GNMT's alpha is used between "
                               "0 and 2, and must lie within [-100, 100]")
-        if self.min_len < 0 or self.max_len_a < 0:
-            raise ConfigError(f"{prefix}min_len={self.min_len} and {prefix}max_len_a={self.max_len_a} "
-                              "must not be negative")
+        for key in ("min_len", "max_len_a"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{prefix}{key}={getattr(self, key)} must not be negative")
+        for key in ("min_len", "max_len_b"):  # lengths past any model's positions; far larger overflow a float
+            if abs(getattr(self, key)) > 10**9:
+                raise ConfigError(f"{prefix}{key}={getattr(self, key)} is out of range: it must lie within "
+                                  "[-10**9, 10**9] (lengths are capped by the model's positions anyway)")
 
 
 @dataclass
@@ -474,8 +478,9 @@ class ServeConfig(DecodeConfig):
             raise ConfigError(f"{prefix}port={self.port} must be between 0 and 65535 (0: any free port)")
         if not 0 <= self.batch_wait_ms <= 1000:
             raise ConfigError(f"{prefix}batch_wait_ms={self.batch_wait_ms} must be between 0 and 1000 (milliseconds)")
-        if self.beam_size > self.max_beam_size:
-            raise ConfigError(f"{prefix}beam_size={self.beam_size} exceeds max_beam_size={self.max_beam_size}")
+        for key in ("beam_size", "nbest"):  # else every request would be refused for the server's own default
+            if getattr(self, key) > self.max_beam_size:
+                raise ConfigError(f"{prefix}{key}={getattr(self, key)} exceeds max_beam_size={self.max_beam_size}")
 
 
 @dataclass

@@ -2,10 +2,10 @@
 
 Routes:
 
-- ``POST /translate``: ``{"text": [lines], "tgt_lang"?, "src_lang"?, "attention"?, and any decode
-  setting of attnmt-translate (beam_size, len_penalty, nbest, ...)}`` ->
+- ``POST /translate``: ``{"text": [lines], "tgt_lang"?, "src_lang"?, "attention"?, and the decode
+  settings of attnmt-translate but max_tokens, the server's (beam_size, len_penalty, nbest, ...)}`` ->
   ``{"translations": [one per line, in order], "scores": [...]}`` (length-normalised log-probabilities,
-  null for greedy search, which computes none), with ``"nbest"`` (each line's
+  null for greedy search, which computes none, and 0 for an empty line), with ``"nbest"`` (each line's
   candidates, best first) when ``nbest > 1`` and ``"attention"`` (each line's source and target
   pieces and cross-attention weights ``[layer][head][target][source]``) when asked for.
 - ``GET /health``: ``{"status": "ok", ...}`` with the queue's counters.
@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 
 from attnmt.config import ConfigError, DecodeConfig, ServeConfig, trained_data_config
+from attnmt.decoding import max_length
 from attnmt.inference import Engine, check_capabilities, language_prefixes
 from attnmt.serve.batcher import Batcher, Job, Overloaded, Result
 from attnmt.tokenizer import TokenizerError, tag_language
@@ -119,6 +120,8 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
         decode = decode_config(body, defaults, engine, cfg.max_beam_size)
         prefix, tgt_prefix = directions.resolve(body.src_lang, body.tgt_lang)
         sources = engine.encode(body.text, prefix=prefix)
+        if body.attention:
+            check_attention_size(engine, sources, decode)
         try:
             future = batcher.submit(Job(sources, decode, tuple(tgt_prefix), body.attention))
         except Overloaded as err:
@@ -233,6 +236,25 @@ def decode_config(request: TranslateRequest, defaults: DecodeConfig, engine: Eng
     return cfg
 
 
+# The most attention weights one request may ask for (at most layers x heads x target x source pieces
+# a line): about 40 MB of JSON. Each weight is a Python float on its way out, so a request with no
+# such bound (1,000 long lines of a 6-layer, 8-head model) could take gigabytes.
+MAX_ATTENTION_WEIGHTS = 4_000_000
+
+
+def check_attention_size(engine: Engine, sources: list[list[int]], cfg: DecodeConfig) -> None:
+    """Refuse (413, field ``attention``) a request whose attention maps could exceed
+    :data:`MAX_ATTENTION_WEIGHTS`, counting each line's longest possible translation."""
+    model = engine.run_config.get("model") or {}
+    per_pair = (model.get("decoder_layers") or 1) * (model.get("n_heads") or 1)
+    bound = sum(per_pair * len(source) * (max_length(len(source), cfg.max_len_a, cfg.max_len_b,
+                                                     engine.backend.max_positions) + 1)
+                for source in sources if source)
+    if bound > MAX_ATTENTION_WEIGHTS:
+        raise RequestError(413, f"these lines' attention maps could hold {bound:,} weights; a request may ask for "
+                                f"{MAX_ATTENTION_WEIGHTS:,}: ask for attention with fewer or shorter lines", "attention")
+
+
 class Directions:
     """The ids that ask for a direction (:func:`~attnmt.inference.language_prefixes`), per (source,
     target) pair asked for, computed once each (its zero-shot warning logged once)."""
@@ -301,7 +323,7 @@ def response_body(result: Result, nbest: int, engine: Engine | None, sources: li
             None if maps is None else {
                 "src_pieces": tokenizer.src_pieces(source),
                 "tgt_pieces": tokenizer.tgt_pieces(t.tokens[0] + [tokenizer.eos_id]),
-                "weights": maps.round(decimals=4).tolist(),  # [layer][head][target][source]
+                "weights": maps,  # [layer][head][target][source]
             }
             for source, t, maps in zip(sources, result.translations, result.attention)
         ]

@@ -1,12 +1,14 @@
 """Dynamic batching: the lines of concurrent requests share the engine's batches.
 
 Requests arrive one by one on the event loop; the engine translates best in large batches. The
-:class:`Batcher` queues each request's encoded lines as a :class:`Job`. Its loop takes the oldest job,
-waits up to ``wait_s`` for others (or until ``max_tokens`` source tokens are queued), and hands the
-lines of every job with the same search settings to the engine in one call, in a worker thread, so the
-event loop keeps accepting requests meanwhile. What arrives while the engine works is gathered for
-the next call, so under load each call takes what queued up during the last one, and the throughput
-approaches the command line's; with one client a request waits ``wait_s`` at most.
+:class:`Batcher` queues each request's encoded lines as a :class:`Job`. Once the engine is free and a
+job waits, its loop waits ``wait_s`` for others (or until ``max_tokens`` source tokens are queued) and
+hands the lines of every job with the same search settings to the engine in one call, in a worker
+thread, so that the event loop keeps taking requests meanwhile. Under load a call takes what queued
+up during the last one and the next requests of the clients it answered; with one client a request
+waits ``wait_s`` at most. A call can hold no more lines than the requests waiting: with 32 clients of
+one sentence each, 32 lines, where attnmt-translate batches a file in calls of over a hundred
+(docs/BENCHMARKS.md has what that costs).
 
 Each line keeps its line number within its own request (1, 2, ...), so sampling draws what it would
 for that request alone, and the engine's batching never changes a search's result. A job whose client
@@ -21,8 +23,6 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass, field
-
-from torch import Tensor
 
 from attnmt.config import DecodeConfig
 from attnmt.inference import Engine, Translation
@@ -57,17 +57,19 @@ class Job:
 @dataclass
 class Result:
     """A job's translations (one per line, in order) and, if asked for, each line's attention maps
-    (L, H, T, S), None for an empty line."""
+    as nested lists ``[layer][head][target][source]`` rounded to 4 decimals (made in the worker
+    thread: for long lines it is work), None for an empty line."""
 
     translations: list[Translation]
-    attention: list[Tensor | None] | None = None
+    attention: list[list | None] | None = None
 
 
 class Batcher:
     """Gathers jobs into engine calls, one call at a time, in a worker thread.
 
     Args:
-        engine: the opened engine; only the batcher's thread uses it once the batcher has started.
+        engine: the opened engine; only the batcher's thread searches with it (the event loop uses
+            its tokenizer, to encode requests and name pieces).
         wait_s: how long the oldest queued job waits for others.
         max_tokens: source tokens gathered into one engine call before it starts without waiting
             (the engine cuts it into batches of at most its decode settings' ``max_tokens``).
@@ -96,6 +98,21 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="attnmt-engine")
         self._task = asyncio.get_running_loop().create_task(self._run(), name="attnmt-batcher")
+        self._task.add_done_callback(self._stopped)
+
+    def _stopped(self, task: asyncio.Task) -> None:
+        """A loop that ended by an error (a bug) fails what waits, loudly, rather than leave it hanging."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("the batcher stopped: %r; no more translations", task.exception())
+        self._fail_queued(RuntimeError(f"the batcher stopped: {task.exception()!r}"))
+
+    def _fail_queued(self, error: Exception) -> None:
+        while self._jobs:
+            job = self._jobs.popleft()
+            if not job.future.done():
+                job.future.set_exception(error)
+        self.pending_lines = self._queued_tokens = 0
 
     async def stop(self) -> None:
         """Stop the loop once the engine call under way (if any) has ended; what is still queued is
@@ -105,11 +122,7 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
-        while self._jobs:
-            job = self._jobs.popleft()
-            if not job.future.done():
-                job.future.set_exception(RuntimeError("the server is shutting down"))
-        self.pending_lines = self._queued_tokens = 0
+        self._fail_queued(RuntimeError("the server is shutting down"))
 
     def submit(self, job: Job) -> asyncio.Future:
         """Queue ``job``; its future gets a :class:`Result`.
@@ -117,6 +130,8 @@ class Batcher:
         Raises:
             Overloaded: ``max_pending_lines`` would be exceeded.
         """
+        if self._task is None or self._task.done():
+            raise RuntimeError("the batcher is not running")
         if self.pending_lines + len(job.sources) > self.max_pending_lines and self.pending_lines > 0:
             raise Overloaded(f"{self.pending_lines} lines are waiting for the engine")
         self.pending_lines += len(job.sources)
@@ -136,7 +151,10 @@ class Batcher:
             for group in groups.values():
                 try:
                     results = await loop.run_in_executor(self._executor, self._translate, group)
-                except asyncio.CancelledError:
+                except asyncio.CancelledError:  # stopped: what this round holds is answered, not left waiting
+                    for job in jobs:
+                        if not job.future.done():
+                            job.future.set_exception(RuntimeError("the server is shutting down"))
                     raise
                 except Exception as err:  # a bug or out of memory: these requests fail, the service goes on
                     log.exception("translating %d requests failed", len(group))
@@ -150,8 +168,14 @@ class Batcher:
                         job.future.set_result(result)
 
     async def _gather(self) -> list[Job]:
-        """The queued jobs, oldest first, once the oldest has waited ``wait_s`` for others or about
-        ``max_tokens`` source tokens are queued; at most about ``max_tokens`` of them."""
+        """The queued jobs, oldest first, once ``wait_s`` has passed since the engine was free and a
+        job there, or about ``max_tokens`` source tokens are queued; at most about ``max_tokens`` of them.
+
+        The wait starts when the engine is free, not when the oldest job arrived: under load the
+        oldest has waited out the last call already, but the clients that call answered have not yet
+        sent their next requests. Counting from the arrival, calls held 19.6 lines with 32 clients
+        instead of 31.2, and greedy throughput fell from 215 to 182 sentences/s (docs/BENCHMARKS.md).
+        """
         loop = asyncio.get_running_loop()
         while not self._jobs:
             self._arrived.clear()
@@ -161,7 +185,7 @@ class Batcher:
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
                 break
         jobs: list[Job] = []
         tokens = 0
@@ -188,8 +212,8 @@ class Batcher:
             mine = translations[start : start + len(job.sources)]
             attention = None
             if job.attention:
-                attention = [self.engine.backend.attention_maps(source, t.tokens[0]) if source else None
-                             for source, t in zip(job.sources, mine)]
+                attention = [self.engine.backend.attention_maps(source, t.tokens[0]).round(decimals=4).tolist()
+                             if source else None for source, t in zip(job.sources, mine)]
             results.append(Result(mine, attention))
             start += len(job.sources)
         return results
