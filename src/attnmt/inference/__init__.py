@@ -289,10 +289,10 @@ def language_prefixes(tokenizer: Tokenizer, run_config: dict | None, tgt_lang: s
             raise TokenizerError(f"this model translates between {len(known)} languages ({', '.join(known[:6])}, ...): "
                                  "name the direction with src_lang= and tgt_lang=")
         return tokenizer.direction_ids(src_lang, tgt_lang)
-    tagged = sorted(lang for lang in map(tag_language, tokenizer.tags) if lang is not None)
-    targets = tagged or (data.target_languages() if data else [])
-    if src_lang is not None and data and src_lang not in data.source_languages():
-        raise TokenizerError(f"src_lang={src_lang}: this model translates from {', '.join(data.source_languages())} only")
+    tagged = _tagged_languages(tokenizer)
+    sources, targets = model_languages(tokenizer, run_config)
+    if src_lang is not None and sources and src_lang not in sources:
+        raise TokenizerError(f"src_lang={src_lang}: this model translates from {', '.join(sources)} only")
     if tgt_lang is not None and targets and tgt_lang not in targets:
         raise TokenizerError(f"tgt_lang={tgt_lang}: this model translates into {', '.join(targets)} only")
     if tgt_lang is None and len(tagged) > 1:
@@ -303,3 +303,20 @@ def language_prefixes(tokenizer: Tokenizer, run_config: dict | None, tgt_lang: s
     if not tagged:
         return [], []
     return [tokenizer.tag_id(language_tag(tgt_lang or tagged[0]))], []
+
+
+def model_languages(tokenizer: Tokenizer, run_config: dict | None) -> tuple[list[str], list[str]]:
+    """The languages a model translates (from, into), as :func:`language_prefixes` checks them: its
+    language codes (M2M100, NLLB), else its target-language tags or the data config it was trained on
+    (``run_config["data"]``); empty where the model does not say."""
+    if tokenizer.languages:
+        known = sorted(tokenizer.languages)
+        return known, known
+    data = trained_data_config(run_config["data"]) if run_config and run_config.get("data") else None
+    return (data.source_languages() if data else []), (_tagged_languages(tokenizer) or
+                                                       (data.target_languages() if data else []))
+
+
+def _tagged_languages(tokenizer: Tokenizer) -> list[str]:
+    """The target languages of a model's ``<2xx>`` tags, sorted."""
+    return sorted(lang for lang in map(tag_language, tokenizer.tags) if lang is not None)

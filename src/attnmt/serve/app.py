@@ -35,11 +35,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 
-from attnmt.config import ConfigError, DecodeConfig, ServeConfig, trained_data_config
+from attnmt.config import ConfigError, DecodeConfig, ServeConfig
 from attnmt.decoding import max_length
-from attnmt.inference import Engine, check_capabilities, language_prefixes
+from attnmt.inference import Engine, check_capabilities, language_prefixes, model_languages
 from attnmt.serve.batcher import Batcher, Job, Overloaded, Result
-from attnmt.tokenizer import TokenizerError, tag_language
+from attnmt.tokenizer import TokenizerError
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
         return {"status": "ok", "pending_lines": batcher.pending_lines, "translated_lines": batcher.translated_lines,
                 "engine_calls": batcher.engine_calls, "engine_seconds": round(batcher.engine_seconds, 3)}
 
-    info = service_info(engine, cfg, model_name, defaults, directions)
+    info = service_info(engine, cfg, model_name, defaults)
 
     @app.get("/info")
     async def get_info() -> dict:
@@ -280,17 +280,6 @@ class Directions:
                 raise RequestError(422, str(err), field) from None
         return self._known[key]
 
-    def languages(self) -> dict[str, list[str]]:
-        """The languages the model translates from and into (empty where it does not say)."""
-        tokenizer, run_config = self.engine.tokenizer, self.engine.run_config
-        if tokenizer.languages:
-            known = sorted(tokenizer.languages)
-            return {"source": known, "target": known}
-        data = trained_data_config(run_config["data"]) if run_config.get("data") else None
-        tagged = sorted(lang for lang in map(tag_language, tokenizer.tags) if lang is not None)
-        return {"source": data.source_languages() if data else [],
-                "target": tagged or (data.target_languages() if data else [])}
-
 
 async def answer_unless_gone(request: Request, future: asyncio.Future) -> Result | None:
     """The job's result, or None (the job cancelled: dropped if not yet begun) if the client disconnects first."""
@@ -335,8 +324,7 @@ def score(value: float) -> float | None:
     return round(value, 4) if math.isfinite(value) else None
 
 
-def service_info(engine: Engine, cfg: ServeConfig, model_name: str, defaults: DecodeConfig,
-                 directions: Directions) -> dict:
+def service_info(engine: Engine, cfg: ServeConfig, model_name: str, defaults: DecodeConfig) -> dict:
     """What ``GET /info`` tells: enough for a client (and the page) to build requests."""
     model = engine.run_config.get("model") or {}
     return {
@@ -344,7 +332,7 @@ def service_info(engine: Engine, cfg: ServeConfig, model_name: str, defaults: De
         "engine": engine.name,
         "attention": engine.capabilities.attention,
         "architecture": {key: model.get(key) for key in ("d_model", "n_heads", "encoder_layers", "decoder_layers")},
-        "languages": directions.languages(),
+        "languages": dict(zip(("source", "target"), model_languages(engine.tokenizer, engine.run_config))),
         "src_lang": cfg.src_lang,
         "tgt_lang": cfg.tgt_lang,
         "decode": {key: value for key, value in asdict(defaults).items() if key in DECODE_KEYS},

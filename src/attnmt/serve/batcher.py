@@ -70,7 +70,7 @@ class Batcher:
     Args:
         engine: the opened engine; only the batcher's thread searches with it (the event loop uses
             its tokenizer, to encode requests and name pieces).
-        wait_s: how long the oldest queued job waits for others.
+        wait_s: how long the batcher waits for more jobs once the engine is free and one is queued.
         max_tokens: source tokens gathered into one engine call before it starts without waiting
             (the engine cuts it into batches of at most its decode settings' ``max_tokens``).
         max_pending_lines: queued lines past which :meth:`submit` refuses new jobs.
@@ -108,10 +108,8 @@ class Batcher:
         self._fail_queued(RuntimeError(f"the batcher stopped: {task.exception()!r}"))
 
     def _fail_queued(self, error: Exception) -> None:
-        while self._jobs:
-            job = self._jobs.popleft()
-            if not job.future.done():
-                job.future.set_exception(error)
+        _fail(self._jobs, error)
+        self._jobs.clear()
         self.pending_lines = self._queued_tokens = 0
 
     async def stop(self) -> None:
@@ -152,9 +150,7 @@ class Batcher:
                 try:
                     results = await loop.run_in_executor(self._executor, self._translate, group)
                 except asyncio.CancelledError:  # stopped: what this round holds is answered, not left waiting
-                    for job in jobs:
-                        if not job.future.done():
-                            job.future.set_exception(RuntimeError("the server is shutting down"))
+                    _fail(jobs, RuntimeError("the server is shutting down"))
                     raise
                 except Exception as err:  # a bug or out of memory: these requests fail, the service goes on
                     log.exception("translating %d requests failed", len(group))
@@ -207,13 +203,20 @@ class Batcher:
         self.engine_seconds += time.perf_counter() - start
         self.engine_calls += 1
         self.translated_lines += len(sources)
-        results, start = [], 0
+        results, offset = [], 0
         for job in jobs:
-            mine = translations[start : start + len(job.sources)]
+            mine = translations[offset : offset + len(job.sources)]
             attention = None
             if job.attention:
                 attention = [self.engine.backend.attention_maps(source, t.tokens[0]).round(decimals=4).tolist()
                              if source else None for source, t in zip(job.sources, mine)]
             results.append(Result(mine, attention))
-            start += len(job.sources)
+            offset += len(job.sources)
         return results
+
+
+def _fail(jobs, error: Exception) -> None:
+    """Answer ``error`` to each of ``jobs`` still waiting."""
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(error)
