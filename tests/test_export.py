@@ -218,6 +218,34 @@ def test_engine_cache_is_keyed_by_the_checkpoints_content(trained_checkpoint, tm
         json.loads((first / "attnmt.json").read_text())["checkpoint_sha256"]
 
 
+def test_ctranslate2_engine_takes_torchs_thread_count(trained_checkpoint, tmp_path, monkeypatch) -> None:
+    """One setting governs every engine's threads (attnmt-serve's ``threads`` sets torch's): CTranslate2
+    gets torch's count as its ``intra_threads`` instead of its own default."""
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    from attnmt.inference import open_engine
+
+    made = []
+
+    def translator(*args, **kwargs):
+        made.append(kwargs["intra_threads"])
+        return real(*args, **kwargs)
+
+    real = ctranslate2.Translator
+    monkeypatch.setattr(ctranslate2, "Translator", translator)
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(trained_checkpoint, ckpt)
+    cfg = decode_config(engine="ctranslate2")
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            engine = open_engine(cfg, [ckpt], torch.device("cpu"))
+            assert engine.translate(["Ein Hund."], cfg)[0].texts[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert made == [1, 2]
+
+
 @pytest.mark.parametrize("damage", ["model_bin_removed", "model_bin_cut", "meta_removed", "another_checkpoints"])
 def test_a_damaged_or_foreign_engine_cache_is_converted_again(trained_checkpoint, tmp_path, caplog, damage) -> None:
     pytest.importorskip("ctranslate2")

@@ -465,7 +465,7 @@ class ServeConfig(DecodeConfig):
     max_request_bytes: int  # bytes a request body may hold (more: 413)
     max_beam_size: int  # the largest beam_size (and nbest) a request may ask for
     max_pending_lines: int  # lines waiting for the engine before new requests are turned away (503)
-    threads: int  # torch's threads for the engine (native, transformers); 0 = all cores but one
+    threads: int  # the engine's threads (torch's; CTranslate2's intra_threads); 0 = all cores but one
 
     def check(self, prefix: str = "") -> None:
         super().check(prefix)

@@ -203,5 +203,8 @@ def open_backend(paths: Sequence, device: torch.device, compute_type: str) -> tu
         from attnmt.config import ConfigError
 
         raise ConfigError("engine=ctranslate2 needs CTranslate2: pip install 'attnmt[ct2]'") from None
-    backend = CTranslate2Backend(cached_model(paths), device.type, device.index or 0, compute_type)
+    # torch's thread count, which the commands set (attnmt-serve: all cores but one), so that one
+    # setting governs every engine; CTranslate2's own default ignores it.
+    backend = CTranslate2Backend(cached_model(paths), device.type, device.index or 0, compute_type,
+                                 threads=torch.get_num_threads())
     return backend, backend.tokenizer, backend.run_config or {}
