@@ -478,9 +478,16 @@ class ServeConfig(DecodeConfig):
             raise ConfigError(f"{prefix}port={self.port} must be between 0 and 65535 (0: any free port)")
         if not 0 <= self.batch_wait_ms <= 1000:
             raise ConfigError(f"{prefix}batch_wait_ms={self.batch_wait_ms} must be between 0 and 1000 (milliseconds)")
-        for key in ("beam_size", "nbest"):  # else every request would be refused for the server's own default
-            if getattr(self, key) > self.max_beam_size:
-                raise ConfigError(f"{prefix}{key}={getattr(self, key)} exceeds max_beam_size={self.max_beam_size}")
+        check_beam_limit(self, self.max_beam_size, prefix)  # else every request would be refused for the default
+
+
+def check_beam_limit(cfg: DecodeConfig, max_beam_size: int, prefix: str = "") -> None:
+    """attnmt-serve's bound on a search's size: ``beam_size`` and ``nbest`` at most ``max_beam_size``
+    (the server's defaults at start, each request's settings after)."""
+    for key in ("beam_size", "nbest"):
+        if getattr(cfg, key) > max_beam_size:
+            raise ConfigError(f"{prefix}{key}={getattr(cfg, key)} exceeds max_beam_size={max_beam_size}, "
+                              "the largest this server searches")
 
 
 @dataclass

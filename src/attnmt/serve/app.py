@@ -35,7 +35,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 
-from attnmt.config import ConfigError, DecodeConfig, ServeConfig
+from attnmt.config import ConfigError, DecodeConfig, ServeConfig, check_beam_limit
 from attnmt.decoding import max_length
 from attnmt.inference import Engine, check_capabilities, language_prefixes, model_languages
 from attnmt.serve.batcher import Batcher, Job, Overloaded, Result
@@ -225,12 +225,10 @@ def decode_config(request: TranslateRequest, defaults: DecodeConfig, engine: Eng
         cfg = replace(defaults, **changes)
         cfg.check()
         check_capabilities(engine.name, engine.capabilities, cfg)
+        check_beam_limit(cfg, max_beam_size)
     except ConfigError as err:
         match = re.match(r"(\w+)=", str(err))
         raise RequestError(422, str(err), match.group(1) if match else None) from None
-    for key in ("beam_size", "nbest"):
-        if getattr(cfg, key) > max_beam_size:
-            raise RequestError(422, f"{key}={getattr(cfg, key)} exceeds this server's max_beam_size={max_beam_size}", key)
     if request.attention and not engine.capabilities.attention:
         raise RequestError(422, f"attention maps need engine=native; this server runs engine={engine.name}", "attention")
     return cfg
