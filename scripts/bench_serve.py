@@ -87,10 +87,11 @@ def command_worker(ckpt: str, lines: list[str], jobs: mp.Queue, results: mp.Queu
 
     from attnmt.config import compose
     from attnmt.inference import open_engine
+    from attnmt.serve import engine_threads
 
     engine = open_engine(compose("translate", [f"ckpt={ckpt}", "device=cpu"]), [ckpt], torch.device("cpu"))
     default_threads = torch.get_num_threads()
-    server_threads = max(1, (os.cpu_count() or 1) - 1)  # attnmt-serve's default (threads=0)
+    server_threads = engine_threads()  # attnmt-serve's default (threads=0)
     sources = engine.encode(lines)
     for search, chunk in iter(jobs.get, None):
         cfg = compose("translate", [f"ckpt={ckpt}", *(f"{k}={v}" for k, v in SEARCHES[search].items())])

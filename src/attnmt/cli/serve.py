@@ -12,7 +12,6 @@ flight, then exits.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import torch
@@ -24,6 +23,7 @@ from attnmt.config import ConfigError, ServeConfig, config_dir
 from attnmt.device import resolve_device
 from attnmt.export import ExportError
 from attnmt.inference import capabilities_of, check_capabilities, open_engine
+from attnmt.serve import engine_threads
 from attnmt.tokenizer import TokenizerError
 
 log = logging.getLogger("attnmt.serve")
@@ -42,9 +42,7 @@ def run(cfg: ServeConfig) -> None:
         raise UserError(f"attnmt-serve needs FastAPI and uvicorn ({err}): pip install 'attnmt[serve]'") from None
     device = resolve_device(cfg.device, key="device")
     paths = [str(p) for p in cfg.ckpt] if isinstance(cfg.ckpt, (list, tuple)) else [str(cfg.ckpt)]
-    # The engine's ops on all cores but one: the event loop (HTTP, JSON) needs the other. Sharing
-    # every core with it made each engine call 1.6x slower under 32 clients (docs/BENCHMARKS.md).
-    torch.set_num_threads(cfg.threads or max(1, (os.cpu_count() or 1) - 1))
+    torch.set_num_threads(engine_threads(cfg.threads))
     engine = open_engine(cfg, paths, device)
     app = create_app(engine, cfg, " + ".join(paths))
     log.info("serving %s with engine=%s on http://%s:%d (page at /, POST /translate)", " + ".join(paths),

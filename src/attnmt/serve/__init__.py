@@ -3,3 +3,12 @@
 
 Needs the ``serve`` extra (FastAPI, uvicorn): ``pip install 'attnmt[serve]'``.
 """
+
+import os
+
+
+def engine_threads(threads: int = 0) -> int:
+    """The threads attnmt-serve gives its engine: ``threads``, or with 0 (the default) all cores but one,
+    which is left to the event loop (HTTP, JSON). Sharing every core with it made each engine call 1.6x
+    slower under 32 clients (docs/BENCHMARKS.md)."""
+    return threads or max(1, (os.cpu_count() or 1) - 1)
