@@ -6,6 +6,7 @@ import copy
 import functools
 import logging
 import os
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -80,6 +81,13 @@ def native_engine(ckpt: Path):
     from attnmt.inference import native
 
     return Engine("native", *native.open_backend([ckpt], torch.device("cpu"), "default"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server or a process group to bind)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def data_config(**fields) -> DataConfig:

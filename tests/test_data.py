@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from attnmt.config import DataConfig, register_configs
 from attnmt.data import DataError, load_references, load_split, read_lines, token_lengths, tokenize
 from attnmt.tokenizer import EOS_ID, Tokenizer, normalize
-from conftest import data_config, tokenizer_config
+from conftest import data_config, free_port, tokenizer_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = Path(__file__).parent / "fixtures" / "tiny"
@@ -294,15 +294,10 @@ def _prepare_on_rank(rank: int, port: int, cache: str, out: str) -> None:
 
 
 def test_two_ranks_prepare_the_data_once(tmp_path):
-    import socket
-
     import torch
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cache = tmp_path / "cache"
-    torch.multiprocessing.spawn(_prepare_on_rank, args=(port, str(cache), str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_prepare_on_rank, args=(free_port(), str(cache), str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1] and ranks[0]["valid"] == 40 and len(ranks[0]["src"]) > 300
     assert len(list(cache.glob("raw-*.arrow"))) == 2  # train and valid, once each

@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FIXTURE_CORPUS, compose, decode_config, native_engine
+from conftest import FIXTURE_CORPUS, compose, decode_config, free_port, native_engine
 
 pytest.importorskip("fastapi", reason="attnmt-serve needs the serve extra: pip install 'attnmt[serve]'")
 httpx = pytest.importorskip("httpx", reason="the API tests need httpx: pip install 'attnmt[dev]'")
@@ -257,12 +256,6 @@ async def gone_client(app, body: dict) -> None:
 
 
 # A real server: uvicorn in a subprocess, on 127.0.0.1 only.
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:

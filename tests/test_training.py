@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import socket
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -17,7 +16,7 @@ from attnmt.config import ConfigError, compose
 from attnmt.device import resolve_precision
 from attnmt.model import build_model
 from attnmt.training import check_config, label_smoothed_nll, lr_at, train_step
-from conftest import decode_config, fixture_train_config, tiny_config
+from conftest import decode_config, fixture_train_config, free_port, tiny_config
 
 PAD, BOS, EOS = 0, 2, 3
 
@@ -136,19 +135,13 @@ def _ddp_worker(rank: int, port: int, steps: list[list], out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_equal_one_process(tmp_path):
     g = torch.Generator().manual_seed(2)
     # Each update: 4 micro-batches of different sizes; rank r gets micro-batches r and r + 2
     # (update_freq=2 per rank), the single process all four.
     steps = [[make_batch(random_pairs(n, g)) for n in (2, 5, 3, 4)] for _ in range(3)]
     out = tmp_path / "rank0.pt"
-    torch.multiprocessing.spawn(_ddp_worker, args=(_free_port(), steps, str(out)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(_ddp_worker, args=(free_port(), steps, str(out)), nprocs=2, join=True)
     single, _ = run_updates(steps)
     ddp_state = torch.load(out, weights_only=True)
     for name, tensor in single.state_dict().items():
