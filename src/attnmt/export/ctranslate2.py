@@ -54,7 +54,9 @@ JOINT_SPM, SOURCE_SPM, TARGET_SPM = "sentencepiece.model", "source.model", "targ
 
 
 def _array(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().to("cpu", torch.float32).numpy()
+    """A copy of ``tensor`` as float32 NumPy: CTranslate2's quantization rewrites the arrays it is given in
+    place, which through a shared buffer would rewrite the model being exported (its embeddings did)."""
+    return tensor.detach().to("cpu", torch.float32, copy=True).numpy()
 
 
 def _set_linear(spec, *layers: torch.nn.Linear) -> None:
