@@ -1,5 +1,5 @@
 """Figures: cross-attention heatmaps (``attnmt-translate attention_plot=`` and TensorBoard's images).
-matplotlib is imported when a figure is drawn (``pip install 'attnmt[plot]'``)."""
+matplotlib is imported when a figure is drawn (``pip install -e '.[plot]'``)."""
 
 from __future__ import annotations
 

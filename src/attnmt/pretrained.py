@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from attnmt import install_hint
 from attnmt.config import ModelConfig
 from attnmt.model import Transformer, build_model
 from attnmt.tokenizer import Tokenizer
@@ -205,7 +206,7 @@ def import_model(source: str | Path) -> tuple[Transformer, Tokenizer]:
     try:
         from transformers import AutoConfig
     except ImportError:
-        raise PretrainedError("attnmt-import needs transformers: pip install 'attnmt[hf]'") from None
+        raise PretrainedError(f"attnmt-import needs transformers: {install_hint('hf')}") from None
     try:
         config = AutoConfig.from_pretrained(str(folder))
     except (OSError, ValueError) as err:

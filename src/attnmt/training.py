@@ -426,7 +426,7 @@ def log_attention_map(writer, model: Transformer, tokenizer: Tokenizer, src_ids:
     """Add one cross-attention heatmap (mean over layers and heads) of a valid pair to TensorBoard.
 
     The reference is teacher-forced, so the map shows where the model looks while it predicts each
-    reference token. Needs matplotlib, an optional extra (``attnmt[plot]``).
+    reference token. Needs matplotlib, an optional extra (``pip install -e '.[plot]'``).
 
     Args:
         src_ids: source ids, EOS included; tgt_ids: reference ids, EOS included.

@@ -16,6 +16,7 @@ import logging
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from attnmt import install_hint
 from attnmt.checkpoint import CheckpointError, load_for_inference
 from attnmt.cli.common import UserError, run_command, setup_logging, to_config
 from attnmt.config import ExportConfig, config_dir, register_configs
@@ -31,12 +32,12 @@ def run(cfg: ExportConfig) -> None:
         raise UserError(f"to={cfg.to} is unknown; use to=ctranslate2 or to=hf")
     if cfg.quantization is not None and cfg.to != "ctranslate2":
         raise UserError(f"quantization={cfg.quantization} applies to to=ctranslate2 only")
+    check_new_directory(cfg.out)  # before the checkpoint is read: a refusal should come at once
     package, extra = TARGETS[cfg.to]
     try:
         __import__(package)
     except ImportError:
-        raise UserError(f"to={cfg.to} needs {package}: pip install 'attnmt[{extra}]'") from None
-    check_new_directory(cfg.out)  # before the checkpoint is read: a refusal should come at once
+        raise UserError(f"to={cfg.to} needs {package}: {install_hint(extra)}") from None
     paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
     model, tokenizer, run_config = load_for_inference(paths, "cpu")
     if cfg.to == "ctranslate2":

@@ -17,6 +17,7 @@ import sys
 import torch
 from omegaconf import DictConfig
 
+from attnmt import install_hint
 from attnmt.checkpoint import CheckpointError
 from attnmt.cli.common import UserError, compose_cli, exit_at_once, run_command, setup_logging, to_config
 from attnmt.config import ConfigError, ServeConfig, config_dir
@@ -39,7 +40,7 @@ def run(cfg: ServeConfig) -> None:
 
         from attnmt.serve.app import create_app
     except ImportError as err:
-        raise UserError(f"attnmt-serve needs FastAPI and uvicorn ({err}): pip install 'attnmt[serve]'") from None
+        raise UserError(f"attnmt-serve needs FastAPI and uvicorn ({err}): {install_hint('serve')}") from None
     device = resolve_device(cfg.device, key="device")
     paths = [str(p) for p in cfg.ckpt] if isinstance(cfg.ckpt, (list, tuple)) else [str(cfg.ckpt)]
     torch.set_num_threads(engine_threads(cfg.threads))

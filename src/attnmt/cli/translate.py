@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from attnmt import install_hint
 from attnmt.checkpoint import CheckpointError
 from attnmt.cli.common import (
     UserError, available_chunks, compose_cli, exit_at_once, iter_lines, open_input, run_command, setup_logging,
@@ -88,7 +89,7 @@ def run(cfg: TranslateConfig) -> None:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise UserError("attention_plot needs matplotlib: pip install 'attnmt[plot]'") from None
+            raise UserError(f"attention_plot needs matplotlib: {install_hint('plot')}") from None
         Path(cfg.attention_plot).mkdir(parents=True, exist_ok=True)
     lines, interactive = input_lines(cfg)
     device = resolve_device(cfg.device, key="device")

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from attnmt import install_hint
 from attnmt.config import ModelConfig
 from attnmt.decoding import never_generated
 from attnmt.export import CONVERTED_OPTIONS, ExportError, check_model_options, check_new_directory, write_directory
@@ -194,7 +195,7 @@ def hf_model(model: Transformer, tokenizer: Tokenizer):
 
         raise ExportError(f"transformers {transformers.__version__}'s {config.model_type} does not have the weights "
                           f"attnmt fills (unfilled: {sorted(unfilled)[:3]}, unknown: {sorted(set(weights) - set(target))[:3]}); "
-                          "install transformers 5 (pip install 'attnmt[hf]')")
+                          f"install transformers 5 ({install_hint('hf')})")
     with torch.no_grad():
         for name, tensor in weights.items():
             target[name].copy_(tensor)

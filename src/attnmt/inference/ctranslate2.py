@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from attnmt import install_hint
 from attnmt.config import MODEL_KEYS_ADDED, DecodeConfig
 from attnmt.decoding import Hypothesis, length_penalty, max_length, never_generated
 from attnmt.export import ExportError, checkpoint_hash
@@ -202,7 +203,7 @@ def open_backend(paths: Sequence, device: torch.device, compute_type: str) -> tu
     except ImportError:
         from attnmt.config import ConfigError
 
-        raise ConfigError("engine=ctranslate2 needs CTranslate2: pip install 'attnmt[ct2]'") from None
+        raise ConfigError(f"engine=ctranslate2 needs CTranslate2: {install_hint('ct2')}") from None
     # torch's thread count, which the commands set (attnmt-serve: all cores but one), so that one
     # setting governs every engine; CTranslate2's own default ignores it.
     backend = CTranslate2Backend(cached_model(paths), device.type, device.index or 0, compute_type,

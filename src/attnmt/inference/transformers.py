@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
+from attnmt import install_hint
 from attnmt.config import DecodeConfig
 from attnmt.decoding import Hypothesis, max_length, never_generated
 from attnmt.inference import Capabilities
@@ -72,7 +73,7 @@ def open_backend(paths: Sequence, device: torch.device, compute_type: str) -> tu
     except ImportError:
         from attnmt.config import ConfigError
 
-        raise ConfigError("engine=transformers needs transformers: pip install 'attnmt[hf]'") from None
+        raise ConfigError(f"engine=transformers needs transformers: {install_hint('hf')}") from None
     from attnmt.checkpoint import load_for_inference
     from attnmt.export.hf import hf_model
 
