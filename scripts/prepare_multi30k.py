@@ -27,11 +27,12 @@ def main() -> int:
 
         dataset = load_dataset("bentrevett/multi30k")
     except Exception as err:  # no network, no hub access, or the dataset moved
+        # One line, whatever the error's own text: it is the last thing a newcomer without network reads.
         print(
-            f"could not fetch the HF hub dataset bentrevett/multi30k ({type(err).__name__}: {err}).\n"
-            "Get Multi30k task 1 (raw) from https://github.com/multi30k/dataset (data/task1/raw), gunzip\n"
-            "train.{de,en}, val.{de,en} and test_2016_flickr.{de,en}, rename them to train.*, valid.* and\n"
-            f"test2016.*, and put them in {out} (or anywhere, and pass that folder as MULTI30K=...).",
+            f"error: could not fetch the HF hub dataset bentrevett/multi30k ({type(err).__name__}): put Multi30k "
+            f"task 1 (raw) in {out} as train, valid and test2016 .de/.en files (data/task1/raw of "
+            "https://github.com/multi30k/dataset, gunzipped and renamed), or pass the folder that holds them "
+            "(scripts/quickstart.sh FOLDER)",
             file=sys.stderr,
         )
         return 1

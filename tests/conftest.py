@@ -24,13 +24,35 @@ def data_root() -> Path:
     return Path(os.environ.get("ATTNMT_DATA", REPO.parent / "shared" / "data"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def multi30k() -> Path:
-    """The Multi30k folder; tests that use it skip, saying why, where it is absent."""
+    """The Multi30k folder; tests that use it skip, saying why, where it is absent. Every test that
+    uses it, directly or through another fixture, is marked ``data`` (below), so that
+    ``-m 'not data'`` leaves out exactly the tests that read the corpora."""
     root = data_root() / "multi30k"
     if not (root / "train.de").is_file():
         pytest.skip(f"Multi30k not found at {root}; set ATTNMT_DATA to the folder that holds multi30k/")
     return root
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``scripts/test.sh`` runs ``-n auto``), the workers share the cores: each
+    computes on its share, and so do the commands its tests start. Two workers of two threads each on
+    2 cores make OpenMP's waiting threads spin against each other (a 4-minute test took 12)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "multi30k" in item.fixturenames:
+            item.add_marker(pytest.mark.data)
+    # The tests marked ``long`` first: under pytest-xdist the other workers then run the rest beside
+    # them, instead of one worker running them alone at the end.
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 
 @pytest.fixture

@@ -32,24 +32,14 @@ LIMIT = 30  # generated tokens, EOS excluded: attnmt's max_len_a=0 max_len_b=30,
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory, request) -> dict[str, Path]:
-    from conftest import data_root
-
-    multi30k = data_root() / "multi30k"
-    if not (multi30k / "train.de").is_file():
-        pytest.skip(f"Multi30k not found at {multi30k}")
+def folders(tmp_path_factory, multi30k) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
     return {name: build(multi30k, root / name) for name, build in hf_models.BUILDERS.items()}
 
 
 @pytest.fixture(scope="module")
-def test_lines() -> list[str]:
-    from conftest import data_root
-
-    path = data_root() / "multi30k" / "test2016.de"
-    if not path.is_file():
-        pytest.skip(f"Multi30k not found at {path}")
-    return path.read_text(encoding="utf-8").splitlines()[:200]
+def test_lines(multi30k) -> list[str]:
+    return (multi30k / "test2016.de").read_text(encoding="utf-8").splitlines()[:200]
 
 
 def hf_generate(hf, sources: list[list[int]], tgt_prefix: list[int], num_beams: int) -> list[list[int]]:
@@ -216,10 +206,10 @@ def test_fine_tune_an_imported_model_then_export_it_back(folders, tmp_path):
     ours = [t.tokens[0] for t in Engine("native", NativeBackend(tuned_model), tuned_tokenizer).translate(lines, cfg)]
     assert hf_generate(hf, sources, [], 1) == ours
 
-    ct2_export.export(tuned_model, tuned_tokenizer, tmp_path / "ct2")
+    pytest.importorskip("ctranslate2")  # before the export, which writes with CTranslate2's own converter
     from attnmt.inference.ctranslate2 import CTranslate2Backend
 
-    pytest.importorskip("ctranslate2")
+    ct2_export.export(tuned_model, tuned_tokenizer, tmp_path / "ct2")
     backend = CTranslate2Backend(tmp_path / "ct2")
     assert [t.tokens[0] for t in Engine("ctranslate2", backend, backend.tokenizer).translate(lines, cfg)] == ours
 

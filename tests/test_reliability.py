@@ -23,7 +23,7 @@ from attnmt import checkpoint
 from attnmt.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from attnmt.config import ConfigError
 from attnmt.tokenizer import Tokenizer, TokenizerError
-from conftest import FIXTURE_CORPUS, REPO, fixture_train_config, tokenizer_config
+from conftest import FIXTURE_CORPUS, REPO, fixture_train_config, free_port, tokenizer_config
 
 
 class Killed(BaseException):
@@ -586,9 +586,10 @@ def test_a_disk_that_fills_while_caching_gets_one_line_and_leaves_no_temporary_f
             load_split(cfg, "train", train=True)
         names = sorted(p.name for p in cache.iterdir())
         assert not [n for n in names if n.startswith("tmp") or ".tmp" in n], names
+        # Every data file there is whole: the lock, seals, and files whose seal was written after them.
         sealed = {n.removesuffix(".seal") for n in names if n.endswith(".seal")}
-        assert all(n in (".lock", f"{n.removesuffix('.arrow')}") or n.removesuffix(".arrow") in sealed
-                   or n.endswith(".seal") for n in names), names  # every data file there is whole
+        unsealed = [n for n in names if n != ".lock" and not n.endswith(".seal") and n.removesuffix(".arrow") not in sealed]
+        assert not unsealed, names
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -602,7 +603,8 @@ def test_workers_stop_with_a_checkpoint_when_the_torchrun_agent_is_killed(tmp_pa
     run_dir = tmp_path / "run"
     log = open(tmp_path / "out.log", "w")
     agent = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "attnmt.cli.train", "model=tiny",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
+         "attnmt.cli.train", "model=tiny",
          f"data.root={FIXTURE_CORPUS}", "data.splits.test=test", "data.tokenizer.vocab_size=400", "data.cache_dir=null",
          f"train.run_dir={run_dir}", "train.max_steps=1000000", "train.valid_every=1000000", "train.device=cpu",
          "train.max_tokens=512", "train.progress_bar=false", "train.log_every=5"],

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURE_CORPUS
+from conftest import FIXTURE_CORPUS, data_root
 
 REPO = Path(__file__).resolve().parents[1]
 # A few updates of a tiny model on the fixture corpus (its test split is named test).
@@ -56,9 +56,22 @@ def test_bench_recipes_trains_scores_and_tabulates(tmp_path):
     rows = {line.split(" | ")[0].lstrip("| ").split(" `")[0]: line for line in proc.stdout.splitlines()
             if line.startswith("| plain") or line.startswith("| ema")}
     assert set(rows) == {"plain", "ema", "ema, last.pt without EMA"}, proc.stdout
-    result = json.loads((work / "ema" / "seed1" / "result.json").read_text())
-    assert result["seed"] == 1 and sorted(result["curve"]) == ["2", "4"]
-    assert 0 <= result["valid"] <= 100 and 0 <= result["trained_test"] <= 100
+    for name, label in (("plain", "plain"), ("ema", "ema"), ("ema", "ema, last.pt without EMA")):
+        result = json.loads((work / name / "seed1" / "result.json").read_text())
+        assert result["seed"] == 1 and sorted(result["curve"]) == ["2", "4"]
+        cells = [cell.strip() for cell in rows[label].strip("| ").split(" | ")]
+        # setting, seeds, valid@2, valid@4, valid (best.pt), test, ...: the table shows the runs' results
+        if label.endswith("without EMA"):
+            assert cells[4:6] == [f"{result['trained_valid']:.2f}", f"{result['trained_test']:.2f}"], cells
+        else:
+            values = result["curve"]["2"], result["curve"]["4"], result["valid"], result["test"]
+            assert cells[2:6] == [f"{v:.2f}" for v in values], cells
+    # ... and the results are what attnmt-evaluate says of the saved checkpoint, with the script's search settings
+    evaluate = subprocess.run([sys.executable, "-m", "attnmt.cli.evaluate", f"ckpt={work / 'plain/seed1/checkpoints/best.pt'}",
+                               "split=valid", f"data.root={FIXTURE_CORPUS}", "beam_size=2"], capture_output=True, text=True)
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    plain = json.loads((work / "plain" / "seed1" / "result.json").read_text())
+    assert plain["valid"] == json.loads(evaluate.stdout.strip().splitlines()[-1])["bleu"]
 
 
 @pytest.mark.slow  # three more runs of the script: about 20 s
@@ -106,6 +119,9 @@ def test_bench_data_measures_memory_at_scale(tmp_path):
     common = ("--root", str(FIXTURE_CORPUS), "--vocab-size", "400", "--out", str(tmp_path / "out"))
     scaled = run_script("bench_data.py", *common, "--scale", "300", cwd=tmp_path)
     assert "| 300 | first (empty cache) |" in scaled.stdout and "| 300 | second (new run dir) |" in scaled.stdout
+    disk = next(line for line in scaled.stdout.splitlines() if line.startswith("| 300 |") and line.endswith("x |"))
+    text, raw, clean, tokenized, kept, tokenizers, total = (float(c) for c in disk.split(" | ")[1:8])
+    assert raw > 0 and clean > 0 and tokenized > 0 and tokenizers > 0 and total >= raw + clean + tokenized, disk
 
 
 def test_bench_translate_times_the_native_engine_and_refuses_bad_inputs(trained_checkpoint, tmp_path):
@@ -179,14 +195,82 @@ def test_prepare_multi30k_keeps_a_local_copy_and_says_what_to_do_offline(tmp_pat
     assert "could not fetch the HF hub dataset bentrevett/multi30k" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def checkout_copy(folder: Path) -> Path:
+    """The repository's top level linked into ``folder``, so that what a script writes there (runs/, data/,
+    .venv) stays out of the checkout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("scripts", "configs", "src", "tests", "pyproject.toml", "README.md"):
+        (folder / name).symlink_to(REPO / name)
+    return folder
+
+
+def this_environment(**extra: str) -> dict[str, str]:
+    """The environment running the tests (where this checkout's attnmt is installed) as the active one, which
+    scripts/_setup.sh uses as it is; no installs where all is there already."""
+    if subprocess.run([sys.executable, str(REPO / "scripts" / "_installed.py"), "dev,plot"]).returncode != 0:
+        pytest.skip("this Python's attnmt is not this checkout's editable install: the scripts would pip install")
+    return {**os.environ, "VIRTUAL_ENV": sys.prefix, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_readme_shows_two_commands_that_ci_runs_and_the_test_one_collects_the_suite(tmp_path):
+    commands = run_script("readme_commands.py", cwd=tmp_path).stdout.splitlines()
+    assert len(commands) == 2 and all(os.access(REPO / c.split()[0], os.X_OK) for c in commands), commands
+    assert "scripts/readme_commands.py" in (REPO / ".ci" / "run").read_text()  # CI runs these, not a copy
+    # The test command, run as written in a copy of the checkout, collects the suite this run collected.
+    copy = checkout_copy(tmp_path / "clone")
+    env = this_environment(PYTEST_ADDOPTS="--collect-only -q", ATTNMT_DATA=str(data_root()))
+    proc = subprocess.run(["bash", "-c", commands[1]], cwd=copy, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    collected = [line for line in proc.stdout.splitlines() if "tests collected" in line]
+    assert collected and int(collected[0].split("/")[0].split()[0]) > 300, proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize("script", ["quickstart.sh", "test.sh"])
+def test_the_readme_commands_refuse_an_old_python_in_one_line(script, tmp_path):
+    copy = checkout_copy(tmp_path / "clone")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text('#!/bin/sh\ncase "$*" in *platform*) echo 3.9.18 ;; *) exit 1 ;; esac\n')
+    (fake / "python3").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    proc = subprocess.run(["bash", f"scripts/{script}"], cwd=copy, env={**env, "PATH": f"{fake}:/usr/bin:/bin"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and error_lines(proc.stderr) == proc.stderr.strip().splitlines(), proc.stderr
+    assert "python3 is Python 3.9.18: attnmt needs 3.10 or newer" in proc.stderr and not (copy / ".venv").exists()
+
+
+def test_the_readme_commands_say_where_to_put_multi30k_when_there_is_none(tmp_path):
+    copy = checkout_copy(tmp_path / "clone")  # no ../shared/data beside it
+    env = this_environment(ATTNMT_DATA=str(tmp_path / "nowhere"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+                           HF_HOME=str(tmp_path / "hf"))
+    env.pop("MULTI30K", None)
+    quickstart = subprocess.run(["bash", "scripts/quickstart.sh"], cwd=copy, env=env, capture_output=True, text=True,
+                                timeout=120)
+    assert quickstart.returncode == 1 and "Traceback" not in quickstart.stderr, quickstart.stderr[-2000:]
+    said = error_lines(quickstart.stderr)
+    assert len(said) == 1 and "could not fetch the HF hub dataset" in said[0] and "put Multi30k" in said[0], said
+    assert not (copy / "runs").exists()
+    tests = subprocess.run(["bash", "scripts/test.sh"], cwd=copy, env=env, capture_output=True, text=True, timeout=120)
+    assert tests.returncode == 1 and error_lines(tests.stderr) == tests.stderr.strip().splitlines(), tests.stderr
+    assert f"no Multi30k in {tmp_path / 'nowhere'}/multi30k" in tests.stderr and "ATTNMT_DATA" in tests.stderr
+
+
+def test_install_hints_name_this_checkout():
+    from attnmt import install_hint
+
+    assert install_hint("ct2") == f"pip install -e '{REPO.resolve()}[ct2]'"
+
+
 def test_quickstart_sh_trains_evaluates_and_translates(tmp_path):
-    # A copy of the repository's top level, so that its runs/ and .venv stay out of the checkout; the
-    # environment running the tests (where attnmt is installed) is the one the script uses.
-    for name in ("scripts", "configs", "src", "pyproject.toml"):
-        (tmp_path / name).symlink_to(REPO / name)
+    # In a copy of the checkout, with the environment running the tests.
+    checkout_copy(tmp_path)
     corpus = corpus_named_like_multi30k(tmp_path / "multi30k")
-    env = {**os.environ, "VIRTUAL_ENV": sys.prefix, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1"}
+    env = this_environment()
     proc = subprocess.run(["bash", str(tmp_path / "scripts" / "quickstart.sh"), str(corpus), "train.max_steps=4",
                            *TINY_QUICKSTART], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
