@@ -104,11 +104,48 @@ def test_translate_text_argument_and_nbest_format(trained_checkpoint) -> None:
     assert [r[1:] for r in rows[6:]] == [r[1:] for r in rows[:3]]
 
 
-def test_averaged_checkpoints_translate(trained_checkpoint) -> None:
-    last = trained_checkpoint.with_name("last.pt")
-    result = run("translate", f"ckpt=[{trained_checkpoint},{last}]", stdin="Der Hund läuft.\nDie Katze schläft.\n")
+def test_averaged_checkpoints_translate(trained_checkpoint, tmp_path) -> None:
+    """attnmt-average writes the element-wise mean of its inputs' weights, and ``ckpt=[a,b]`` translates
+    with that mean: as a checkpoint holding the mean computed here does, and unlike either input."""
+    import torch
+
+    from attnmt.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(trained_checkpoint)
+    first = state["model"]
+    noise = torch.Generator().manual_seed(3)
+    second = {k: v + 0.5 * v.std() * torch.randn(v.shape, generator=noise) if v.is_floating_point() and v.numel() > 1
+              else v for k, v in first.items()}
+    mean = {k: ((first[k].double() + second[k].double()) / 2).to(v.dtype) if v.is_floating_point() else v
+            for k, v in first.items()}
+    paths = {}
+    for name, weights in (("second", second), ("mean", mean)):
+        paths[name] = tmp_path / f"{name}.pt"
+        save_checkpoint({**state, "model": weights}, paths[name])
+
+    averaged = tmp_path / "averaged.pt"
+    result = run("average", str(trained_checkpoint), str(paths["second"]), "--out", str(averaged))
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.splitlines()) == 2
+    written = load_checkpoint(averaged)["model"]
+    assert written.keys() == mean.keys()
+    for key, value in mean.items():
+        torch.testing.assert_close(written[key], value, rtol=0, atol=1e-6)
+
+    lines = (FIXTURE_CORPUS / "test.de").read_text(encoding="utf-8").splitlines()[:20]
+    stdin = "".join(line + "\n" for line in lines)
+
+    result = run("translate", f"ckpt=[{trained_checkpoint},{paths['second']}]", "beam_size=2", stdin=stdin)
+    assert result.returncode == 0, result.stderr
+    on_the_fly = result.stdout.splitlines()
+
+    def translate(ckpt: Path) -> list[str]:  # in this process: a reference for the command's output
+        from conftest import decode_config, native_engine
+
+        return [t.texts[0] for t in native_engine(ckpt).translate(lines, decode_config(beam_size=2))]
+
+    assert len(on_the_fly) == len(lines)
+    assert on_the_fly == translate(paths["mean"])
+    assert on_the_fly != translate(trained_checkpoint) and on_the_fly != translate(paths["second"])
 
 
 def test_attention_plot_is_written(trained_checkpoint, tmp_path) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -43,6 +44,36 @@ def compose_train(overrides: list[str]) -> TrainRunConfig:
     return run_cfg
 
 
+def written_values(path: Path) -> dict:
+    """What a shipped YAML file sets, read here without Hydra: its own keys over those of the files its
+    ``defaults`` list names (``- adamw`` in its group, ``decode@_here_: beam``), interpolations resolved;
+    schemas, ``hydra`` and Hydra's own overrides left out."""
+    raw = OmegaConf.load(path)
+    merged = OmegaConf.create()
+    for entry in raw.get("defaults", []):
+        if isinstance(entry, str) and entry not in ("_self_",) and not entry.endswith("schema"):
+            merged = OmegaConf.merge(merged, OmegaConf.create(written_values(path.parent / f"{entry}.yaml")))
+        elif not isinstance(entry, str):
+            (key, option), = entry.items()
+            if key.endswith("@_here_"):
+                group = key.removesuffix("@_here_")
+                merged = OmegaConf.merge(merged, OmegaConf.create(written_values(CONFIG_DIR / group / f"{option}.yaml")))
+    own = OmegaConf.masked_copy(raw, [k for k in raw if k not in ("defaults", "hydra")])
+    return OmegaConf.to_container(OmegaConf.merge(merged, own), resolve=True)
+
+
+def assert_carries(obj, values: dict, where: str) -> None:
+    """Every value in ``values`` is the one the composed dataclass ``obj`` holds."""
+    for key, value in values.items():
+        got = getattr(obj, key)
+        if isinstance(value, dict) and dataclasses.is_dataclass(got):
+            assert_carries(got, value, f"{where}.{key}")
+        elif isinstance(value, list):
+            assert list(got) == value, f"{where}.{key}: {got!r}, the file says {value!r}"
+        else:
+            assert got == value, f"{where}.{key}: {got!r}, the file says {value!r}"
+
+
 def test_every_group_has_options():
     # A glob that silently matched nothing would make the parametrised tests below vacuous.
     for group in ("experiment", "model", "data", "optim"):
@@ -78,14 +109,19 @@ def test_train_with_each_model(hydra_config_dir, model):
 def test_train_with_each_data_config(hydra_config_dir, data):
     run_cfg = compose_train([f"data={data}"])
     check_config(run_cfg.model, run_cfg.optim, run_cfg.train, max_sentence_tokens(run_cfg.data))
-    assert {"train", "valid", "test"} <= set(run_cfg.data.splits)
-    assert run_cfg.data.tokenizer.vocab_size > 0
+    values = written_values(CONFIG_DIR / "data" / f"{data}.yaml")
+    assert {"train", "valid", "test"} <= set(values["splits"]) and values["src_lang"] != values["tgt_lang"]
+    assert values["tokenizer"]["vocab_size"] >= 1000  # a real vocabulary, not a test's
+    assert_carries(run_cfg.data, values, f"data={data}")
 
 
 @pytest.mark.parametrize("optim", group_options("optim"))
 def test_train_with_each_optim(hydra_config_dir, optim):
     run_cfg = compose_train([f"optim={optim}"])
     check_config(run_cfg.model, run_cfg.optim, run_cfg.train, max_sentence_tokens(run_cfg.data))
+    values = written_values(CONFIG_DIR / "optim" / f"{optim}.yaml")
+    assert values["schedule"] in ("inverse_sqrt", "cosine") and values["lr"] > 0
+    assert_carries(run_cfg.optim, values, f"optim={optim}")
 
 
 @pytest.mark.parametrize("freeze, said", [
@@ -126,7 +162,10 @@ def test_evaluate_and_translate_compose(hydra_config_dir, name, schema):
     obj = OmegaConf.to_object(cfg)
     assert isinstance(obj, schema)
     assert obj.ckpt == "runs/x/checkpoints/best.pt"
-    assert obj.beam_size >= 1
+    values = written_values(CONFIG_DIR / f"{name}.yaml")
+    assert values["beam_size"] == 5 and values["beam_stop"] == "finished"  # decode/beam.yaml: the shipped search
+    values.pop("ckpt")  # ???: given above
+    assert_carries(obj, values, name)
 
 
 @pytest.mark.parametrize("override", ["train.max_step=10", "model.d_modle=64", "optim.learning_rate=1e-3",

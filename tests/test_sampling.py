@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from attnmt.config import ConfigError
-from attnmt.decoding import _filter, _forbid, sample_search, uniform_noise
+from attnmt.decoding import _filter, sample_search, uniform_noise
 from attnmt.model import build_model
 from attnmt.tokenizer import BOS_ID, EOS_ID
 from conftest import decode_config, native_engine, tiny_config
@@ -81,14 +81,36 @@ def test_a_draw_is_scored_by_its_log_probability_under_the_model(eager_model) ->
         assert h.score == pytest.approx(expected, abs=1e-4)
 
 
+def reference_probabilities(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                            forbidden: set[int]) -> torch.Tensor:
+    """The distribution of the next token, computed here independently of the sampler: ``softmax(logits /
+    temperature)`` over the tokens not ``forbidden``, kept to the ``top_k`` most probable (0 = all), then to
+    the nucleus (the fewest most probable tokens whose renormalised mass reaches ``top_p``), renormalised."""
+    values = [float(x) for x in logits]
+    allowed = [t for t in range(len(values)) if t not in forbidden]
+    weights = {t: math.exp((values[t] - max(values[u] for u in allowed)) / temperature) for t in allowed}
+    ranked = sorted(allowed, key=lambda t: weights[t], reverse=True)
+    if top_k:
+        ranked = ranked[:top_k]
+    total = sum(weights[t] for t in ranked)
+    nucleus, mass = [], 0.0
+    for t in ranked:
+        if mass >= top_p:
+            break
+        nucleus.append(t)
+        mass += weights[t] / total
+    total = sum(weights[t] for t in nucleus)
+    return torch.tensor([weights[t] / total if t in nucleus else 0.0 for t in range(len(values))])
+
+
 def first_token_frequencies(model, draws: int, **settings) -> tuple[torch.Tensor, torch.Tensor]:
     """Frequencies of the first token over ``draws`` samples of one source (each a line of its own),
-    and the model's probabilities for it under the same settings."""
+    and the model's probabilities for it under the same settings, computed by :func:`reference_probabilities`."""
     src, src_mask = padded_batch([5], vocab=7)
-    logits = model.decode(torch.tensor([[BOS_ID]]), model.encode(src, src_mask), src_mask)[:, -1].float()
-    _forbid(logits, model, 0, 0, ())
-    probs = _filter(logits, settings.get("temperature", 1.0), settings.get("top_k", 0),
-                    settings.get("top_p", 1.0)).softmax(-1)[0]
+    logits = model.decode(torch.tensor([[BOS_ID]]), model.encode(src, src_mask), src_mask)[0, -1].double()
+    forbidden = {model.cfg.pad_id, model.cfg.bos_id} - {model.cfg.eos_id}  # never generated; EOS may come first
+    probs = reference_probabilities(logits, settings.get("temperature", 1.0), settings.get("top_k", 0),
+                                    settings.get("top_p", 1.0), forbidden)
     hyps = sample(model, src.expand(draws, -1), src_mask.expand(draws, -1), ids(draws), seed=11,
                   max_len_a=0.0, max_len_b=1, **settings)  # one token, then EOS
     counts = Counter(h.tokens[0] if h.tokens else EOS_ID for h in hyps)
@@ -97,7 +119,7 @@ def first_token_frequencies(model, draws: int, **settings) -> tuple[torch.Tensor
 
 
 @pytest.mark.parametrize("settings", [dict(), dict(temperature=2.0), dict(temperature=0.5),
-                                      dict(top_k=2), dict(top_p=0.8)])
+                                      dict(top_k=2), dict(top_p=0.8), dict(top_k=3, top_p=0.7, temperature=1.5)])
 def test_frequencies_match_the_models_probabilities(small_vocab_model, settings) -> None:
     draws = 4000
     with torch.no_grad():

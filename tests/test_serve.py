@@ -19,8 +19,8 @@ import torch
 
 from conftest import FIXTURE_CORPUS, compose, decode_config, free_port, native_engine
 
-pytest.importorskip("fastapi", reason="attnmt-serve needs the serve extra: pip install 'attnmt[serve]'")
-httpx = pytest.importorskip("httpx", reason="the API tests need httpx: pip install 'attnmt[dev]'")
+pytest.importorskip("fastapi", reason="attnmt-serve needs the serve extra: pip install -e '.[serve]'")
+httpx = pytest.importorskip("httpx", reason="the API tests need httpx: pip install -e '.[dev]'")
 
 from fastapi.testclient import TestClient  # noqa: E402
 

@@ -15,8 +15,8 @@ import pytest
 
 from test_serve import FIXTURE_LINES, Server
 
-pytest.importorskip("fastapi", reason="attnmt-serve needs the serve extra: pip install 'attnmt[serve]'")
-sync_api = pytest.importorskip("playwright.sync_api", reason="the page test needs playwright: pip install 'attnmt[dev]'")
+pytest.importorskip("fastapi", reason="attnmt-serve needs the serve extra: pip install -e '.[serve]'")
+sync_api = pytest.importorskip("playwright.sync_api", reason="the page test needs playwright: pip install -e '.[dev]'")
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Headless, as root in a sandbox, on a machine without a network: no sandbox, no background traffic.
