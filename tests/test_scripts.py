@@ -50,21 +50,26 @@ TINY_QUICKSTART = ["model.d_model=32", "model.ffn_dim=64", "model.n_heads=2", "d
 def test_bench_recipes_trains_scores_and_tabulates(tmp_path):
     work = tmp_path / "work"
     common = ("--multi30k", str(FIXTURE_CORPUS), "--work", str(work), "--threads", "1", "--decode", "beam_size=2")
-    proc = run_script("bench_recipes.py", "--setting", f"plain={TINY}",
-                      "--setting", f"ema={TINY} train.ema_decay=0.9 train.update_freq=2 train.sort_window=1",
+    # 40 updates: enough for BLEU to leave 0 and differ between valid and test, so that a column taken
+    # for another shows.
+    tiny = TINY.replace("train.max_steps=4 train.valid_every=2", "train.max_steps=40 train.valid_every=20")
+    tiny += " optim.lr=5e-3 optim.warmup_steps=10"
+    proc = run_script("bench_recipes.py", "--setting", f"plain={tiny}",
+                      "--setting", f"ema={tiny} train.ema_decay=0.9 train.update_freq=2 train.sort_window=1",
                       "--parallel", "2", "--seeds", "1", *common, cwd=tmp_path)
     rows = {line.split(" | ")[0].lstrip("| ").split(" `")[0]: line for line in proc.stdout.splitlines()
             if line.startswith("| plain") or line.startswith("| ema")}
     assert set(rows) == {"plain", "ema", "ema, last.pt without EMA"}, proc.stdout
     for name, label in (("plain", "plain"), ("ema", "ema"), ("ema", "ema, last.pt without EMA")):
         result = json.loads((work / name / "seed1" / "result.json").read_text())
-        assert result["seed"] == 1 and sorted(result["curve"]) == ["2", "4"]
+        assert result["seed"] == 1 and sorted(result["curve"]) == ["20", "40"]
         cells = [cell.strip() for cell in rows[label].strip("| ").split(" | ")]
         # setting, seeds, valid@2, valid@4, valid (best.pt), test, ...: the table shows the runs' results
         if label.endswith("without EMA"):
             assert cells[4:6] == [f"{result['trained_valid']:.2f}", f"{result['trained_test']:.2f}"], cells
         else:
-            values = result["curve"]["2"], result["curve"]["4"], result["valid"], result["test"]
+            values = result["curve"]["20"], result["curve"]["40"], result["valid"], result["test"]
+            assert 0 < result["valid"] != result["test"], result
             assert cells[2:6] == [f"{v:.2f}" for v in values], cells
     # ... and the results are what attnmt-evaluate says of the saved checkpoint, with the script's search settings
     evaluate = subprocess.run([sys.executable, "-m", "attnmt.cli.evaluate", f"ckpt={work / 'plain/seed1/checkpoints/best.pt'}",
