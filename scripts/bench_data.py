@@ -172,9 +172,21 @@ attnmt.cli.train.main()
     return {"phases": phases, "wall": wall, "peak_mb": peak, "anon_mb": anon, "file_mb": file, "children_mb": children}
 
 
+def cache_on_disk(cache: Path) -> dict[str, int]:
+    """Bytes under ``cache`` by kind of file: ``raw``, ``clean``, ``tokenized``, ``kept`` (the name before
+    its first dash) and ``tokenizers`` (the folder), the lock left out."""
+    sizes: dict[str, int] = {}
+    for path in cache.rglob("*"):
+        if path.is_file() and path.name != ".lock":
+            top = path.relative_to(cache).parts[0]
+            kind = top if top == "tokenizers" else top.split("-")[0]
+            sizes[kind] = sizes.get(kind, 0) + path.stat().st_size
+    return sizes
+
+
 def scale(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    rows = []
+    rows, disk = [], []
     for n in args.scale:
         corpus = synthetic_corpus(Path(args.root), n, out / f"corpus-{n}")
         cache, runs = out / f"cache-{n}", out / f"runs-{n}"
@@ -183,6 +195,7 @@ def scale(args: argparse.Namespace) -> None:
         first = timed_run(corpus, cache, runs / "first", "1e-3", args.vocab_size)
         second = timed_run(corpus, cache, runs / "second", "2e-3", args.vocab_size)
         rows.append((n, first, second))
+        disk.append((n, sum(f.stat().st_size for f in corpus.glob("train.*")), cache_on_disk(cache)))
         if not args.keep:
             shutil.rmtree(cache, ignore_errors=True)
             shutil.rmtree(runs, ignore_errors=True)
@@ -200,6 +213,14 @@ def scale(args: argparse.Namespace) -> None:
             print(f"| {n:,} | {name} | {at(run, 'read+clean')} | {at(run, 'tokenizer')} | {at(run, 'tokenize')} | "
                   f"{at(run, 'first update')} | {run['wall']:.1f} | {run['peak_mb']:,.0f} | {run['anon_mb']:,.0f} | "
                   f"{run['file_mb']:,.0f} | {run['children_mb']:,.0f} |")
+    kinds = ("raw", "clean", "tokenized", "kept", "tokenizers")
+    print("\nThe cache on disk after both runs (MB; each kind's files with their seals), against the train text\n")
+    print(f"| pairs | train text | {' | '.join(kinds)} | total | total / text |")
+    print("| ---: | ---: |" + " ---: |" * (len(kinds) + 2))
+    for n, text, sizes in disk:
+        total = sum(sizes.values())
+        print(f"| {n:,} | {text / 1e6:,.1f} | {' | '.join(f'{sizes.get(k, 0) / 1e6:,.1f}' for k in kinds)} | "
+              f"{total / 1e6:,.1f} | {total / text:.2f}x |")
     if len(rows) >= 2:
         (n1, a1, b1), (n2, a2, b2) = rows[0], rows[-1]
         for name, x, y in (("first", a1, a2), ("second", b1, b2)):
