@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURE_CORPUS, data_root
+from conftest import FIXTURE_CORPUS
 
 REPO = Path(__file__).resolve().parents[1]
 # A few updates of a tiny model on the fixture corpus (its test split is named test).
@@ -209,11 +210,13 @@ def checkout_copy(folder: Path) -> Path:
     return folder
 
 
-def this_environment(**extra: str) -> dict[str, str]:
-    """The environment running the tests (where this checkout's attnmt is installed) as the active one, which
-    scripts/_setup.sh uses as it is; no installs where all is there already."""
-    if subprocess.run([sys.executable, str(REPO / "scripts" / "_installed.py"), "dev,plot"]).returncode != 0:
-        pytest.skip("this Python's attnmt is not this checkout's editable install: the scripts would pip install")
+def this_environment(script: str, **extra: str) -> dict[str, str]:
+    """The environment running the tests as the active one, which scripts/_setup.sh uses as it is; the test
+    skips where ``script`` would pip install into it (its attnmt is not this checkout's, or the extras the
+    script asks for are not all there, as under the bare dev install)."""
+    extras = re.search(r"^attnmt_setup (\S+)", (REPO / "scripts" / script).read_text(), re.M).group(1)
+    if subprocess.run([sys.executable, str(REPO / "scripts" / "_installed.py"), extras]).returncode != 0:
+        pytest.skip(f"scripts/{script} would pip install into this Python: it lacks this checkout's attnmt[{extras}]")
     return {**os.environ, "VIRTUAL_ENV": sys.prefix, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
             "OMP_NUM_THREADS": "1", **extra}
 
@@ -222,13 +225,13 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
-def test_readme_shows_two_commands_that_ci_runs_and_the_test_one_collects_the_suite(tmp_path):
+def test_readme_shows_two_commands_that_ci_runs_and_the_test_one_collects_the_suite(tmp_path, multi30k):
     commands = run_script("readme_commands.py", cwd=tmp_path).stdout.splitlines()
     assert len(commands) == 2 and all(os.access(REPO / c.split()[0], os.X_OK) for c in commands), commands
     assert "scripts/readme_commands.py" in (REPO / ".ci" / "run").read_text()  # CI runs these, not a copy
     # The test command, run as written in a copy of the checkout, collects the suite this run collected.
     copy = checkout_copy(tmp_path / "clone")
-    env = this_environment(PYTEST_ADDOPTS="--collect-only -q", ATTNMT_DATA=str(data_root()))
+    env = this_environment("test.sh", PYTEST_ADDOPTS="--collect-only -q", ATTNMT_DATA=str(multi30k.parent))
     proc = subprocess.run(["bash", "-c", commands[1]], cwd=copy, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     collected = [line for line in proc.stdout.splitlines() if "tests collected" in line]
@@ -249,20 +252,22 @@ def test_the_readme_commands_refuse_an_old_python_in_one_line(script, tmp_path):
     assert "python3 is Python 3.9.18: attnmt needs 3.10 or newer" in proc.stderr and not (copy / ".venv").exists()
 
 
-def test_the_readme_commands_say_where_to_put_multi30k_when_there_is_none(tmp_path):
+@pytest.mark.parametrize("script", ["quickstart.sh", "test.sh"])
+def test_the_readme_commands_say_where_to_put_multi30k_when_there_is_none(script, tmp_path):
     copy = checkout_copy(tmp_path / "clone")  # no ../shared/data beside it
-    env = this_environment(ATTNMT_DATA=str(tmp_path / "nowhere"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+    env = this_environment(script, ATTNMT_DATA=str(tmp_path / "nowhere"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                            HF_HOME=str(tmp_path / "hf"))
     env.pop("MULTI30K", None)
-    quickstart = subprocess.run(["bash", "scripts/quickstart.sh"], cwd=copy, env=env, capture_output=True, text=True,
-                                timeout=120)
-    assert quickstart.returncode == 1 and "Traceback" not in quickstart.stderr, quickstart.stderr[-2000:]
-    said = error_lines(quickstart.stderr)
-    assert len(said) == 1 and "could not fetch the HF hub dataset" in said[0] and "put Multi30k" in said[0], said
-    assert not (copy / "runs").exists()
-    tests = subprocess.run(["bash", "scripts/test.sh"], cwd=copy, env=env, capture_output=True, text=True, timeout=120)
-    assert tests.returncode == 1 and error_lines(tests.stderr) == tests.stderr.strip().splitlines(), tests.stderr
-    assert f"no Multi30k in {tmp_path / 'nowhere'}/multi30k" in tests.stderr and "ATTNMT_DATA" in tests.stderr
+    proc = subprocess.run(["bash", f"scripts/{script}"], cwd=copy, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    said = error_lines(proc.stderr)
+    assert len(said) == 1, proc.stderr[-2000:]
+    if script == "quickstart.sh":  # no local copy, and the hub out of reach
+        assert "could not fetch the HF hub dataset" in said[0] and "put Multi30k" in said[0], said
+        assert not (copy / "runs").exists()
+    else:
+        assert said == proc.stderr.strip().splitlines(), proc.stderr
+        assert f"no Multi30k in {tmp_path / 'nowhere'}/multi30k" in said[0] and "ATTNMT_DATA" in said[0], said
 
 
 def test_install_hints_name_this_checkout():
@@ -275,7 +280,7 @@ def test_quickstart_sh_trains_evaluates_and_translates(tmp_path):
     # In a copy of the checkout, with the environment running the tests.
     checkout_copy(tmp_path)
     corpus = corpus_named_like_multi30k(tmp_path / "multi30k")
-    env = this_environment()
+    env = this_environment("quickstart.sh")
     proc = subprocess.run(["bash", str(tmp_path / "scripts" / "quickstart.sh"), str(corpus), "train.max_steps=4",
                            *TINY_QUICKSTART], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
