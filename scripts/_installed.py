@@ -18,14 +18,14 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 
 def requirements(extras: set[str]) -> list[str]:
     """The package's dependencies and those of ``extras``, as pyproject.toml lists them now (an
-    install made before an extra gained a package still lacks it); on Python 3.10, which has no
-    tomllib, as the installed package's metadata lists them."""
+    install made before an extra gained a package, or raised a version, does not have it); on Python
+    3.10, which has no tomllib, as the installed package's metadata lists them."""
     try:
         import tomllib
     except ImportError:
         listed = metadata.requires("attnmt") or []
         wanted = [r.partition(";") for r in listed]
-        return [name for name, _, marker in wanted
+        return [name.strip() for name, _, marker in wanted
                 if not marker or any(re.search(rf"""extra\s*==\s*["']{re.escape(e)}["']""", marker) for e in extras)]
     project = tomllib.loads((CHECKOUT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     optional = project.get("optional-dependencies", {})
@@ -37,13 +37,20 @@ def missing(extras: set[str]) -> list[str]:
     spec = find_spec("attnmt")
     if spec is None or spec.origin is None or Path(spec.origin).resolve().parents[1] != CHECKOUT / "src":
         return ["attnmt (this checkout)"]
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # pip carries its own copy
+        from pip._vendor.packaging.requirements import Requirement
     absent = []
-    for requirement in requirements(extras):
-        package = re.match(r"[A-Za-z0-9._-]+", requirement.strip()).group(0)
+    for text in requirements(extras):
+        requirement = Requirement(text)
         try:
-            metadata.version(package)
+            version = metadata.version(requirement.name)
         except metadata.PackageNotFoundError:
-            absent.append(package)
+            absent.append(text)
+            continue
+        if not requirement.specifier.contains(version, prereleases=True):  # too old (or too new)
+            absent.append(f"{text} (installed: {version})")
     return absent
 
 

@@ -4,10 +4,12 @@
 # that cannot be done ends the script with one line saying what is missing and what to do.
 #
 #   attnmt_setup EXTRAS     e.g. attnmt_setup plot    or    attnmt_setup dev,ct2,hf,serve,plot
+#                           (attnmt_python, then attnmt_install EXTRAS)
 #
-# TORCH_SPEC chooses the torch that pip installs (default torch==2.13.0, the build CI tests);
-# TORCH_INDEX_URL, where set, is the index pip takes it from, e.g. PyTorch's CPU wheel index
-# https://download.pytorch.org/whl/cpu where pip would otherwise pull the multi-GB CUDA build.
+# TORCH_SPEC chooses the torch that pip installs (default torch==2.13.0, the build CI tests) and
+# TORCH_INDEX_URL the index it comes from. By default, on Linux, that is PyTorch's CPU wheel index
+# (plain PyPI would give the multi-GB CUDA build), unless pip is set up with an index or wheel folder
+# of its own (as on attnmt's CI machines, whose index serves the CPU build).
 
 fail() {
   echo "error: $*" >&2
@@ -23,7 +25,12 @@ quiet_pip() {
 }
 
 attnmt_setup() {
-  local extras=$1
+  attnmt_python
+  attnmt_install "$1"
+}
+
+# A Python 3.10+ in an active environment: $VIRTUAL_ENV's, or .venv (made where it is missing).
+attnmt_python() {
   if [ -z "${VIRTUAL_ENV:-}" ]; then
     local python=${PYTHON:-python3}
     command -v "$python" >/dev/null 2>&1 \
@@ -37,11 +44,24 @@ attnmt_setup() {
     fi
     source .venv/bin/activate
   else
+    [ -x "$VIRTUAL_ENV/bin/python" ] \
+      || fail "VIRTUAL_ENV=$VIRTUAL_ENV has no bin/python: deactivate it (or unset VIRTUAL_ENV) to use .venv"
+    PATH="$VIRTUAL_ENV/bin:$PATH"
     python -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
       || fail "the active environment $VIRTUAL_ENV has Python $(python -c 'import platform; print(platform.python_version())'): attnmt needs 3.10 or newer"
   fi
+}
+
+# torch, then this checkout's attnmt with the extras named (comma-separated), each where missing.
+attnmt_install() {
+  local extras=$1
   if ! python -c "import torch" 2>/dev/null; then
-    echo "== installing ${TORCH_SPEC:=torch==2.13.0}"
+    local pip_config
+    pip_config=$(python -m pip config list 2>/dev/null || true)  # pip's files and PIP_* variables
+    if [ -z "${TORCH_INDEX_URL:-}" ] && [ "$(uname -s)" = Linux ] && ! [[ $pip_config =~ index-url|find-links ]]; then
+      TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+    fi
+    echo "== installing ${TORCH_SPEC:=torch==2.13.0}${TORCH_INDEX_URL:+ from $TORCH_INDEX_URL}"
     quiet_pip "$TORCH_SPEC" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
   fi
   if ! python scripts/_installed.py "$extras"; then

@@ -21,6 +21,8 @@ LANGS = ("en", "de", "fr")
 def multi30k_slice(tmp_path_factory, multi30k) -> Path:
     """The first 4000 train and 100 valid lines of Multi30k in English, German and French."""
     source = multi30k
+    if not (source / "train.fr").is_file():  # scripts/prepare_multi30k.py writes de and en only
+        pytest.skip(f"no train.fr in {source}: these tests need Multi30k's French side")
     folder = tmp_path_factory.mktemp("multi30k-slice")
     for split, n in (("train", 4000), ("valid", 100)):
         for lang in LANGS:
