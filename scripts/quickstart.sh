@@ -5,7 +5,7 @@
 #    scripts/_setup.sh makes it (Python 3.10+, the CPU build of torch);
 # 2. Multi30k: the folder given as argument or $MULTI30K, else ../shared/data/multi30k or
 #    $ATTNMT_DATA/multi30k if present, else data/multi30k fetched from the HF hub (bentrevett/multi30k);
-# 3. attnmt-train experiment=quickstart (about seven minutes on a 2-core CPU);
+# 3. attnmt-train experiment=quickstart (seven to ten minutes on a 2-core CPU);
 # 4. attnmt-evaluate on test2016 (BLEU, chrF) and attnmt-translate on a sample sentence.
 # Set TORCH_SPEC (default torch==2.13.0) and TORCH_INDEX_URL to choose the torch build pip installs.
 set -euo pipefail
