@@ -67,6 +67,17 @@ def _seed() -> None:
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: tiny models gain nothing from more, on a busy 2-core machine
+    OpenMP threads spinning against other processes made the learning test 8x slower (56 s instead of
+    7 s), and a training figure recorded in a test holds for one thread count only."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def restore_logging():
     """For tests that run a command's ``main()`` in-process: its logging setup replaces the root
     logger's handlers with one on the (captured, soon closed) stderr; put the old ones back."""

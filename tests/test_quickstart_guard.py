@@ -17,7 +17,6 @@ decoding tests and ``scripts/bench_recipes.py`` on the whole recipe are where th
 from __future__ import annotations
 
 import pytest
-import torch
 
 from attnmt.config import compose
 
@@ -31,14 +30,6 @@ STEPS = 200
 # the suite's time.
 RECORDED = 19.43  # lr 3e-3; on 2 threads 19.84, and 15.41 with lr 2e-3 and 13.52 with 1.5e-3, the quickstart's before
 TOLERANCE = 1.0
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.data

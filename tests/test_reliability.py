@@ -30,12 +30,7 @@ class Killed(BaseException):
     """A simulated kill -9: nothing catches it, so the run stops exactly where it is raised."""
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest's, for every test here
 
 
 def config(run_dir: Path, *overrides: str, corpus: Path = FIXTURE_CORPUS):

@@ -373,17 +373,6 @@ def test_out_of_memory_names_the_batch_and_the_fix(tmp_path, fixture_corpus, mon
         training.train(cfg)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread for the tiny models: they gain nothing from more, and on a busy 2-core
-    machine OpenMP threads spinning against other processes made the learning run 8x slower (56 s
-    instead of 7 s) and the resume test 5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_tiny_model_learns_the_fixture_corpus(tmp_path, fixture_corpus, one_thread):
     import sacrebleu
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import sacrebleu
-import torch
 
 from attnmt.checkpoint import load_checkpoint
 from conftest import FIXTURE_CORPUS, fixture_train_config
@@ -47,10 +46,9 @@ def evaluate_split_valid(monkeypatch, capsys, ckpt: Path, *args: str) -> dict:
 
 @pytest.mark.parametrize("tgt_lang", ["en", "zh"])
 def test_valid_bleu_in_training_equals_attnmt_evaluate(tgt_lang, tmp_path, zh_corpus, monkeypatch, capsys,
-                                                       restore_logging):
+                                                       restore_logging, one_thread):
     from attnmt.training import train
 
-    torch.set_num_threads(1)
     corpus = FIXTURE_CORPUS if tgt_lang == "en" else zh_corpus
     cfg = fixture_train_config(tmp_path / "run", f"data.tgt_lang={tgt_lang}", "optim.lr=3e-3", "optim.warmup_steps=10",
                                "model.dropout=0.0", "train.max_tokens=1024", "train.max_steps=60",
