@@ -4,6 +4,8 @@ uvicorn on 127.0.0.1 under load and SIGTERM. The page's test in a browser is in 
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import json
 import os
 import signal
@@ -175,8 +177,19 @@ async def _concurrently(app, bodies: list[dict]) -> list[dict]:
     return [a.json() for a in answers]
 
 
-def test_concurrent_requests_share_engine_calls_and_get_their_own_answers(engine, trained_checkpoint) -> None:
-    app = create_app(engine, serve_config(trained_checkpoint, "batch_wait_ms=50"), "fixture")
+def per_call(engine):
+    """``engine`` as an engine without a running search: attnmt-serve then gathers requests into engine
+    calls (as for engine=ctranslate2 and transformers), which tests can check with attnmt's own search."""
+    backend = copy.copy(engine.backend)
+    backend.capabilities = dataclasses.replace(engine.backend.capabilities, continuous=False)
+    return dataclasses.replace(engine, backend=backend)
+
+
+@pytest.mark.parametrize("batching", ["continuous", "per call"])
+def test_concurrent_requests_share_engine_calls_and_get_their_own_answers(engine, trained_checkpoint,
+                                                                          batching: str) -> None:
+    served = engine if batching == "continuous" else per_call(engine)
+    app = create_app(served, serve_config(trained_checkpoint, "batch_wait_ms=50"), "fixture")
     lines = FIXTURE_LINES[:24]
     bodies = [{"text": [line], "beam_size": 1} for line in lines]
     bodies += [{"text": lines[i : i + 3], "beam_size": 2} for i in range(0, 12, 3)]
@@ -190,20 +203,30 @@ def test_concurrent_requests_share_engine_calls_and_get_their_own_answers(engine
     sampled = engine.translate(lines[:2], decode_config(sampling=True, nbest=2, seed=7))
     for answer in answers[28:]:
         assert [[c["text"] for c in line] for line in answer["nbest"]] == [t.texts for t in sampled]
-    calls = app.state.batcher.engine_calls
-    assert calls <= 6, f"{len(bodies)} concurrent requests took {calls} engine calls: they were not batched"
+    batcher = app.state.batcher
+    if batching == "per call":
+        calls = batcher.engine_calls
+        assert calls <= 6, f"{len(bodies)} concurrent requests took {calls} engine calls: they were not batched"
+    else:  # a step decodes the rows of every request in flight: 24 + 12 x 2 + 2 x 2 x 2 at the first
+        rows = batcher.engine_rows / batcher.engine_calls
+        assert rows > 8, f"{len(bodies)} concurrent requests: {rows:.1f} rows a step, they did not share steps"
 
 
-def test_a_full_queue_answers_503_and_a_gone_client_costs_nothing(engine, trained_checkpoint) -> None:
-    app = create_app(engine, serve_config(trained_checkpoint, "max_pending_lines=4", "batch_wait_ms=0"), "fixture")
+@pytest.mark.parametrize("batching", ["continuous", "per call"])
+def test_a_full_queue_answers_503_and_a_gone_client_costs_nothing(engine, trained_checkpoint, monkeypatch,
+                                                                  batching: str) -> None:
+    from attnmt.inference.native import NativeRunningSearch
+
+    served = engine if batching == "continuous" else per_call(engine)
+    app = create_app(served, serve_config(trained_checkpoint, "max_pending_lines=4", "batch_wait_ms=0"), "fixture")
     batcher = app.state.batcher
     busy, release = threading.Event(), threading.Event()
-    translate = engine.translate_sources
+    work = NativeRunningSearch.step if batching == "continuous" else served.translate_sources
 
     def held(*args, **kwargs):  # the engine busy until the test lets it go
         busy.set()
         release.wait(10)
-        return translate(*args, **kwargs)
+        return work(*args, **kwargs)
 
     async def scenario() -> tuple[int, list[int], int]:
         transport = httpx.ASGITransport(app=app)
@@ -222,11 +245,11 @@ def test_a_full_queue_answers_503_and_a_gone_client_costs_nothing(engine, traine
         assert refused.headers["retry-after"] == "1"
         return refused.status_code, [a.status_code for a in answers], batcher.translated_lines
 
-    engine.translate_sources = held
-    try:
-        refused, statuses, translated = asyncio.run(scenario())
-    finally:
-        engine.translate_sources = translate
+    if batching == "continuous":
+        monkeypatch.setattr(NativeRunningSearch, "step", held)
+    else:
+        monkeypatch.setattr(served, "translate_sources", held)
+    refused, statuses, translated = asyncio.run(scenario())
     assert refused == 503 and statuses == [200, 200]
     assert translated == 4, "the disconnected client's line was translated all the same"
 
@@ -347,7 +370,8 @@ def test_under_load_every_answer_equals_the_command_lines(server, engine, multi3
     assert not wrong, f"{len(wrong)} of {requests} answers differ from attnmt-translate's, e.g. request {wrong[0]}"
     health = httpx.get(f"{running.url}/health").json()
     assert health["translated_lines"] == requests
-    assert health["engine_calls"] < requests / 4, "32 concurrent clients should share engine calls"
+    # Continuous batching: a step decodes the rows of the lines in flight (up to 32 x 5 here).
+    assert health["engine_rows"] / health["engine_calls"] > 8, "32 concurrent clients should share steps"
 
 
 def test_sigterm_finishes_the_requests_in_flight_then_exits(server) -> None:

@@ -459,7 +459,8 @@ class ServeConfig(DecodeConfig):
     src_lang: str | None  # the default language of the input; a request may name another
     host: str  # the address to listen on; 127.0.0.1 = this machine only
     port: int
-    batch_wait_ms: float  # how long a request waits for others to share its batch
+    max_rows: int  # engine=native: rows (lines x beams) its running search decodes at once
+    batch_wait_ms: float  # other engines: how long a request waits for others to share its batch
     max_lines: int  # lines a request may hold (more: 413)
     max_line_bytes: int  # UTF-8 bytes a line may hold (more: 413)
     max_request_bytes: int  # bytes a request body may hold (more: 413)
@@ -469,7 +470,8 @@ class ServeConfig(DecodeConfig):
 
     def check(self, prefix: str = "") -> None:
         super().check(prefix)
-        for key in ("max_lines", "max_line_bytes", "max_request_bytes", "max_beam_size", "max_pending_lines"):
+        for key in ("max_lines", "max_line_bytes", "max_request_bytes", "max_beam_size", "max_pending_lines",
+                    "max_rows"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{prefix}{key}={getattr(self, key)} must be at least 1")
         if self.threads < 0:
@@ -479,6 +481,9 @@ class ServeConfig(DecodeConfig):
         if not 0 <= self.batch_wait_ms <= 1000:
             raise ConfigError(f"{prefix}batch_wait_ms={self.batch_wait_ms} must be between 0 and 1000 (milliseconds)")
         check_beam_limit(self, self.max_beam_size, prefix)  # else every request would be refused for the default
+        if self.max_rows < self.max_beam_size:
+            raise ConfigError(f"{prefix}max_rows={self.max_rows} is below max_beam_size={self.max_beam_size}: a "
+                              "line of the largest search allowed would never fit; raise max_rows")
 
 
 def check_beam_limit(cfg: DecodeConfig, max_beam_size: int, prefix: str = "") -> None:

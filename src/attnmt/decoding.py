@@ -23,6 +23,7 @@ does; it counts as generated tokens and stays in the returned ids (the tokenizer
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -66,19 +67,24 @@ def never_generated(pad_id: int, bos_id: int, eos_id: int) -> list[int]:
     return [pad_id] + ([bos_id] if bos_id != eos_id else [])
 
 
-def _forbid(logits: Tensor, model: Transformer, step: int, min_len: int, forced: Sequence[int]) -> None:
+def _forbid(logits: Tensor, model: Transformer, steps: Tensor, min_len: int, forced: Sequence[int],
+            fresh: bool) -> None:
     """Set the logits (N, V) of tokens that may not come next to -inf, in place: :func:`never_generated`
-    always, EOS before ``min_len`` tokens; at a step of the forced prefix, every token but
-    ``forced[step]``, which gets 0."""
-    if step < len(forced):
-        logits.fill_(-math.inf)
-        logits[:, forced[step]] = 0.0
-        return
+    always, EOS before ``min_len`` tokens; in a row still in the forced prefix (``steps`` (N,) holds
+    each row's tokens so far), every token but the forced one, which gets 0. ``fresh``: whether any
+    row may still be under ``min_len`` or in the prefix (when none is, the per-row rules are skipped)."""
     cfg = model.cfg
     for token in never_generated(cfg.pad_id, cfg.bos_id, cfg.eos_id):
         logits[:, token] = -math.inf
-    if step < min_len:
-        logits[:, cfg.eos_id] = -math.inf
+    if not fresh:
+        return
+    if min_len > 0:
+        logits[:, cfg.eos_id].masked_fill_(steps < min_len, -math.inf)
+    if forced:
+        rows = (steps < len(forced)).nonzero().squeeze(1)
+        if rows.numel():
+            logits[rows] = -math.inf
+            logits[rows, torch.tensor(forced, device=logits.device)[steps[rows]]] = 0.0
 
 
 # Rows of logits projected, normalised and ranked at a time in beam search: a block of (1024, V)
@@ -87,102 +93,34 @@ def _forbid(logits: Tensor, model: Transformer, step: int, min_len: int, forced:
 _ROWS_PER_BLOCK = 1024
 
 
-def _top_tokens(model: Transformer, states: Tensor, step: int, min_len: int, max_len: Tensor,
-                count: int, forced: Sequence[int]) -> tuple[Tensor, Tensor]:
+def _top_tokens(model: Transformer, states: Tensor, steps: Tensor, min_len: int, max_len: Tensor,
+                count: int, forced: Sequence[int], fresh: bool) -> tuple[Tensor, Tensor]:
     """The ``count`` best next tokens of each row and their log-probabilities, (N, count) each, best
     first, under the length rules.
 
-    ``states`` (N, D) are the decoder's output states (:meth:`Transformer.decode_states`); ``step``
-    is the number of tokens generated so far; ``max_len`` (N,) holds each row's limit; ``forced`` is
-    the target prefix. Beam search needs no more than its 2k best candidates per row, so the
-    candidates of a sentence are combined from these instead of from all k x V.
+    ``states`` (N, D) are the decoder's output states (:meth:`Transformer.decode_states`); ``steps``
+    (N,) the number of tokens each row has generated so far; ``max_len`` (N,) each row's limit;
+    ``forced`` the target prefix; ``fresh`` as :func:`_forbid`'s. Beam search needs no more than its
+    2k best candidates per row, so the candidates of a sentence are combined from these instead of
+    from all k x V.
     """
     tops, tokens = [], []
     eos = model.cfg.eos_id
     for start in range(0, states.size(0), _ROWS_PER_BLOCK):
-        logp = model.project(states[start : start + _ROWS_PER_BLOCK]).float().log_softmax(dim=-1)  # (n, V)
-        _forbid(logp, model, step, min_len, forced)
+        block = slice(start, start + _ROWS_PER_BLOCK)
+        logp = model.project(states[block]).float().log_softmax(dim=-1)  # (n, V)
+        _forbid(logp, model, steps[block], min_len, forced, fresh)
         top, top_tokens = logp.topk(count, dim=-1)  # (n, count)
-        at_limit = max_len[start : start + _ROWS_PER_BLOCK] <= step  # these rows must end now
+        at_limit = max_len[block] <= steps[block]  # these rows must end now
         if at_limit.any():
             # EOS is their one continuation, even where min_len asked otherwise: the limit wins (with
             # log-probability 0 where min_len had ruled EOS out).
             top[at_limit] = -math.inf
-            top[at_limit, 0] = logp[at_limit, eos] if step >= min_len else 0.0
+            top[at_limit, 0] = torch.where(steps[block][at_limit] >= min_len, logp[at_limit, eos], 0.0)
             top_tokens[at_limit, 0] = eos
         tops.append(top)
         tokens.append(top_tokens)
     return torch.cat(tops), torch.cat(tokens)
-
-
-@torch.no_grad()
-def greedy_search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: DecodeConfig,
-                  line_numbers: Tensor | None = None, tgt_prefix: Sequence[int] = ()) -> list[list[Hypothesis]]:
-    """The most probable next token at every step, for a batch of sources.
-
-    Args:
-        model: the translation model (put it in eval mode first).
-        src_tokens: (B, S) source ids ending with EOS, right-padded.
-        src_mask: (B, S) bool, True at real tokens.
-        cfg: the length rules ``max_len_a``, ``max_len_b``, ``min_len`` (see the module docstring).
-        line_numbers: unused (greedy search draws nothing).
-        tgt_prefix: ids forced at the start of every translation (see the module docstring).
-
-    Returns:
-        B lists of one hypothesis, unscored (NaN): greedy search computes no log-probabilities.
-    """
-    tokens, _ = _one_token_a_step(model, src_tokens, src_mask, lambda logits, step, active: logits.argmax(dim=-1),
-                                  cfg, scored=False, forced=tgt_prefix)
-    return [[Hypothesis(t, math.nan)] for t in tokens]
-
-
-def _one_token_a_step(
-    model: Transformer,
-    src_tokens: Tensor,
-    src_mask: Tensor,
-    choose: Callable[[Tensor, int, Tensor], Tensor],
-    cfg: DecodeConfig,
-    scored: bool,
-    forced: Sequence[int],
-) -> tuple[list[list[int]], list[float]]:
-    """The loop of greedy search and sampling: one hypothesis per source, extended by
-    ``choose(logits, step, active)`` ((A, V) logits with the forbidden tokens at -inf, and the (A,)
-    batch indices of the live rows) until EOS or the length limit; a sentence's rows leave the
-    cache as it ends. Returns the B token lists and, with ``scored``, their log-probabilities under
-    the model (else empty), counted as beam search counts them (the forced prefix ``forced`` at 0)."""
-    n = src_tokens.size(0)
-    device = src_tokens.device
-    sent_limits = max_lengths(model, src_mask, cfg.max_len_a, cfg.max_len_b)
-    min_len = cfg.min_len
-    limits = torch.tensor(sent_limits, device=device)
-    memory = model.encode(src_tokens, src_mask)
-    cache = model.new_cache(max_len=max(sent_limits) + 1)  # BOS and every token but the last
-    eos = model.cfg.eos_id
-    outputs = torch.full((n, max(sent_limits) + 1), eos, device=device)  # (B, T): each row ends with EOS
-    scores = torch.zeros(n, dtype=torch.float64, device=device)
-    active = torch.arange(n, device=device)  # sentences still being decoded, in cache-row order
-    tokens = torch.full((n, 1), model.cfg.bos_id, dtype=torch.long, device=device)
-    step = 0
-    while active.numel() > 0:
-        logits = model.decode(tokens, memory, src_mask, cache)[:, -1]  # (A, V)
-        log_probs = logits.float().log_softmax(dim=-1) if scored else None  # before the length rules, as beam search
-        _forbid(logits, model, step, min_len, forced)
-        next_tokens = choose(logits, step, active)  # (A,)
-        at_limit = limits[active] <= step
-        next_tokens[at_limit] = eos
-        if scored and step >= len(forced):
-            logp = log_probs.gather(1, next_tokens[:, None])[:, 0].double()
-            # Where min_len had ruled EOS out, the length limit still ends the sentence, at no cost (as in beam search).
-            scores[active] += logp.masked_fill(at_limit, 0.0) if step < min_len else logp
-        outputs[active, step] = next_tokens
-        step += 1
-        ended = next_tokens == eos
-        if ended.any():
-            keep = (~ended).nonzero().squeeze(1)
-            cache.reorder(keep)
-            active, next_tokens = active[keep], next_tokens[keep]
-        tokens = next_tokens[:, None]
-    return [row[: row.index(eos)] for row in outputs.tolist()], scores.tolist() if scored else []
 
 
 # splitmix64's constants as signed 64-bit integers (torch's int64 arithmetic wraps like C's unsigned).
@@ -202,10 +140,11 @@ def _mix(x: Tensor) -> Tensor:
     return x ^ _shift(x, 31)
 
 
-def uniform_noise(seed: int, sentence_ids: Tensor, step: int, vocab: int) -> Tensor:
+def uniform_noise(seed: int, sentence_ids: Tensor, step: int | Tensor, vocab: int) -> Tensor:
     """Uniform numbers in (0, 1), (N, V) float64, that depend on (seed, sentence, step, token) alone:
     a splitmix64 hash of each in turn, so a sentence's draws are the same whatever its batch, its
-    position in it or the device, and no two counters share their numbers."""
+    position in it or the device, and no two counters share their numbers. ``step`` may be one for
+    all or (N,), one per sentence."""
     device = sentence_ids.device
     x = _mix(torch.tensor(seed, dtype=torch.long, device=device))
     x = _mix(_mix(x + sentence_ids.long()) + step)  # (N,)
@@ -228,6 +167,354 @@ def _filter(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Ten
         beyond = probs.cumsum(dim=-1) - probs >= top_p  # the mass before this token already reached top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(beyond, -math.inf))
     return logits
+
+
+class RunningSearch:
+    """A search that sentences join and leave at any step: continuous batching.
+
+    :meth:`add` queues a source; each :meth:`step` lets queued sources join while the rows they need
+    fit ``max_rows`` (encoding them together, their cross-attention keys and values projected once,
+    their self-attention starting empty), runs one decoding step over every row, and returns the
+    sources that finished with their hypotheses, best first. Finished sentences leave at once: their
+    rows are dropped from the cache. :meth:`cancel` drops a source, queued or running.
+
+    A sentence's result never depends on the sentences beside it or on the step it joined at: its
+    length rules, positions, masks and draws are its own, so the static searches
+    (:func:`greedy_search`, :func:`beam_search`, :func:`sample_search`) are this search with every
+    source joining at the first step. Rows: ``beam_size`` a source in beam search, ``nbest`` in
+    sampling (each draw a row of its own), one in greedy search.
+
+    Args:
+        model: the translation model, in eval mode; run the steps under ``torch.inference_mode()``
+            (and the engine's autocast).
+        cfg: the search settings (the strategy it asks for, :func:`strategy`).
+        tgt_prefix: ids forced at the start of every translation (see the module docstring).
+        max_rows: the most rows decoded at once; None: no limit (every queued source joins).
+        kind: the strategy's name, where it is not the one ``cfg`` asks for (``beam`` with
+            ``beam_size=1`` runs beam search's bookkeeping, for tests).
+
+    Raises:
+        ValueError: ``max_rows`` is smaller than one source's rows.
+    """
+
+    def __init__(self, model: Transformer, cfg: DecodeConfig, tgt_prefix: Sequence[int] = (),
+                 max_rows: int | None = None, kind: str | None = None) -> None:
+        self.model, self.cfg, self.forced = model, cfg, list(tgt_prefix)
+        name = kind or strategy(cfg).name
+        self.beam, self.scored = name == "beam", name == "sampling"
+        self.beams = cfg.beam_size if self.beam else 1  # rows of a group in the cache
+        self.draws = cfg.nbest if self.scored else 1  # groups of a source: each draw its own
+        if max_rows is not None and max_rows < self.beams * self.draws:
+            raise ValueError(f"max_rows={max_rows} is smaller than one sentence's {self.beams * self.draws} rows "
+                             f"({'beam_size' if self.beam else 'nbest'}); raise it or search with fewer")
+        self.max_rows = max_rows
+        self.device = next(model.parameters()).device
+        self.eos = model.cfg.eos_id
+        self._waiting: deque[tuple[int, list[int], int]] = deque()  # (ticket, source ids, line number)
+        self._tickets = 0
+        self._cancelled: set[int] = set()
+        self._partial: dict[int, list[Hypothesis]] = {}  # sampling: the draws of a source finished so far
+        self._t = 0  # steps run: a group that joined at step j is at its step t - j
+        self.last_rows = 0  # rows the last step decoded
+        self._cache = model.new_cache()
+        self._newest = 0  # the step the most recent group joined at
+        # One entry per group, in cache order (tensors (A, ...), rows (A * beams, ...)).
+        self._owner: list[int] = []  # each group's ticket
+        self._g: dict[str, Tensor] = {}
+        self._row_tokens = torch.empty(0, 1, dtype=torch.long, device=self.device)  # (rows, T) generated so far
+        self._next = torch.empty(0, dtype=torch.long, device=self.device)  # (rows,) the token each row reads next
+
+    @property
+    def rows(self) -> int:
+        """Rows being decoded."""
+        return len(self._owner) * self.beams
+
+    @property
+    def waiting(self) -> int:
+        """Sources queued, not yet joined."""
+        return len(self._waiting)
+
+    def __bool__(self) -> bool:
+        """Whether anything is queued or running."""
+        return bool(self._waiting or self._owner)
+
+    def add(self, source: Sequence[int], line_number: int = 0) -> int:
+        """Queue ``source`` (ids ending with EOS); ``line_number`` fixes its draws when sampling. Returns
+        its ticket, which :meth:`step` gives back with its hypotheses.
+
+        Raises:
+            ValueError: the source is empty or longer than the model's positions.
+        """
+        limit = self.model.cfg.max_positions
+        if not source or len(source) > limit:
+            raise ValueError(f"a source of {len(source)} tokens: give 1 to model.max_positions={limit} "
+                             "(Engine.encode cuts longer lines to fit)")
+        ticket = self._tickets
+        self._tickets += 1
+        self._waiting.append((ticket, list(source), line_number))
+        return ticket
+
+    def cancel(self, ticket: int) -> None:
+        """Drop source ``ticket``: queued, it never joins; running, its rows leave at the next step."""
+        self._cancelled.add(ticket)
+
+    def step(self) -> list[tuple[int, list[Hypothesis]]]:
+        """Let queued sources join, decode one step, and return the ``(ticket, hypotheses)`` of the
+        sources that finished (hypotheses best first)."""
+        self._drop_cancelled()
+        self._join()
+        self.last_rows = self.rows
+        if not self._owner:
+            return []
+        states = self.model.decode_states(self._next[:, None], None, None, self._cache)[:, -1]  # (rows, D)
+        steps = self._t - self._g["joined"]  # (A,) tokens each group has generated
+        fresh = self._t - self._newest < max(self.cfg.min_len, len(self.forced))
+        done, finished, parents = (self._beam_step if self.beam else self._token_step)(states, steps, fresh)
+        self._t += 1
+        keep = (~done).nonzero().squeeze(1)
+        if keep.numel() < len(self._owner):
+            self._keep(keep, parents)
+        elif parents is not None:
+            self._cache.reorder(parents, beams=self.beams)
+        return self._results(finished)
+
+    def _drop_cancelled(self) -> None:
+        if not self._cancelled:
+            return
+        self._waiting = deque(w for w in self._waiting if w[0] not in self._cancelled)
+        for ticket in self._cancelled:
+            self._partial.pop(ticket, None)
+        if any(ticket in self._cancelled for ticket in self._owner):
+            keep = [i for i, ticket in enumerate(self._owner) if ticket not in self._cancelled]
+            self._keep(torch.tensor(keep, dtype=torch.long, device=self.device))
+        running = set(self._owner) | {w[0] for w in self._waiting}
+        self._cancelled &= running  # a ticket still in flight (a draw group) stays cancelled
+
+    def _join(self) -> None:
+        """Move queued sources into the search while their rows fit ``max_rows``."""
+        room = None if self.max_rows is None else self.max_rows - self.rows
+        take: list[tuple[int, list[int], int]] = []
+        per_source = self.beams * self.draws
+        while self._waiting and (room is None or room >= per_source):
+            take.append(self._waiting.popleft())
+            room = None if room is None else room - per_source
+        if not take:
+            return
+        from attnmt.batching import pad
+
+        model, device, k, draws = self.model, self.device, self.beams, self.draws
+        src_tokens, src_mask = (t.to(device) for t in pad([source for _, source, _ in take], pad_id=model.cfg.pad_id))
+        if draws > 1:
+            src_tokens, src_mask = src_tokens.repeat_interleave(draws, 0), src_mask.repeat_interleave(draws, 0)
+        memory = model.encode(src_tokens, src_mask)
+        cross = [layer.cross_attn.project_kv(memory) for layer in model.decoder_layers]
+        j = src_mask.size(0)  # groups joining
+        limits = torch.tensor(max_lengths(model, src_mask, self.cfg.max_len_a, self.cfg.max_len_b), device=device)
+        if not self._owner:
+            self._cache.max_len = int(limits.max()) + 1  # BOS and every token but the last
+        # A fresh start takes one row a group: its beams would be copies of one prefix until the
+        # first step's reorder makes them k (a step of k copies cost 5-6% of a batch's time).
+        self._cache.join(cross, src_mask, k if self._owner else 1)
+        rows = j * self._cache.beams
+        line_numbers = torch.tensor([line for _, _, line in take], device=device)
+        new = {
+            "joined": torch.full((j,), self._t, dtype=torch.long, device=device),
+            "limit": limits,
+            "draw": line_numbers.repeat_interleave(draws) * draws + torch.arange(draws, device=device).repeat(len(take)),
+        }
+        width = int(limits.max()) + 1
+        if self.beam:
+            nbest = self.cfg.nbest
+            scores = torch.full((j, k), -math.inf, device=device)
+            scores[:, 0] = 0.0  # only beam 0 is live at first: the others would repeat it
+            new |= {"scores": scores, "finished": torch.zeros(j, dtype=torch.long, device=device),
+                    "best_scores": torch.full((j, nbest), -math.inf, dtype=torch.float64, device=device),
+                    "best_lens": torch.zeros(j, nbest, dtype=torch.long, device=device),
+                    "best_tokens": torch.zeros(j, nbest, width, dtype=torch.long, device=device)}
+        else:
+            new["scores"] = torch.zeros(j, dtype=torch.float64, device=device)
+        for key, value in new.items():
+            old = self._g.get(key)
+            if old is not None and old.dim() == 3 and old.size(2) != value.size(2):  # best tokens: one width
+                grown = max(old.size(2), value.size(2))
+                old, value = _widen(old, grown), _widen(value, grown)
+            self._g[key] = value if old is None or not self._owner else torch.cat([old, value])
+        tokens = self._row_tokens if self._owner else self._row_tokens[:0]
+        grown = max(tokens.size(1), width)
+        self._row_tokens = torch.cat([_widen(tokens, grown), tokens.new_zeros(rows, grown)])
+        bos = torch.full((rows,), model.cfg.bos_id, dtype=torch.long, device=device)
+        self._next = torch.cat([self._next, bos]) if self._owner else bos
+        self._owner += [ticket for ticket, _, _ in take for _ in range(draws)]
+        self._newest = self._t
+
+    def _keep(self, keep: Tensor, parents: Tensor | None = None) -> None:
+        """Keep groups ``keep`` (A',) and their rows, in that order; the others leave. ``parents``
+        (rows,): the cache row each row continues, where a beam step chose them (the token state is
+        in the new order already, the cache not yet)."""
+        per = self.beams if parents is not None else self._cache.beams
+        rows = (keep[:, None] * per + torch.arange(per, device=self.device)).view(-1)
+        self._cache.reorder(rows if parents is None else parents[rows], beams=self.beams)
+        self._g = {key: value[keep] for key, value in self._g.items()}
+        self._row_tokens, self._next = self._row_tokens[rows], self._next[rows]
+        owners = keep.tolist()
+        self._owner = [self._owner[i] for i in owners]
+
+    def _token_step(self, states: Tensor, steps: Tensor, fresh: bool) -> tuple[Tensor, list, None]:
+        """Greedy search and sampling: each row takes one token (the best, or a draw). Returns the
+        groups done (A,), the ``(ticket, hypothesis)`` of each, and None: rows keep their places."""
+        cfg, g = self.cfg, self._g
+        logits = self.model.project(states)  # (A, V)
+        log_probs = logits.float().log_softmax(dim=-1) if self.scored else None  # before the length rules, as beam search
+        _forbid(logits, self.model, steps, cfg.min_len, self.forced, fresh)
+        if not self.scored or cfg.temperature == 0:
+            next_tokens = logits.argmax(dim=-1)
+        else:
+            gumbel = -torch.log(-torch.log(uniform_noise(cfg.seed, g["draw"], steps, logits.size(-1))))
+            next_tokens = (_filter(logits.float(), cfg.temperature, cfg.top_k, cfg.top_p).double() + gumbel).argmax(dim=-1)
+        at_limit = g["limit"] <= steps
+        next_tokens[at_limit] = self.eos
+        if self.scored:
+            logp = log_probs.gather(1, next_tokens[:, None])[:, 0].double()
+            # The forced prefix scores 0; where min_len had ruled EOS out, the length limit still ends
+            # the sentence, at no cost (as in beam search).
+            free = (steps >= len(self.forced)) & ~(at_limit & (steps < cfg.min_len))
+            g["scores"] += torch.where(free, logp, 0.0)
+        self._row_tokens.scatter_(1, steps[:, None], next_tokens[:, None])
+        self._next = next_tokens
+        done = next_tokens == self.eos
+        finished = []
+        if done.any():
+            ended = done.nonzero().squeeze(1)
+            lengths, scores = steps[ended].tolist(), g["scores"][ended].tolist()
+            for i, row, length, score in zip(ended.tolist(), self._row_tokens[ended].tolist(), lengths, scores):
+                finished.append((self._owner[i], Hypothesis(row[:length], score if self.scored else math.nan)))
+        return done, finished, None
+
+    def _beam_step(self, states: Tensor, steps: Tensor, fresh: bool) -> tuple[Tensor, list, Tensor]:
+        """Beam search: each group's k live beams become the k best continuations that do not end;
+        those among the k best that end join the group's ``nbest`` best finished hypotheses. Returns
+        the groups done (A,), the ``(ticket, hypotheses)`` of each, and the row (A * k,) each new
+        beam continues, for the cache to follow."""
+        cfg, g, k, nbest, device = self.cfg, self._g, self.beams, self.cfg.nbest, self.device
+        a = len(self._owner)
+        len_penalty = cfg.len_penalty
+
+        def lp(length: Tensor) -> Tensor:
+            return ((5.0 + length.double()) / 6.0) ** len_penalty
+
+        beams = self._cache.beams  # rows a group has now: 1 at a fresh start
+        count = min(2 * k, self.model.cfg.tgt_vocab_size)  # candidates per row: 2k cover the k best that do not end
+        logp, tokens = _top_tokens(self.model, states, steps.repeat_interleave(beams), cfg.min_len,
+                                   g["limit"].repeat_interleave(beams), count, self.forced, fresh)
+        if beams < k:  # every beam of a group continues its one row
+            logp, tokens = logp.repeat_interleave(k, dim=0), tokens.repeat_interleave(k, dim=0)
+        candidates = (g["scores"][:, :, None] + logp.view(a, k, count)).view(a, k * count)
+        top_scores, top_index = candidates.topk(min(2 * k, k * count), dim=1)  # (A, 2k)
+        top_token = tokens.view(a, k * count).gather(1, top_index)
+        parent = top_index // count if beams == k else torch.zeros_like(top_index)
+        top_rows = torch.arange(a, device=device)[:, None] * beams + parent  # (A, 2k) rows they continue
+
+        # EOS among the k best candidates finishes a hypothesis: it joins the group's nbest best.
+        is_eos = top_token == self.eos
+        ends = is_eos[:, :k] & torch.isfinite(top_scores[:, :k])  # (A, k)
+        g["finished"] += ends.sum(dim=1)
+        if ends.any():
+            ended = torch.where(ends, top_scores[:, :k].double() / lp(steps + 1)[:, None], -math.inf)
+            pool_scores = torch.cat([g["best_scores"], ended], dim=1)  # (A, nbest + k)
+            ended_tokens = self._row_tokens[top_rows[:, :k]]  # (A, k, T): the prefix each ended hypothesis ends
+            width = g["best_tokens"].size(2)
+            pool_tokens = torch.cat([g["best_tokens"], _widen(ended_tokens, width)[:, :, :width]], dim=1)
+            pool_lens = torch.cat([g["best_lens"], steps[:, None].expand(a, k)], dim=1)
+            g["best_scores"], order = pool_scores.topk(nbest, dim=1)
+            g["best_tokens"] = pool_tokens[torch.arange(a, device=device)[:, None], order]
+            g["best_lens"] = pool_lens.gather(1, order)
+
+        # The k best candidates that do not end become the live beams.
+        live_scores, order = top_scores.masked_fill(is_eos, -math.inf).topk(k, dim=1)  # (A, k)
+        live_rows = top_rows.gather(1, order).view(-1)
+        live_tokens = top_token.gather(1, order).view(-1)
+
+        # A group is done when no live beam can still beat its nbest-th finished hypothesis. The best
+        # a live beam could reach: its score only falls, and the penalty's divisor is largest at the
+        # longest length it may still grow to (for alpha >= 0).
+        grown = steps + 1
+        best_live = live_scores[:, 0].double()
+        longest = (g["limit"] + 1).clamp(min=grown + 1)
+        bound = best_live / torch.maximum(lp(grown + 1), lp(longest))
+        done = torch.isinf(best_live) | (g["best_scores"][:, nbest - 1] >= bound)  # -inf while < nbest finished
+        if cfg.beam_stop == "finished":
+            done |= g["finished"] >= k
+
+        g["scores"] = live_scores
+        self._row_tokens = self._row_tokens[live_rows]
+        self._row_tokens.scatter_(1, steps.repeat_interleave(k)[:, None], live_tokens[:, None])
+        self._next = live_tokens
+        finished = []
+        if done.any():
+            ended = done.nonzero().squeeze(1)
+            rows = zip(g["best_scores"][ended].tolist(), g["best_tokens"][ended].tolist(), g["best_lens"][ended].tolist())
+            for i, (scores, hyp_tokens, lens) in zip(ended.tolist(), rows):
+                finished.append((self._owner[i], [Hypothesis(t[:n], s) for s, t, n in zip(scores, hyp_tokens, lens)
+                                                  if s > -math.inf]))
+        return done, finished, live_rows
+
+    def _results(self, finished: list) -> list[tuple[int, list[Hypothesis]]]:
+        """Sources whose every group has finished, with their hypotheses best first."""
+        if self.beam:
+            return finished
+        results = []
+        for ticket, hyp in finished:
+            if self.draws == 1:
+                results.append((ticket, [hyp]))
+                continue
+            draws = self._partial.setdefault(ticket, [])
+            draws.append(hyp)
+            if len(draws) == self.draws:
+                del self._partial[ticket]
+                results.append((ticket, sorted(draws, key=lambda h: h.score, reverse=True)))
+        return results
+
+
+def _widen(tokens: Tensor, width: int) -> Tensor:
+    """``tokens`` (..., T) padded with zeros on the right to (..., width) (as it is if T >= width)."""
+    if tokens.size(-1) >= width:
+        return tokens
+    return torch.cat([tokens, tokens.new_zeros(*tokens.shape[:-1], width - tokens.size(-1))], dim=-1)
+
+
+def _static(kind: str, model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: DecodeConfig,
+            line_numbers: Tensor | None, tgt_prefix: Sequence[int]) -> list[list[Hypothesis]]:
+    """The hypotheses of each source of a batch by strategy ``kind``: a :class:`RunningSearch` that
+    every source joins at its first step."""
+    run = RunningSearch(model, cfg, tgt_prefix, kind=kind)
+    lengths = src_mask.sum(dim=1).tolist()
+    numbers = range(src_tokens.size(0)) if line_numbers is None else line_numbers.tolist()
+    for ids, n, line in zip(src_tokens.tolist(), lengths, numbers):
+        run.add(ids[:n], line)
+    results: list[list[Hypothesis]] = [[] for _ in lengths]
+    while run:
+        for ticket, hyps in run.step():
+            results[ticket] = hyps
+    return results
+
+
+@torch.no_grad()
+def greedy_search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: DecodeConfig,
+                  line_numbers: Tensor | None = None, tgt_prefix: Sequence[int] = ()) -> list[list[Hypothesis]]:
+    """The most probable next token at every step, for a batch of sources.
+
+    Args:
+        model: the translation model (put it in eval mode first).
+        src_tokens: (B, S) source ids ending with EOS, right-padded.
+        src_mask: (B, S) bool, True at real tokens.
+        cfg: the length rules ``max_len_a``, ``max_len_b``, ``min_len`` (see the module docstring).
+        line_numbers: unused (greedy search draws nothing).
+        tgt_prefix: ids forced at the start of every translation (see the module docstring).
+
+    Returns:
+        B lists of one hypothesis, unscored (NaN): greedy search computes no log-probabilities.
+    """
+    return _static("greedy", model, src_tokens, src_mask, cfg, line_numbers, tgt_prefix)
 
 
 @torch.no_grad()
@@ -253,22 +540,7 @@ def sample_search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg:
         B lists of ``nbest`` hypotheses, each scored by its log-probability under the model (no
         temperature, no penalty), best first.
     """
-    n, k = src_tokens.size(0), cfg.nbest
-    device = src_tokens.device
-    if line_numbers is None:
-        line_numbers = torch.arange(n, device=device)
-    draw_ids = line_numbers.repeat_interleave(k) * k + torch.arange(k, device=device).repeat(n)
-
-    def draw(logits: Tensor, step: int, active: Tensor) -> Tensor:
-        if cfg.temperature == 0:
-            return logits.argmax(dim=-1)
-        gumbel = -torch.log(-torch.log(uniform_noise(cfg.seed, draw_ids[active], step, logits.size(-1))))
-        return (_filter(logits.float(), cfg.temperature, cfg.top_k, cfg.top_p).double() + gumbel).argmax(dim=-1)
-
-    tokens, scores = _one_token_a_step(model, src_tokens.repeat_interleave(k, 0), src_mask.repeat_interleave(k, 0),
-                                       draw, cfg, scored=True, forced=tgt_prefix)
-    draws = [Hypothesis(t, score) for t, score in zip(tokens, scores)]
-    return [sorted(draws[i * k : (i + 1) * k], key=lambda h: h.score, reverse=True) for i in range(n)]
+    return _static("sampling", model, src_tokens, src_mask, cfg, line_numbers, tgt_prefix)
 
 
 @torch.no_grad()
@@ -301,93 +573,7 @@ def beam_search(model: Transformer, src_tokens: Tensor, src_mask: Tensor, cfg: D
     Returns:
         B lists of up to ``nbest`` hypotheses, best first.
     """
-    n, k, nbest, len_penalty, min_len = src_tokens.size(0), cfg.beam_size, cfg.nbest, cfg.len_penalty, cfg.min_len
-    device = src_tokens.device
-    sent_limits = max_lengths(model, src_mask, cfg.max_len_a, cfg.max_len_b)
-    max_tokens = max(sent_limits)
-    limits = torch.tensor(sent_limits, device=device)  # (B,)
-
-    def lp(length: Tensor | int) -> Tensor:
-        return ((5.0 + torch.as_tensor(length, dtype=torch.float64, device=device)) / 6.0) ** len_penalty
-
-    # The first step runs once per sentence (its k beams would be copies of one prefix); the cache
-    # takes k rows per sentence at the first reorder.
-    memory = model.encode(src_tokens, src_mask)
-    cache = model.new_cache(max_len=max_tokens + 1)  # BOS and every token but the last
-    eos = model.cfg.eos_id
-    bos = torch.full((n, 1), model.cfg.bos_id, dtype=torch.long, device=device)
-    states = model.decode_states(bos, memory, src_mask, cache)[:, -1]  # (B, D)
-    count = min(2 * k, model.cfg.tgt_vocab_size)  # candidates per row: 2k cover the k best that do not end
-    active = torch.arange(n, device=device)  # (A,) the sentence of each group of rows
-    scores = torch.full((n, k), -math.inf, device=device)  # (A, k) log-probabilities of the live beams
-    scores[:, 0] = 0.0  # only beam 0 is live at first
-    prefixes = torch.empty(n, 0, dtype=torch.long, device=device)  # (rows, step): tokens so far, per cache row
-    best_scores = torch.full((n, nbest), -math.inf, dtype=torch.float64, device=device)  # (B, nbest) finished, best first
-    best_tokens = torch.full((n, nbest, max_tokens), model.cfg.pad_id, dtype=torch.long, device=device)
-    best_lens = torch.zeros(n, nbest, dtype=torch.long, device=device)
-    n_finished = torch.zeros(n, dtype=torch.long, device=device)  # hypotheses that have ended, per sentence
-    step = 0
-    while True:
-        a, beams = active.numel(), cache.beams  # beams: cache rows per sentence (1 at the first step)
-        logp, tokens = _top_tokens(model, states, step, min_len, limits[active].repeat_interleave(beams), count,
-                                   tgt_prefix)
-        if beams < k:  # the first step: every beam of a sentence continues its one row
-            logp, tokens = logp.repeat_interleave(k, dim=0), tokens.repeat_interleave(k, dim=0)
-        candidates = (scores[:, :, None] + logp.view(a, k, count)).view(a, k * count)
-        top_scores, top_index = candidates.topk(min(2 * k, k * count), dim=1)  # (A, 2k)
-        top_beam = top_index // count
-        top_token = tokens.view(a, k * count).gather(1, top_index)
-        parent = top_beam if beams == k else torch.zeros_like(top_beam)
-        top_rows = torch.arange(a, device=device)[:, None] * beams + parent  # (A, 2k) cache rows
-
-        # EOS among the k best candidates finishes a hypothesis: it joins the sentence's nbest best.
-        is_eos = top_token == eos
-        ends = is_eos[:, :k] & torch.isfinite(top_scores[:, :k])  # (A, k)
-        n_finished[active] += ends.sum(dim=1)
-        if ends.any():
-            ended = torch.where(ends, top_scores[:, :k].double() / lp(step + 1), -math.inf)
-            pool_scores = torch.cat([best_scores[active], ended], dim=1)  # (A, nbest + k)
-            ended_tokens = torch.full((a, k, max_tokens), model.cfg.pad_id, dtype=torch.long, device=device)
-            ended_tokens[:, :, :step] = prefixes[top_rows[:, :k]]
-            pool_tokens = torch.cat([best_tokens[active], ended_tokens], dim=1)  # (A, nbest + k, T)
-            pool_lens = torch.cat([best_lens[active], torch.full((a, k), step, device=device)], dim=1)
-            best_scores[active], order = pool_scores.topk(nbest, dim=1)
-            best_tokens[active] = pool_tokens[torch.arange(a, device=device)[:, None], order]
-            best_lens[active] = pool_lens.gather(1, order)
-
-        # The k best candidates that do not end become the live beams.
-        live_scores, order = top_scores.masked_fill(is_eos, -math.inf).topk(k, dim=1)  # (A, k)
-        live_rows = top_rows.gather(1, order)
-        live_tokens = top_token.gather(1, order)
-        step += 1
-
-        # A sentence is done when no live beam can still beat its nbest-th finished hypothesis. The
-        # best a live beam could reach: its score only falls, and the penalty's divisor is largest at
-        # the longest length it may still grow to (for alpha >= 0).
-        best_live = live_scores[:, 0].double()
-        longest = (limits[active] + 1).clamp(min=step + 1)
-        bound = best_live / torch.maximum(lp(step + 1), lp(longest))
-        done = torch.isinf(best_live) | (best_scores[active, nbest - 1] >= bound)  # -inf while < nbest finished
-        if cfg.beam_stop == "finished":
-            done |= n_finished[active] >= k
-        keep = (~done).nonzero().squeeze(1)
-        if keep.numel() == 0:
-            break
-        if keep.numel() < a:
-            live_rows, live_tokens, live_scores = live_rows[keep], live_tokens[keep], live_scores[keep]
-            active = active[keep]
-
-        live_rows = live_rows.view(-1)
-        prefixes = torch.cat([prefixes[live_rows], live_tokens.view(-1, 1)], dim=1)
-        scores = live_scores
-        cache.reorder(live_rows, beams=k)
-        states = model.decode_states(live_tokens.view(-1, 1), memory, src_mask, cache)[:, -1]  # (A*k, D)
-
-    results = []
-    for sent_scores, sent_tokens, sent_lens in zip(best_scores.tolist(), best_tokens.tolist(), best_lens.tolist()):
-        results.append([Hypothesis(tokens[:length], score)
-                        for score, tokens, length in zip(sent_scores, sent_tokens, sent_lens) if score > -math.inf])
-    return results
+    return _static("beam", model, src_tokens, src_mask, cfg, line_numbers, tgt_prefix)
 
 
 @dataclass(frozen=True)

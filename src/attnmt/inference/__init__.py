@@ -65,6 +65,7 @@ class Capabilities:
     nbest: bool  # n-best lists (nbest > 1)
     attention: bool  # cross-attention maps (attention_plot=)
     compute_type: bool  # compute_type= other than default (the weights' type)
+    continuous: bool = False  # a running search that lines join and leave at any step (``running_search``)
 
 
 class Backend(Protocol):

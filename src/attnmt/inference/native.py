@@ -11,14 +11,14 @@ from torch import Tensor
 
 from attnmt.batching import pad
 from attnmt.config import DecodeConfig
-from attnmt.decoding import STRATEGIES, Hypothesis, search
+from attnmt.decoding import STRATEGIES, Hypothesis, RunningSearch, search
 from attnmt.device import autocast, inference_dtype
 from attnmt.inference import Capabilities
 from attnmt.model import Transformer
 from attnmt.tokenizer import Tokenizer
 
 CAPABILITIES = Capabilities(strategies=frozenset(s.name for s in STRATEGIES), exact_stop=True, nbest=True,
-                            attention=True, compute_type=False)
+                            attention=True, compute_type=False, continuous=True)
 
 
 class NativeBackend:
@@ -38,6 +38,11 @@ class NativeBackend:
         with autocast(device, inference_dtype(device)):
             return search(self.model, src_tokens, src_mask, cfg, torch.tensor(line_numbers, device=device), tgt_prefix)
 
+    def running_search(self, cfg: DecodeConfig, tgt_prefix: Sequence[int], max_rows: int | None) -> NativeRunningSearch:
+        """A :class:`~attnmt.decoding.RunningSearch` on the model (continuous batching: lines join
+        and leave at any step), each step under inference mode and the engine's precision."""
+        return NativeRunningSearch(RunningSearch(self.model, cfg, tgt_prefix, max_rows))
+
     @torch.inference_mode()
     def cross_attention(self, src_ids: list[int], tgt_ids: list[int], layer: int | None = None) -> Tensor:
         """Cross-attention map (T, S) of one sentence pair, averaged over heads and over all layers
@@ -48,6 +53,42 @@ class NativeBackend:
     def attention_maps(self, src_ids: list[int], tgt_ids: list[int]) -> Tensor:
         """:func:`attention_maps`: every layer's and head's cross-attention (L, H, T, S) of one pair."""
         return attention_maps(self.model, src_ids, tgt_ids)
+
+
+class NativeRunningSearch:
+    """A :class:`~attnmt.decoding.RunningSearch` whose steps run as :meth:`NativeBackend.search` runs
+    its batches: without autograd, under the device's inference precision."""
+
+    def __init__(self, search: RunningSearch) -> None:
+        self.search = search
+        self.device = search.device
+        self.dtype = inference_dtype(search.device)
+
+    def add(self, source: Sequence[int], line_number: int = 0) -> int:
+        return self.search.add(source, line_number)
+
+    def cancel(self, ticket: int) -> None:
+        self.search.cancel(ticket)
+
+    @property
+    def rows(self) -> int:
+        return self.search.rows
+
+    @property
+    def waiting(self) -> int:
+        return self.search.waiting
+
+    @property
+    def last_rows(self) -> int:
+        return self.search.last_rows
+
+    def __bool__(self) -> bool:
+        return bool(self.search)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[int, list[Hypothesis]]]:
+        with autocast(self.device, self.dtype):
+            return self.search.step()
 
 
 def cross_attention(model: Transformer, src_ids: list[int], tgt_ids: list[int], layer: int | None = None) -> Tensor:

@@ -73,9 +73,13 @@ class Embedding(nn.Module):
             )
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, tokens: Tensor, offset: int = 0) -> Tensor:
-        """tokens: (B, T) ids at positions offset .. offset+T-1. Returns (B, T, D)."""
+    def forward(self, tokens: Tensor, offset: int | Tensor = 0) -> Tensor:
+        """tokens: (B, T) ids at positions offset .. offset+T-1, or at ``offset[b]`` (a (B,) tensor,
+        T = 1: rows that started at different steps; the caller keeps them within the positions).
+        Returns (B, T, D)."""
         t = tokens.size(1)
+        if isinstance(offset, Tensor):
+            return self.dropout(self.tokens(tokens) * self.scale + self.position_table()[offset][:, None])
         if offset + t > self.max_positions:
             raise ValueError(
                 f"a sequence of {offset + t} tokens exceeds model.max_positions={self.max_positions}; "
@@ -157,7 +161,8 @@ class Transformer(nn.Module):
         ``project(decode_states(...))``. Beam search projects them a block of rows at a time."""
         offset = 0
         if cache is not None:
-            offset = cache.seq_len
+            offset = cache.positions()
+            cache.begin_step(tgt_tokens.size(1))
             if cache.src_mask is None:
                 cache.src_mask = src_mask
             src_mask = cache.src_mask

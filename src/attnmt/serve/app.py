@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException
 from attnmt.config import ConfigError, DecodeConfig, ServeConfig, check_beam_limit
 from attnmt.decoding import max_length
 from attnmt.inference import Engine, check_capabilities, language_prefixes, model_languages
-from attnmt.serve.batcher import Batcher, Job, Overloaded, Result
+from attnmt.serve.batcher import Batcher, Job, Overloaded, Result, RunningBatcher
 from attnmt.tokenizer import TokenizerError
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,10 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
     taking connections, lets the requests in flight finish, then stops the batcher.
     """
     defaults = DecodeConfig(**{f.name: getattr(cfg, f.name) for f in fields(DecodeConfig)})
-    batcher = Batcher(engine, cfg.batch_wait_ms / 1000, cfg.max_tokens, cfg.max_pending_lines)
+    if engine.capabilities.continuous:
+        batcher = RunningBatcher(engine, cfg.max_rows, cfg.max_pending_lines)
+    else:
+        batcher = Batcher(engine, cfg.batch_wait_ms / 1000, cfg.max_tokens, cfg.max_pending_lines)
     directions = Directions(engine, cfg.src_lang, cfg.tgt_lang)  # the defaults were checked by open_engine
 
     @asynccontextmanager
@@ -134,7 +137,8 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "pending_lines": batcher.pending_lines, "translated_lines": batcher.translated_lines,
-                "engine_calls": batcher.engine_calls, "engine_seconds": round(batcher.engine_seconds, 3)}
+                "engine_calls": batcher.engine_calls, "engine_seconds": round(batcher.engine_seconds, 3),
+                "engine_rows": getattr(batcher, "engine_rows", None)}
 
     info = service_info(engine, cfg, model_name, defaults)
 

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import astuple, dataclass, field
 
+from attnmt import inference
 from attnmt.config import DecodeConfig
+from attnmt.decoding import Hypothesis
 from attnmt.inference import Engine, Translation
 
 log = logging.getLogger(__name__)
@@ -220,3 +223,187 @@ def _fail(jobs, error: Exception) -> None:
     for job in jobs:
         if not job.future.done():
             job.future.set_exception(error)
+
+
+@dataclass
+class _Running:
+    """A job in the running search: each line's hypotheses as they finish."""
+
+    job: Job
+    tickets: list[int]  # of its non-empty lines
+    hypotheses: list[list[Hypothesis]]
+    left: int  # lines not yet finished
+
+
+class RunningBatcher:
+    """Continuous batching, for engines with a running search (``engine=native``): each request's
+    lines join the engine's search at its next step and leave it as soon as they are translated, so
+    that every step decodes every line in flight, whenever it came (:class:`attnmt.decoding.RunningSearch`).
+
+    One engine thread owns the searches, one for each set of search settings (a request's decode
+    settings and target prefix), and steps each that has work in turn; the event loop only queues
+    jobs and wakes it. A request is answered once all its lines have finished. A job whose client
+    has gone (its future done) leaves at the next step, its rows freed. Its interface is
+    :class:`Batcher`'s.
+
+    Args:
+        engine: the opened engine (its backend has ``running_search``).
+        max_rows: rows (lines x beams, or draws) decoded at once; lines beyond wait for rows to free.
+        max_pending_lines: lines waiting to join past which :meth:`submit` refuses new jobs.
+    """
+
+    def __init__(self, engine: Engine, max_rows: int, max_pending_lines: int) -> None:
+        self.engine = engine
+        self.max_rows = max_rows
+        self.max_pending_lines = max_pending_lines
+        self.pending_lines = 0  # submitted, not yet joined a search
+        self.translated_lines = 0
+        self.engine_calls = 0  # decoding steps
+        self.engine_rows = 0  # rows decoded, summed over the steps
+        self.engine_seconds = 0.0  # time spent in steps
+        self._lock = threading.Lock()
+        self._inbox: deque[Job] = deque()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._error: BaseException | None = None
+        self._left_waiting = 0  # lines the last steps left waiting for rows
+
+    def start(self) -> None:
+        """Start the engine thread (again after :meth:`stop`)."""
+        self._loop = asyncio.get_running_loop()
+        self._stopping, self._error = False, None
+        self._wake.clear()
+        self._thread = threading.Thread(target=self._run, name="attnmt-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Stop the engine thread after its step under way; what waits or runs is answered with an error."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            self._thread = None
+        with self._lock:
+            jobs, self._inbox = list(self._inbox), deque()
+            self.pending_lines = 0
+        _fail(jobs, RuntimeError("the server is shutting down"))
+
+    def submit(self, job: Job) -> asyncio.Future:
+        """Queue ``job``; its future gets a :class:`Result`.
+
+        Raises:
+            Overloaded: ``max_pending_lines`` would be exceeded.
+        """
+        if self._thread is None or not self._thread.is_alive():
+            raise RuntimeError("the batcher is not running" + (f": {self._error!r}" if self._error else ""))
+        with self._lock:
+            if self.pending_lines + len(job.sources) > self.max_pending_lines and self.pending_lines > 0:
+                raise Overloaded(f"{self.pending_lines} lines are waiting for the engine")
+            self.pending_lines += len(job.sources)
+            self._inbox.append(job)
+        self._wake.set()
+        return job.future
+
+    def _run(self) -> None:
+        """The engine thread: takes queued jobs into the searches and steps them until stopped."""
+        searches: dict[tuple, tuple[object, dict[int, tuple[_Running, int]]]] = {}  # key -> (search, ticket -> line)
+        running: list[_Running] = []
+        try:
+            while not self._stopping:
+                if not searches and not self._inbox:
+                    self._wake.wait()
+                    self._wake.clear()
+                    continue
+                with self._lock:
+                    jobs, self._inbox = list(self._inbox), deque()
+                for job in jobs:
+                    if not job.future.done():  # done already: its client has gone
+                        running.append(self._join(job, searches))
+                running = self._drop_gone(running, searches)
+                self._count_pending()
+                for key, (search, lines) in list(searches.items()):
+                    if not search:
+                        del searches[key]
+                        continue
+                    start = time.perf_counter()
+                    finished = search.step()
+                    self.engine_seconds += time.perf_counter() - start
+                    self.engine_calls += 1
+                    self.engine_rows += search.last_rows
+                    for ticket, hyps in finished:
+                        entry, index = lines.pop(ticket)
+                        entry.hypotheses[index] = hyps
+                        entry.left -= 1
+                # What the steps left waiting for rows (a step takes in all that fit first).
+                self._left_waiting = sum(search.waiting for search, _ in searches.values())
+                self._count_pending()
+                done = [entry for entry in running if entry.left == 0]
+                if done:
+                    running = [entry for entry in running if entry.left > 0]
+                    for entry in done:
+                        self._answer(entry)
+        except BaseException as err:  # a bug or out of memory: fail loudly rather than leave requests hanging
+            log.exception("the engine thread stopped; no more translations")
+            self._error = err
+            failure = RuntimeError(f"the engine stopped: {err!r}")
+            _fail_threadsafe(self._loop, [entry.job for entry in running], failure)
+            with self._lock:
+                jobs, self._inbox = list(self._inbox), deque()
+            _fail_threadsafe(self._loop, jobs, failure)
+
+    def _count_pending(self) -> None:
+        """Lines submitted that no step has taken in yet: queued here, or left waiting for rows."""
+        with self._lock:
+            self.pending_lines = sum(len(job.sources) for job in self._inbox) + self._left_waiting
+
+    def _join(self, job: Job, searches: dict) -> _Running:
+        """Add ``job``'s lines to the search of its settings (made if none runs)."""
+        if job.key not in searches:
+            searches[job.key] = (self.engine.backend.running_search(job.cfg, job.tgt_prefix, self.max_rows), {})
+        search, lines = searches[job.key]
+        entry = _Running(job, [], [[] for _ in job.sources], 0)
+        for index, source in enumerate(job.sources):
+            if source:  # an empty line is answered empty
+                # Line numbers within the request, as attnmt-translate numbers a file's: sampling
+                # draws for a line what it would for that request alone.
+                ticket = search.add(source, index + 1)
+                entry.tickets.append(ticket)
+                lines[ticket] = (entry, index)
+                entry.left += 1
+        return entry
+
+    def _drop_gone(self, running: list[_Running], searches: dict) -> list[_Running]:
+        """Cancel the lines of jobs whose clients have gone; their rows leave at the next step."""
+        gone = [entry for entry in running if entry.job.future.done()]
+        if not gone:
+            return running
+        for entry in gone:
+            search, lines = searches[entry.job.key]
+            for ticket in entry.tickets:
+                if lines.pop(ticket, None) is not None:
+                    search.cancel(ticket)
+        return [entry for entry in running if not entry.job.future.done()]
+
+    def _answer(self, entry: _Running) -> None:
+        """Detokenize a finished job's lines (and draw its attention maps) and hand it to its future."""
+        job = entry.job
+        translations = inference.translations(self.engine.tokenizer, entry.hypotheses, job.cfg.nbest)
+        attention = None
+        if job.attention:
+            attention = [self.engine.backend.attention_maps(source, t.tokens[0]).round(decimals=4).tolist()
+                         if source else None for source, t in zip(job.sources, translations)]
+        self.translated_lines += len(job.sources)
+        self._loop.call_soon_threadsafe(_set_result, job.future, Result(translations, attention))
+
+
+def _set_result(future: asyncio.Future, result: Result) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _fail_threadsafe(loop: asyncio.AbstractEventLoop | None, jobs: list[Job], error: Exception) -> None:
+    """:func:`_fail` from another thread than ``loop``'s."""
+    if loop is not None and not loop.is_closed():
+        loop.call_soon_threadsafe(_fail, jobs, error)
