@@ -34,7 +34,6 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -46,6 +45,7 @@ from datetime import datetime
 from pathlib import Path
 
 from _args import at_least, existing_file, positive, positive_list
+from _machine import machine
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCHES = {"greedy": {"beam_size": 1}, "beam5": {"beam_size": 5}}
@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="concurrent clients, comma-separated (default 1,8,32)")
     parser.add_argument("--searches", default="greedy,beam5", help=f"of {', '.join(SEARCHES)} (default both)")
     parser.add_argument("--repeats", type=at_least(1), default=3, help="runs of each row; the table has medians")
+    parser.add_argument("--threads", type=at_least(0), default=0,
+                        help="the server's threads= (default 0: attnmt-serve's own, all cores but one)")
     parser.add_argument("--timeout", type=positive, default=600, help="seconds one run may take (default 600)")
     args = parser.parse_args(argv)
     args.searches = args.searches.split(",")
@@ -78,7 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # The command's side: attnmt-translate's engine call in a process of its own.
 
 
-def command_worker(ckpt: str, lines: list[str], jobs: mp.Queue, results: mp.Queue) -> None:
+def command_worker(ckpt: str, lines: list[str], threads: int, jobs: mp.Queue, results: mp.Queue) -> None:
     """Answers ``(search, chunk)`` jobs with ``(seconds, translations)``: ``chunk=0`` times the command's
     engine call (512-line chunks, torch's default threads, as attnmt-translate runs); ``chunk=N`` the
     engine alone on N lines a call in input order with the server's threads, the most a server can
@@ -91,7 +93,7 @@ def command_worker(ckpt: str, lines: list[str], jobs: mp.Queue, results: mp.Queu
 
     engine = open_engine(compose("translate", [f"ckpt={ckpt}", "device=cpu"]), [ckpt], torch.device("cpu"))
     default_threads = torch.get_num_threads()
-    server_threads = engine_threads()  # attnmt-serve's default (threads=0)
+    server_threads = engine_threads(threads)  # the server's
     sources = engine.encode(lines)
     for search, chunk in iter(jobs.get, None):
         cfg = compose("translate", [f"ckpt={ckpt}", *(f"{k}={v}" for k, v in SEARCHES[search].items())])
@@ -117,9 +119,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(ckpt: Path, log) -> tuple[subprocess.Popen, int]:
+def start_server(ckpt: Path, log, threads: int = 0) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "attnmt.cli.serve", f"ckpt={ckpt}", "device=cpu", f"port={port}"],
+    process = subprocess.Popen([sys.executable, "-m", "attnmt.cli.serve", f"ckpt={ckpt}", "device=cpu", f"port={port}",
+                                f"threads={threads}"],
                                stdout=log, stderr=subprocess.STDOUT)
     return process, port
 
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     starts = []
     for _ in range(args.repeats):
         began = time.perf_counter()
-        process, port = start_server(args.ckpt, log)
+        process, port = start_server(args.ckpt, log, args.threads)
         try:
             asyncio.run(first_answer(port, began + args.timeout))
             starts.append(time.perf_counter() - began)
@@ -230,9 +233,10 @@ def main(argv: list[str] | None = None) -> None:
 
     ctx = mp.get_context("spawn")
     jobs, results = ctx.Queue(), ctx.Queue()
-    worker = ctx.Process(target=command_worker, args=(str(args.ckpt), lines, jobs, results), daemon=True)
+    worker = ctx.Process(target=command_worker, args=(str(args.ckpt), lines, args.threads, jobs, results),
+                        daemon=True)
     worker.start()
-    process, port = start_server(args.ckpt, log)
+    process, port = start_server(args.ckpt, log, args.threads)
     command: dict[str, list[float]] = {s: [] for s in args.searches}
     alone: dict[tuple[str, int], list[float]] = {}
     served: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
@@ -254,8 +258,11 @@ def main(argv: list[str] | None = None) -> None:
                     before = asyncio.run(health(port))
                     wall, latencies, texts = asyncio.run(load(port, lines, clients, SEARCHES[search], args.timeout))
                     after = asyncio.run(health(port))
-                    per_call = (after["translated_lines"] - before["translated_lines"]) / max(
-                        1, after["engine_calls"] - before["engine_calls"])
+                    calls = max(1, after["engine_calls"] - before["engine_calls"])
+                    if after.get("engine_rows") is not None:  # continuous batching: rows a decoding step
+                        per_call = (after["engine_rows"] - before["engine_rows"]) / calls
+                    else:  # lines an engine call
+                        per_call = (after["translated_lines"] - before["translated_lines"]) / calls
                     busy = (after["engine_seconds"] - before["engine_seconds"]) / wall
                     served.setdefault((search, clients), []).append(
                         (len(lines) / wall, percentile(latencies, 0.5), percentile(latencies, 0.99), per_call, busy))
@@ -266,12 +273,12 @@ def main(argv: list[str] | None = None) -> None:
         stop_server(process)
         worker.join(30)
 
-    print(f"## attnmt-serve: {args.ckpt}, {len(lines)} lines of {args.input.name}, median of {args.repeats}")
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"{datetime.now().strftime('%Y-%m-%d %H:%M')}\n")
+    print(f"## attnmt-serve: {args.ckpt}, {len(lines)} lines of {args.input.name}, median of {args.repeats}, "
+          f"server threads={args.threads}")
+    print(f"{machine()}, {datetime.now().strftime('%Y-%m-%d %H:%M')}\n")
     print(f"start to first answer: {statistics.median(starts):.2f} s (runs: {', '.join(f'{s:.2f}' for s in starts)})\n")
     print("| search | clients | sentences/s | vs attnmt-translate | the engine alone, lines a call = clients | p50 ms | "
-          "p99 ms | lines per engine call | engine busy | answers equal to the command's |")
+          "p99 ms | rows a step (engine=native), lines a call (others) | engine busy | answers equal to the command's |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for search in args.searches:
         cli = statistics.median(command[search])

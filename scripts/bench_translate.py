@@ -11,6 +11,9 @@ Engines, each with greedy search and beam search (``--beam``, 5):
 - ``CTranslate2 raw <type>``: the same loaded CTranslate2 model called as its README says, one
   ``translate_batch`` over the whole test set with SentencePiece around it: what attnmt's engine
   costs on top of CTranslate2;
+- ``attnmt-translate``: the command as a user runs it, ``input=FILE output=FILE``, a subprocess a run,
+  with the native rows' settings; its start-up (measured on a one-line file, the median of three) is
+  taken off each run and printed apart;
 - ``HF generate``: the model of the ``attnmt-export to=hf`` folder, loaded by ``AutoModelForSeq2SeqLM``,
   searching with ``generate()`` behind attnmt's engine interface (``engine=transformers``'s backend,
   :mod:`attnmt.inference.transformers`), when the model exports (pre-norm with sinusoidal_fairseq
@@ -26,8 +29,10 @@ in reverse order, ..., each after a pause of a second (the engines' thread pools
 one that has just finished keeps spinning for a while); the table holds the median of ``--repeats``
 runs. Target tokens are the SentencePiece tokens of the output, EOS included. BLEU is sacreBLEU's
 (attnmt.evaluation.corpus_scores) on the raw references. The ratio columns divide each row's speed
-by raw CTranslate2 float32's and by HF ``generate``'s with the same search (``beam5 exact`` is
-compared with their ``beam5``).
+by raw CTranslate2 float32's, by CTranslate2 float32's at its fastest (the faster of the raw call and
+``engine=ctranslate2``, whose batches by length get per-batch length limits where the raw call has
+one for the whole set) and by HF ``generate``'s with the same search (``beam5 exact`` is compared with
+their ``beam5``). The header names the CPU model: ratios differ between machines.
 
     python scripts/bench_translate.py --ckpt runs/quickstart/checkpoints/best.pt
     python scripts/bench_translate.py --ckpt PATH --test-sets test2016 --repeats 5 --threads 2
@@ -41,6 +46,7 @@ import argparse
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -64,6 +70,7 @@ from attnmt.evaluation import corpus_scores
 from attnmt.tokenizer import normalize
 
 from _args import at_least, existing_file, positive
+from _machine import machine
 
 REPO = Path(__file__).resolve().parents[1]
 PAUSE_S = 1.0  # idle time before each timed run (see main)
@@ -201,14 +208,42 @@ class Worker:
         self.process.join()
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores{gpu}"
+class CommandWorker:
+    """``attnmt-translate input=FILE output=FILE`` as a user runs it, a subprocess a run, with the same
+    rows interface as :class:`Worker`. Its start-up (interpreter, imports, loading the checkpoint) is
+    measured apart, as the median time of the command on a one-line file, and taken off each run:
+    the row's speed is the translation's, its start-up is printed in the header."""
+
+    kind = "command"
+
+    def __init__(self, ckpt: Path, threads: int, configs: dict[str, list[str]], tmp: Path) -> None:
+        self.ckpt, self.configs, self.tmp = ckpt, configs, tmp
+        self.env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        self.rows = [("attnmt-translate", search) for search in configs]
+        one = tmp / "one.txt"
+        one.write_text("Ein Hund.\n", encoding="utf-8")
+        self.startups = [self._run(one, next(iter(configs.values()))) for _ in range(3)]
+        self.startup = statistics.median(self.startups)
+
+    def _run(self, source: Path, overrides: list[str]) -> float:
+        output = self.tmp / "out.txt"
+        command = [sys.executable, "-m", "attnmt.cli.translate", f"ckpt={self.ckpt}", f"input={source}",
+                   f"output={output}", "device=cpu", *overrides]
+        start = time.perf_counter()
+        done = subprocess.run(command, env=self.env, capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr}")
+        return seconds
+
+    def run(self, index: int, lines: list[str]) -> tuple[float, list[str]]:
+        source = self.tmp / "input.txt"
+        source.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+        seconds = self._run(source, self.configs[self.rows[index][1]])
+        return seconds - self.startup, (self.tmp / "out.txt").read_text(encoding="utf-8").splitlines()
+
+    def close(self) -> None:
+        pass
 
 
 def versions() -> str:
@@ -232,16 +267,21 @@ def print_table(test_set: str, rows: list[Row], n_sentences: int, tgt_tokens: di
 
     def ratio(row: Row, peer: str) -> str:
         same = row.search.split()[0]  # "beam5 exact" against the peer's beam5
+        if peer == "CTranslate2 fp32":  # CTranslate2 at its fastest: called raw, or through engine=ctranslate2
+            times = [seconds[p, same] for p in ("CTranslate2 raw float32", "attnmt ctranslate2 float32")
+                     if (p, same) in seconds]
+            return f"{min(times) / seconds[row.name, row.search]:.2f}x" if times else "n/a"
         return f"{seconds[peer, same] / seconds[row.name, row.search]:.2f}x" if (peer, same) in seconds else "n/a"
 
     print(f"\n{test_set}: {n_sentences} sentences, median of {len(rows[0].seconds)} runs\n")
-    print("| engine | search | sentences/s | target tokens/s | BLEU | speed / CT2 raw fp32 | speed / HF |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| engine | search | sentences/s | target tokens/s | BLEU | speed / CT2 raw fp32 | speed / CT2 fp32 at "
+          "its fastest | speed / HF |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         key = f"{r.name}/{r.search}"
         t = seconds[r.name, r.search]
         print(f"| {r.name} | {r.search} | {n_sentences / t:.1f} | {tgt_tokens[key] / t:.0f} | {bleu[key]:.2f} | "
-              f"{ratio(r, 'CTranslate2 raw float32')} | {ratio(r, 'HF generate')} |")
+              f"{ratio(r, 'CTranslate2 raw float32')} | {ratio(r, 'CTranslate2 fp32')} | {ratio(r, 'HF generate')} |")
     for (name, search), t in seconds.items():
         raw = seconds.get(("CTranslate2 raw float32", search))
         if name == "attnmt ctranslate2 float32" and raw:
@@ -257,7 +297,8 @@ def main() -> None:
     parser.add_argument("--test-sets", default="test2016,newstest2014", help=f"comma-separated, of {', '.join(TEST_SETS)}")
     parser.add_argument("--max-sentences", type=at_least(0), default=0,
                         help="only the first N lines of each test set (0: all)")
-    parser.add_argument("--engines", default="native,ctranslate2,hf", help="comma-separated: native, ctranslate2, hf")
+    parser.add_argument("--engines", default="native,command,ctranslate2,hf",
+                        help="comma-separated: native, command (attnmt-translate as a subprocess), ctranslate2, hf")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=positive, default=2, help="CPU threads of every engine")
     parser.add_argument("--repeats", type=positive, default=3, help="timed runs per row (interleaved); the median is reported")
@@ -267,8 +308,8 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available here")
     engines = args.engines.split(",")
-    if unknown := set(engines) - {"native", "ctranslate2", "hf"}:
-        parser.error(f"--engines: unknown {', '.join(sorted(unknown))}; use native, ctranslate2, hf")
+    if unknown := set(engines) - {"native", "command", "ctranslate2", "hf"}:
+        parser.error(f"--engines: unknown {', '.join(sorted(unknown))}; use native, command, ctranslate2, hf")
 
     try:
         _, tokenizer, run_config = load_for_inference(args.ckpt)
@@ -296,8 +337,16 @@ def main() -> None:
             kinds += [f"ctranslate2:{t}" for t in ["float32", "int8"] + (["float16", "bfloat16"] if args.device == "cuda" else [])]
         else:
             kinds.append(engine)
-    workers = [Worker(kind, args.ckpt, args.device, args.threads, native_configs if kind == "native" else configs)
-               for kind in kinds]
+    tmp = Path(tempfile.mkdtemp(prefix="attnmt-bench-command-"))
+    workers = []
+    for kind in kinds:
+        if kind == "command":
+            overrides = {search: [f"max_tokens={args.max_tokens}", f"beam_size={cfg.beam_size}", f"beam_stop={cfg.beam_stop}"]
+                         for search, cfg in native_configs.items()}
+            workers.append(CommandWorker(args.ckpt, args.threads, overrides, tmp))
+        else:
+            workers.append(Worker(kind, args.ckpt, args.device, args.threads,
+                                  native_configs if kind == "native" else configs))
     rows = [Row(name, search, worker, i) for worker in workers for i, (name, search) in enumerate(worker.rows)]
     if not rows:
         raise SystemExit("no engine to time (see above)")
@@ -305,6 +354,10 @@ def main() -> None:
     print(f"date {datetime.now().isoformat(timespec='minutes')}; machine {machine()}; {args.threads} threads")
     print(f"versions: {versions()}")
     print(f"command: {' '.join(sys.argv)}")
+    for worker in workers:
+        if worker.kind == "command":
+            print(f"attnmt-translate's start-up (a one-line file, taken off its rows): {worker.startup:.2f} s "
+                  f"(runs: {', '.join(f'{t:.2f}' for t in worker.startups)})")
     print(f"checkpoint {args.ckpt} ({src_lang}->{tgt_lang}); max_tokens {args.max_tokens}, "
           f"length limit {base.max_len_a} * source + {base.max_len_b}, len_penalty {base.len_penalty}; "
           f"each engine in a process of its own")
@@ -336,6 +389,7 @@ def main() -> None:
             row.seconds = []
     for worker in workers:
         worker.close()
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 
@@ -347,7 +348,8 @@ def test_translate_composes_without_hydra_as_hydra_does(overrides):
 
 
 @pytest.mark.parametrize("overrides", [["ckpt=x.pt"], ["ckpt=[a.pt,b.pt]", "port=0", "host=0.0.0.0", "beam_size=2",
-                                                        "batch_wait_ms=0.5", "max_lines=10", "engine=ctranslate2"]])
+                                                        "batch_wait_ms=0.5", "max_lines=10", "engine=ctranslate2"],
+                                       ["ckpt=x.pt", "batching=continuous", "max_rows=64"]])
 def test_serve_composes_without_hydra_as_hydra_does(overrides):
     fast = compose_cli("serve", ServeConfig, overrides)
     assert fast is not None, "the shipped serve.yaml must take the fast path (attnmt-serve starts without Hydra)"
@@ -388,3 +390,13 @@ def test_fast_composition_errors_are_one_line(override, message):
     with pytest.raises(UserError, match=message) as err:
         compose_cli("translate", TranslateConfig, ["ckpt=x.pt", override])
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["batching=continuous", "engine=ctranslate2"], "batching=continuous needs engine=native"),
+    (["batching=streaming"], "batching='streaming' is unknown; use per_call or continuous"),
+    (["max_rows=8"], "max_rows=8 is below max_beam_size=16"),
+])
+def test_serve_refuses_batching_it_cannot_do_in_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose_shipped("serve", ["ckpt=x.pt", *overrides]).check()

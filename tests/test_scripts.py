@@ -134,10 +134,15 @@ def test_bench_data_measures_memory_at_scale(tmp_path):
 def test_bench_translate_times_the_native_engine_and_refuses_bad_inputs(trained_checkpoint, tmp_path):
     data = tmp_path / "data"
     corpus_named_like_multi30k(data / "multi30k")
-    common = ("--engines", "native", "--max-sentences", "4", "--repeats", "1", "--beam", "2", "--threads", "1")
+    common = ("--engines", "native,command", "--max-sentences", "4", "--repeats", "1", "--beam", "2", "--threads", "1")
     proc = run_script("bench_translate.py", "--ckpt", str(trained_checkpoint), "--data", str(data),
                       "--test-sets", "test2016", *common, cwd=tmp_path)
-    assert "test2016 (de->en)" in proc.stdout and "attnmt native" in proc.stdout
+    assert "test2016 (de->en)" in proc.stdout and "attnmt-translate's start-up" in proc.stdout
+    # The command as a user runs it writes what the engine returns: the same BLEU, row for row.
+    bleu = {tuple(cells[1:3]): cells[5] for line in proc.stdout.splitlines()
+            if (cells := [c.strip() for c in line.split("|")])[1:2] in (["attnmt native"], ["attnmt-translate"])}
+    for search in ("greedy", "beam2", "beam2 exact"):
+        assert bleu["attnmt-translate", search] == bleu["attnmt native", search], (search, proc.stdout)
     notes = tmp_path / "notes.pt"
     notes.write_text("not a checkpoint")
     refused("bench_translate.py", "--ckpt", str(tmp_path / "none.pt"), cwd=tmp_path, message="none.pt is not a file")

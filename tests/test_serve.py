@@ -4,8 +4,6 @@ uvicorn on 127.0.0.1 under load and SIGTERM. The page's test in a browser is in 
 from __future__ import annotations
 
 import asyncio
-import copy
-import dataclasses
 import json
 import os
 import signal
@@ -177,19 +175,10 @@ async def _concurrently(app, bodies: list[dict]) -> list[dict]:
     return [a.json() for a in answers]
 
 
-def per_call(engine):
-    """``engine`` as an engine without a running search: attnmt-serve then gathers requests into engine
-    calls (as for engine=ctranslate2 and transformers), which tests can check with attnmt's own search."""
-    backend = copy.copy(engine.backend)
-    backend.capabilities = dataclasses.replace(engine.backend.capabilities, continuous=False)
-    return dataclasses.replace(engine, backend=backend)
-
-
-@pytest.mark.parametrize("batching", ["continuous", "per call"])
+@pytest.mark.parametrize("batching", ["continuous", "per_call"])
 def test_concurrent_requests_share_engine_calls_and_get_their_own_answers(engine, trained_checkpoint,
                                                                           batching: str) -> None:
-    served = engine if batching == "continuous" else per_call(engine)
-    app = create_app(served, serve_config(trained_checkpoint, "batch_wait_ms=50"), "fixture")
+    app = create_app(engine, serve_config(trained_checkpoint, "batch_wait_ms=50", f"batching={batching}"), "fixture")
     lines = FIXTURE_LINES[:24]
     bodies = [{"text": [line], "beam_size": 1} for line in lines]
     bodies += [{"text": lines[i : i + 3], "beam_size": 2} for i in range(0, 12, 3)]
@@ -204,7 +193,7 @@ def test_concurrent_requests_share_engine_calls_and_get_their_own_answers(engine
     for answer in answers[28:]:
         assert [[c["text"] for c in line] for line in answer["nbest"]] == [t.texts for t in sampled]
     batcher = app.state.batcher
-    if batching == "per call":
+    if batching == "per_call":
         calls = batcher.engine_calls
         assert calls <= 6, f"{len(bodies)} concurrent requests took {calls} engine calls: they were not batched"
     else:  # a step decodes the rows of every request in flight: 24 + 12 x 2 + 2 x 2 x 2 at the first
@@ -212,16 +201,16 @@ def test_concurrent_requests_share_engine_calls_and_get_their_own_answers(engine
         assert rows > 8, f"{len(bodies)} concurrent requests: {rows:.1f} rows a step, they did not share steps"
 
 
-@pytest.mark.parametrize("batching", ["continuous", "per call"])
+@pytest.mark.parametrize("batching", ["continuous", "per_call"])
 def test_a_full_queue_answers_503_and_a_gone_client_costs_nothing(engine, trained_checkpoint, monkeypatch,
                                                                   batching: str) -> None:
     from attnmt.inference.native import NativeRunningSearch
 
-    served = engine if batching == "continuous" else per_call(engine)
-    app = create_app(served, serve_config(trained_checkpoint, "max_pending_lines=4", "batch_wait_ms=0"), "fixture")
+    app = create_app(engine, serve_config(trained_checkpoint, "max_pending_lines=4", "batch_wait_ms=0",
+                                          f"batching={batching}"), "fixture")
     batcher = app.state.batcher
     busy, release = threading.Event(), threading.Event()
-    work = NativeRunningSearch.step if batching == "continuous" else served.translate_sources
+    work = NativeRunningSearch.step if batching == "continuous" else engine.translate_sources
 
     def held(*args, **kwargs):  # the engine busy until the test lets it go
         busy.set()
@@ -248,7 +237,7 @@ def test_a_full_queue_answers_503_and_a_gone_client_costs_nothing(engine, traine
     if batching == "continuous":
         monkeypatch.setattr(NativeRunningSearch, "step", held)
     else:
-        monkeypatch.setattr(served, "translate_sources", held)
+        monkeypatch.setattr(engine, "translate_sources", held)
     refused, statuses, translated = asyncio.run(scenario())
     assert refused == 503 and statuses == [200, 200]
     assert translated == 4, "the disconnected client's line was translated all the same"
@@ -355,9 +344,10 @@ async def load(url: str, bodies: list[dict], clients: int, timeout: float) -> li
     return answers
 
 
-def test_under_load_every_answer_equals_the_command_lines(server, engine, multi30k) -> None:
+@pytest.mark.parametrize("batching", ["continuous", "per_call"])
+def test_under_load_every_answer_equals_the_command_lines(server, engine, multi30k, batching: str) -> None:
     lines = (multi30k / "valid.de").read_text(encoding="utf-8").splitlines()[:250]
-    running = server()
+    running = server(f"batching={batching}")
     requests = 4 * len(lines)
     # Each line four times, one of them (a different pass for neighbouring lines) with beam search:
     # requests of both settings are in flight together.
@@ -370,8 +360,10 @@ def test_under_load_every_answer_equals_the_command_lines(server, engine, multi3
     assert not wrong, f"{len(wrong)} of {requests} answers differ from attnmt-translate's, e.g. request {wrong[0]}"
     health = httpx.get(f"{running.url}/health").json()
     assert health["translated_lines"] == requests
-    # Continuous batching: a step decodes the rows of the lines in flight (up to 32 x 5 here).
-    assert health["engine_rows"] / health["engine_calls"] > 8, "32 concurrent clients should share steps"
+    if batching == "continuous":  # a step decodes the rows of the lines in flight (up to 32 x 5 here)
+        assert health["engine_rows"] / health["engine_calls"] > 8, "32 concurrent clients should share steps"
+    else:
+        assert health["engine_calls"] < requests / 4, "32 concurrent clients should share engine calls"
 
 
 def test_sigterm_finishes_the_requests_in_flight_then_exits(server) -> None:
@@ -414,3 +406,30 @@ def test_the_command_refuses_what_it_cannot_serve_in_one_line(trained_checkpoint
     assert "did you mean port" in refused(f"ckpt={trained_checkpoint}", "prot=8000")
     assert "tgt_lang=fr: this model translates into en only" in refused(f"ckpt={trained_checkpoint}", "tgt_lang=fr")
     assert "beam_size=40 exceeds max_beam_size=16" in refused(f"ckpt={trained_checkpoint}", "beam_size=40")
+
+
+def test_a_client_gone_mid_search_frees_its_rows_at_the_next_step(engine) -> None:
+    from attnmt.serve.batcher import Job, RunningBatcher
+
+    # min_len keeps every line going for 100 steps: far longer than the test waits.
+    cfg = decode_config(beam_size=8, min_len=100, max_len_a=0.0, max_len_b=120)
+
+    async def scenario() -> tuple[int, int, int, int]:
+        batcher = RunningBatcher(engine, max_rows=1024, max_pending_lines=100)
+        batcher.start()
+        future = batcher.submit(Job(engine.encode(FIXTURE_LINES[:8]), cfg))
+        while batcher.engine_calls < 3:
+            await asyncio.sleep(0.002)
+        rows = batcher.engine_rows / batcher.engine_calls
+        future.cancel()  # what answer_unless_gone does when the client disconnects
+        decoded = batcher.engine_rows
+        await asyncio.sleep(0.3)
+        decoded_after = batcher.engine_rows
+        await batcher.stop()
+        return rows, decoded, decoded_after, batcher.translated_lines
+
+    rows, decoded, decoded_after, translated = asyncio.run(scenario())
+    assert rows == 8 * 8  # the eight lines were being decoded, beam_size rows each
+    # At most the step under way when the client left decoded its rows; the next ones had none.
+    assert decoded_after - decoded <= 8 * 8, f"{decoded_after - decoded} rows decoded after the client left"
+    assert translated == 0

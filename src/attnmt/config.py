@@ -459,8 +459,9 @@ class ServeConfig(DecodeConfig):
     src_lang: str | None  # the default language of the input; a request may name another
     host: str  # the address to listen on; 127.0.0.1 = this machine only
     port: int
-    max_rows: int  # engine=native: rows (lines x beams) its running search decodes at once
-    batch_wait_ms: float  # other engines: how long a request waits for others to share its batch
+    batching: str  # per_call (gather requests into engine calls) | continuous (engine=native: a running search)
+    batch_wait_ms: float  # per_call: how long a request waits for others to share its batch
+    max_rows: int  # continuous: rows (lines x beams) the running search decodes at once
     max_lines: int  # lines a request may hold (more: 413)
     max_line_bytes: int  # UTF-8 bytes a line may hold (more: 413)
     max_request_bytes: int  # bytes a request body may hold (more: 413)
@@ -481,6 +482,11 @@ class ServeConfig(DecodeConfig):
         if not 0 <= self.batch_wait_ms <= 1000:
             raise ConfigError(f"{prefix}batch_wait_ms={self.batch_wait_ms} must be between 0 and 1000 (milliseconds)")
         check_beam_limit(self, self.max_beam_size, prefix)  # else every request would be refused for the default
+        if self.batching not in ("per_call", "continuous"):
+            raise ConfigError(f"{prefix}batching={self.batching!r} is unknown; use per_call or continuous")
+        if self.batching == "continuous" and self.engine != "native":
+            raise ConfigError(f"{prefix}batching=continuous needs engine=native (engine={self.engine} has no running "
+                              "search); use batching=per_call")
         if self.max_rows < self.max_beam_size:
             raise ConfigError(f"{prefix}max_rows={self.max_rows} is below max_beam_size={self.max_beam_size}: a "
                               "line of the largest search allowed would never fit; raise max_rows")

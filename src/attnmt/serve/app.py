@@ -89,7 +89,10 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
     taking connections, lets the requests in flight finish, then stops the batcher.
     """
     defaults = DecodeConfig(**{f.name: getattr(cfg, f.name) for f in fields(DecodeConfig)})
-    if engine.capabilities.continuous:
+    if cfg.batching == "continuous":
+        if not engine.capabilities.continuous:
+            raise ConfigError(f"batching=continuous needs engine=native (engine={engine.name} has no running "
+                              "search); use batching=per_call")
         batcher = RunningBatcher(engine, cfg.max_rows, cfg.max_pending_lines)
     else:
         batcher = Batcher(engine, cfg.batch_wait_ms / 1000, cfg.max_tokens, cfg.max_pending_lines)
