@@ -344,6 +344,8 @@ class RunningBatcher:
                     running = [entry for entry in running if entry.left > 0]
                     for entry in done:
                         self._answer(entry)
+            # Stopped: what is still running is answered, not left waiting.
+            _fail_threadsafe(self._loop, [entry.job for entry in running], RuntimeError("the server is shutting down"))
         except BaseException as err:  # a bug or out of memory: fail loudly rather than leave requests hanging
             log.exception("the engine thread stopped; no more translations")
             self._error = err
