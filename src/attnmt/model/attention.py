@@ -67,11 +67,6 @@ class KVCache:
         """Number of target positions already cached (in layer 0; all layers agree between steps)."""
         return self._len[0]
 
-    @property
-    def sentences(self) -> int:
-        """The source sentences whose rows the cache holds."""
-        return self.rows // self.beams if self.rows else 0
-
     def positions(self) -> int | Tensor:
         """The position of each row's next token: the cached length, or (rows,) where sentences joined
         at different steps."""
@@ -106,17 +101,18 @@ class KVCache:
         kv = buf[:b, : n + t_new]  # (B, T, 2, H, Dh)
         return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
 
-    def _grow(self, layer: int, k: Tensor, length: int, rows: int) -> Tensor:
+    def _grow(self, layer: int, k: Tensor | None, length: int, rows: int) -> Tensor:
         """A buffer for at least ``length`` positions and ``rows`` rows holding this layer's cached
-        ones (doubling, so that appends beyond ``max_len`` stay amortised O(1))."""
-        _, h, _, dh = k.shape
+        ones (doubling, so that appends beyond ``max_len`` stay amortised O(1)); ``k`` (B, H, T, Dh)
+        gives the heads, width and type of a layer's first buffer (None: the layer has one)."""
         old = self._kv[layer]
+        like, (h, dh) = (k, (k.size(1), k.size(3))) if old is None else (old, old.shape[3:])
         capacity = max(length, self.max_len or 16)
         n_rows = rows
         if old is not None:
             capacity = max(capacity, old.size(1) if length <= old.size(1) else 2 * old.size(1))
             n_rows = max(rows, old.size(0) if rows <= old.size(0) else 2 * old.size(0))
-        buf = k.new_empty(n_rows, capacity, 2, h, dh)
+        buf = like.new_empty(n_rows, capacity, 2, h, dh)
         if old is not None:
             kept = min(self.rows, old.size(0))
             buf[:kept, : self._len[layer]] = old[:kept, : self._len[layer]]
@@ -164,19 +160,11 @@ class KVCache:
         first_row, self.rows = self.rows, self.rows + j * beams
         for layer, buf in enumerate(self._kv):
             if buf is not None and buf.size(0) < self.rows:
-                self._kv[layer] = buf = self._grow_rows(buf, layer)
+                buf = self._grow(layer, None, self._len[layer], self.rows)
             if buf is not None:
                 # The columns before the new rows' start are read under the mask: they must hold no
                 # NaN (0 x NaN is NaN). A kept row's columns are always written, so these are the only ones.
                 buf[first_row : self.rows, : self._len[layer]] = 0
-
-    def _grow_rows(self, buf: Tensor, layer: int) -> Tensor:
-        """``buf`` with room for :attr:`rows` rows (doubling), its live rows and columns copied."""
-        new = buf.new_empty(max(self.rows, 2 * buf.size(0)), *buf.shape[1:])
-        kept = min(buf.size(0), self.rows)
-        new[:kept, : self._len[layer]] = buf[:kept, : self._len[layer]]
-        self._spare[layer] = None
-        return new
 
     def _make_room(self, sentences: int, width: int) -> None:
         """Move the cross-attention state into buffers of ``sentences`` x ``width`` capacity (zeros

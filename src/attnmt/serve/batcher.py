@@ -208,14 +208,19 @@ class Batcher:
         self.translated_lines += len(sources)
         results, offset = [], 0
         for job in jobs:
-            mine = translations[offset : offset + len(job.sources)]
-            attention = None
-            if job.attention:
-                attention = [self.engine.backend.attention_maps(source, t.tokens[0]).round(decimals=4).tolist()
-                             if source else None for source, t in zip(job.sources, mine)]
-            results.append(Result(mine, attention))
+            results.append(result(self.engine, job, translations[offset : offset + len(job.sources)]))
             offset += len(job.sources)
         return results
+
+
+def result(engine: Engine, job: Job, translations: list[Translation]) -> Result:
+    """``job``'s :class:`Result`: its translations, and each line's attention maps if it asked for them
+    (drawn here, in the engine's thread: for long lines it is work)."""
+    attention = None
+    if job.attention:
+        attention = [engine.backend.attention_maps(source, t.tokens[0]).round(decimals=4).tolist()
+                     if source else None for source, t in zip(job.sources, translations)]
+    return Result(translations, attention)
 
 
 def _fail(jobs, error: Exception) -> None:
@@ -392,12 +397,9 @@ class RunningBatcher:
         """Detokenize a finished job's lines (and draw its attention maps) and hand it to its future."""
         job = entry.job
         translations = inference.translations(self.engine.tokenizer, entry.hypotheses, job.cfg.nbest)
-        attention = None
-        if job.attention:
-            attention = [self.engine.backend.attention_maps(source, t.tokens[0]).round(decimals=4).tolist()
-                         if source else None for source, t in zip(job.sources, translations)]
+        answer = result(self.engine, job, translations)
         self.translated_lines += len(job.sources)
-        self._loop.call_soon_threadsafe(_set_result, job.future, Result(translations, attention))
+        self._loop.call_soon_threadsafe(_set_result, job.future, answer)
 
 
 def _set_result(future: asyncio.Future, result: Result) -> None:
