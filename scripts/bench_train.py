@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from attnmt.batching import Batch, TokenBucketSampler, collate
 from attnmt.config import ModelConfig, compose, config_dir
 from attnmt.device import autocast as autocast_context
-from attnmt.device import resolve_precision
+from attnmt.device import allow_tf32, resolve_precision
 from attnmt.model import Transformer, build_model
 from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from attnmt.training import build_optimizer, train_step
@@ -61,9 +61,13 @@ def load_model_config(name: str, vocab: int) -> ModelConfig:
 
 
 def check_comparable(cfg: ModelConfig) -> None:
-    """HF Marian has one shape of its own; say where attnmt's config differs from it."""
-    if not cfg.share_embeddings or not cfg.tie_output or cfg.positions != "sinusoidal":
-        raise SystemExit(f"the HF comparison needs shared, tied embeddings and sinusoidal positions; model "
+    """HF Marian has one shape of its own; say where attnmt's config differs from it in what costs time.
+
+    Both sinusoidal tables (``sinusoidal``, ``sinusoidal_fairseq``) are a fixed table looked up, as
+    Marian's is: their values differ, their cost does not. Learned positions add a trained table.
+    """
+    if not cfg.share_embeddings or not cfg.tie_output or cfg.positions not in ("sinusoidal", "sinusoidal_fairseq"):
+        raise SystemExit(f"the HF comparison needs shared, tied embeddings and fixed sinusoidal positions; model "
                          f"config has share_embeddings={cfg.share_embeddings}, tie_output={cfg.tie_output}, "
                          f"positions={cfg.positions!r}: run with --no-hf")
 
@@ -359,9 +363,7 @@ def main() -> None:
     amp_dtype = resolve_precision(args.precision, device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    allow_tf32(device, True)  # as training does by default (train.tf32)
     models = [m for m in args.models.split(",") if m]
     length_kinds = [k for k in args.lengths.split(",") if k]
     max_tokens_list = args.max_tokens

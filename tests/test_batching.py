@@ -133,6 +133,21 @@ def test_resume_with_dataloader_workers_counts_consumed_batches(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(consumed + rest, expected))
 
 
+def test_loader_workers_outlive_an_epoch_and_each_epoch_keeps_its_order():
+    data = [{"src_ids": [5] * n + [EOS_ID], "tgt_ids": [6] * n + [EOS_ID]} for n in range(1, 200)]
+    sampler = TokenBucketSampler([n + 1 for n in range(1, 200)], [n + 1 for n in range(1, 200)], 256, seed=4)
+    loader = make_dataloader(data, sampler, num_workers=1)
+    assert loader.persistent_workers  # not forked anew each epoch
+    for epoch in (1, 2):
+        sampler.set_epoch(epoch)
+        expected = [[len(data[i]["src_ids"]) for i in rows] for rows in sampler]
+        sampler.set_epoch(epoch)
+        got = [b.src_mask.sum(dim=1).tolist() for b in loader]
+        assert got == expected
+        workers = loader._iterator._workers if epoch == 1 else workers
+    assert loader._iterator._workers == workers
+
+
 def test_resume_refuses_other_data_or_settings():
     src, tgt = random_lengths(300)
     state = TokenBucketSampler(src, tgt, 1024, seed=1).state_dict()

@@ -29,7 +29,7 @@ def _state(step: int = 3, scale: float = 1.0) -> dict:
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
-        "rng": [checkpoint.rng_state()],
+        "rng": [checkpoint.rng_state(torch.device("cpu"))],
         "step": step,
         "config": {"train": {"max_tokens": 100, "lr": 0.1, "resume": None}},
     }
@@ -65,12 +65,53 @@ def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
 
 def test_rng_state_round_trip(tmp_path):
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
-    save_checkpoint({"format": checkpoint.FORMAT, "rng": checkpoint.rng_state()}, tmp_path / "r.pt")
+    save_checkpoint({"format": checkpoint.FORMAT, "rng": checkpoint.rng_state(torch.device("cpu"))}, tmp_path / "r.pt")
     expected = (random.random(), np.random.rand(), torch.rand(3))
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    checkpoint.set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
+    assert checkpoint.set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"], torch.device("cpu")) is None
     assert (random.random(), np.random.rand()) == expected[:2]
     assert torch.equal(torch.rand(3), expected[2])
+
+
+class FakeCudaGenerators:
+    """torch.cuda's per-device generator calls, on a machine without CUDA: each device's state a tensor."""
+
+    def __init__(self, monkeypatch, n_devices: int) -> None:
+        self.states = {i: torch.full((4,), i, dtype=torch.uint8) for i in range(n_devices)}
+        self.restored: dict[int, torch.Tensor] = {}
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: self.states[torch.device(device).index].clone())
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: self.restored.update(
+            {torch.device(device).index: state}))
+
+
+def test_a_gpu_run_saves_and_restores_its_own_devices_generator(monkeypatch):
+    gpus = FakeCudaGenerators(monkeypatch, n_devices=4)
+    saved = checkpoint.rng_state(torch.device("cuda", 2))
+    assert torch.equal(saved["cuda"], gpus.states[2])
+    # Resumed on another GPU of a machine with fewer GPUs: the run's generator continues there.
+    assert checkpoint.set_rng_state(saved, torch.device("cuda", 0)) is None
+    assert torch.equal(gpus.restored[0], gpus.states[2])
+
+
+@pytest.mark.parametrize("written_on, resumed_on", [
+    ("cpu", "cuda:0"),  # a CPU checkpoint resumed on a GPU
+    ("old list of 1", "cuda:1"),  # a checkpoint of the old format (every GPU's state) from a machine with one GPU
+])
+def test_a_gpu_generator_that_cannot_be_restored_is_said(monkeypatch, written_on, resumed_on):
+    gpus = FakeCudaGenerators(monkeypatch, n_devices=2)
+    state = checkpoint.rng_state(torch.device("cpu"))
+    if written_on.startswith("old"):
+        state["cuda"] = [gpus.states[0]]
+    reason = checkpoint.set_rng_state(state, torch.device(resumed_on))
+    assert f"no CUDA random state for {resumed_on}" in reason and "not repeat an uninterrupted run exactly" in reason
+    assert gpus.restored == {}
+
+
+def test_an_old_checkpoints_list_of_gpu_states_restores_the_runs_own(monkeypatch):
+    gpus = FakeCudaGenerators(monkeypatch, n_devices=2)
+    state = {**checkpoint.rng_state(torch.device("cpu")), "cuda": [gpus.states[0], gpus.states[1]]}
+    assert checkpoint.set_rng_state(state, torch.device("cuda", 1)) is None
+    assert torch.equal(gpus.restored[1], gpus.states[1]) and list(gpus.restored) == [1]
 
 
 def test_keep_last_best_and_resume_path(tmp_path):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -105,12 +107,26 @@ def test_bench_matmul_prints_its_table_and_refuses_bad_sizes(tmp_path):
         refused("bench_matmul.py", *args, cwd=tmp_path, message=message)
 
 
-def test_bench_train_times_a_tiny_model_and_refuses_an_unknown_one(tmp_path):
+def test_bench_train_times_a_tiny_model_against_hf_and_refuses_an_unknown_one(tmp_path):
     proc = run_script("bench_train.py", "--device", "cpu", "--models", "tiny", "--lengths", "multi30k",
-                      "--max-tokens", "256", "--steps", "1", "--warmup", "0", "--no-hf", "--compile", "off",
+                      "--max-tokens", "256", "--steps", "1", "--warmup", "0", "--compile", "off",
                       "--precision", "fp32", "--vocab", "64", "--threads", "1", cwd=tmp_path)
-    assert "tiny multi30k 256 compile=off attnmt:" in proc.stdout and "tgt tok/s" in proc.stdout
+    for impl in ("attnmt", "hf-marian"):
+        assert re.search(rf"tiny multi30k 256 compile=off {impl}: [\d,]+ tgt tok/s", proc.stdout), proc.stdout
     refused("bench_train.py", "--models", "nosuch", "--no-hf", cwd=tmp_path, message="--models: no model config 'nosuch'")
+
+
+def test_bench_train_compares_every_shipped_model_with_hf(monkeypatch):
+    """The GPU throughput call runs --models base and big against HF Marian: none may stop at the check."""
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    bench_train = importlib.import_module("bench_train")
+    models = sorted(p.stem for p in (REPO / "configs" / "model").glob("*.yaml"))
+    assert {"base", "big", "tiny"} <= set(models)
+    for name in models:
+        bench_train.check_comparable(bench_train.load_model_config(name, 64))
+    learned = replace(bench_train.load_model_config("tiny", 64), positions="learned")
+    with pytest.raises(SystemExit, match="positions='learned': run with --no-hf"):
+        bench_train.check_comparable(learned)
 
 
 def test_bench_data_measures_batches_and_refuses_bad_arguments(tmp_path):

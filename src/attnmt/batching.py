@@ -399,5 +399,7 @@ def make_dataloader(dataset, sampler: TokenBucketSampler, num_workers: int = 0, 
     return DataLoader(
         dataset, batch_sampler=sampler, collate_fn=functools.partial(collate, pad_id=pad_id, bos_id=bos_id),
         num_workers=num_workers, pin_memory=pin_memory,
-        prefetch_factor=prefetch_factor if num_workers > 0 else None, persistent_workers=False,
+        # Workers live as long as the loader: a new epoch's iterator reuses them instead of forking
+        # anew (the batch sampler runs in this process, so each epoch still gets its own order).
+        prefetch_factor=prefetch_factor if num_workers > 0 else None, persistent_workers=num_workers > 0,
     )

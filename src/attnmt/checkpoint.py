@@ -68,7 +68,7 @@ class TrainState:
         optimizer       ``optimizer.state_dict()``
         scaler          ``GradScaler.state_dict()`` (empty without fp16)
         scheduler       ``{"step": int, "lr": float}``, for reading: the schedule is a function of the step
-        rng             one dict per rank: python, numpy, torch and CUDA generator states
+        rng             one dict per rank: python, numpy, torch and (on a GPU) its device's generator states
         best_bleu, validations_without_improvement, metrics   early stopping; the latest valid metrics
         validation_pending  a signal stopped the run at a validation step: the resumed run validates first
         corpus          each training stream's text: its files and the SHA-256 of each side (a resumed run
@@ -320,8 +320,9 @@ def require(state: dict, keys: tuple[str, ...], path: str | Path, purpose: str) 
                               "it was not written by attnmt-train (or is damaged)")
 
 
-def rng_state() -> dict:
-    """This process's python, numpy, torch and CUDA generator states, as tensors, lists and numbers."""
+def rng_state(device: torch.device) -> dict:
+    """This process's python, numpy and torch generator states, and the generator of ``device`` where
+    it is a GPU (the only CUDA generator the run draws from), as tensors, lists and numbers."""
     version, mt_state, gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state = {
@@ -335,13 +336,19 @@ def rng_state() -> dict:
         },
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore the generator states that :func:`rng_state` returned."""
+def set_rng_state(state: dict, device: torch.device) -> str | None:
+    """Restore the generator states that :func:`rng_state` returned, the CUDA one onto ``device``.
+
+    Returns:
+        None, or why ``device``'s generator could not be restored (a checkpoint written on the CPU,
+        or one whose list of every GPU's states has none for ``device``): the run goes on, but its
+        dropout no longer draws what an uninterrupted run would.
+    """
     py = state["python"]
     random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     npy = state["numpy"]
@@ -349,10 +356,17 @@ def set_rng_state(state: dict) -> None:
         (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"])
     )
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
+    if device.type != "cuda":
+        return None  # a run on the CPU draws from the torch generator only
+    saved = state.get("cuda")
+    if isinstance(saved, list):  # before 2026-12, every visible GPU's state; rank r drew from cuda:LOCAL_RANK
+        index = device.index or 0
+        saved = saved[index] if index < len(saved) else None
+    if saved is None:
+        return (f"the checkpoint holds no CUDA random state for {device} (it was written on the CPU, or on fewer "
+                "GPUs): dropout draws afresh, so this resume does not repeat an uninterrupted run exactly")
+    torch.cuda.set_rng_state(saved, device)
+    return None
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:

@@ -382,8 +382,9 @@ class TrainConfig:
     init_from: str | None  # a checkpoint whose weights, tokenizer and model shape start a new run; None = random init
     freeze: list[str]  # parameter groups kept fixed: embeddings, encoder, decoder (fine-tuning)
     compile: bool  # torch.compile the model
+    tf32: bool  # fp32 matrix products in TensorFloat-32 on Ampere and newer GPUs (no effect on the CPU)
     num_workers: int  # DataLoader worker processes
-    max_bad_steps: int  # stop after this many non-finite losses in a row
+    max_bad_steps: int  # stop after this many skipped updates in a row (non-finite loss, fp16 overflow)
     progress_bar: bool  # at a terminal; elsewhere (nohup, a scheduler, 2> file) only the log lines
 
     def __post_init__(self) -> None:

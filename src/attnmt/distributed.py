@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from attnmt.device import resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -35,21 +37,22 @@ class DistInfo:
         return self.rank == 0
 
 
-def setup(backend: str | None = None) -> DistInfo:
+def setup(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes in the environment (if any) and return this rank.
 
     Args:
-        backend: ``nccl`` or ``gloo``; None picks NCCL when CUDA is available, else gloo.
+        device: the run's device setting (``train.device``): NCCL carries the collectives when it
+            resolves to a GPU, gloo when it resolves to the CPU, whether or not the machine has GPUs.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     info = DistInfo(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), world_size)
     if "TORCHELASTIC_RUN_ID" in os.environ:
         stop_with_parent()
     if world_size > 1 and not dist.is_initialized():
-        if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        resolved = resolve_device(device, info.local_rank)
+        backend = "nccl" if resolved.type == "cuda" else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(info.local_rank)
+            torch.cuda.set_device(resolved)
         # A long timeout: rank 0 validates (BLEU over the whole valid split) while the others wait.
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=60))
     return info

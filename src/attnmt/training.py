@@ -52,7 +52,7 @@ from attnmt.config import ConfigError, DataConfig, DecodeConfig, ModelConfig, Op
 from attnmt.data import (DataError, Stream, corpus_fingerprint, load_references, load_split, shares, streams, tags,
                          token_lengths, tokenize, train_tokenizer)
 from attnmt.device import autocast as autocast_context
-from attnmt.device import resolve_device, resolve_precision
+from attnmt.device import allow_tf32, resolve_device, resolve_precision
 from attnmt.evaluation import corpus_scores
 from attnmt.inference import Engine
 from attnmt.inference.native import NativeBackend, cross_attention
@@ -273,7 +273,7 @@ class StepResult:
     nll: float
     n_tokens: int
     grad_norm: float
-    skipped: bool  # the loss or the gradient was not finite: no parameter changed
+    skipped: bool  # the loss or the gradient was not finite (with fp16, an overflow): no parameter changed
 
 
 def train_step(
@@ -314,14 +314,13 @@ def train_step(
     scaler.unscale_(optimizer)  # clip the true gradient, not the scaled one
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm if clip_norm > 0 else float("inf"))
-    # Under fp16 an overflowing gradient is routine: GradScaler skips that step and lowers the scale.
-    # A non-finite loss, or a non-finite gradient without loss scaling, is a real divergence.
-    skipped = not bool(torch.isfinite(totals).all()) or (
-        not scaler.is_enabled() and not bool(torch.isfinite(grad_norm))
-    )
+    # A non-finite unscaled gradient is an fp16 overflow (routine while the loss scale settles: the
+    # update below lowers it) or, without loss scaling, a divergence; either way nothing is applied,
+    # and the loop counts a skipped update (DDP's gradients and the summed losses agree on every rank).
+    skipped = not bool(torch.isfinite(totals).all()) or not bool(torch.isfinite(grad_norm))
     if not skipped:
         scaler.step(optimizer)
-    scaler.update()
+    scaler.update()  # halves the scale after an overflow (unscale_ recorded it), grows it after a long calm
     optimizer.zero_grad(set_to_none=True)
     loss_sum, nll_sum = totals.tolist()
     return StepResult(loss_sum / max(n_tokens, 1.0), nll_sum / max(n_tokens, 1.0), int(n_tokens), float(grad_norm), skipped)
@@ -621,22 +620,32 @@ class RunDir:
 
 @dataclass
 class Meter:
-    """Training metrics summed over the updates since the last log line."""
+    """Training metrics summed over the updates since the last log line.
 
-    tokens: int = 0
+    Throughput counts the time of updates alone (their batches' loading included): the validations,
+    checkpoints and log writes between them are left out, and so is an update in which
+    ``torch.compile`` built a graph (its tokens too), which would measure the compiler.
+    """
+
+    tokens: int = 0  # target tokens of the timed updates
+    seconds: float = 0.0  # their time
+    compiling: int = 0  # updates left out of the throughput because they compiled
     padding: int = 0
     slots: int = 0
     loss: float = 0.0
     nll: float = 0.0
     steps: int = 0  # updates that were not skipped
-    since: float = field(default_factory=time.time)
 
-    def add(self, result: StepResult, micro: list[Batch]) -> None:
+    def add(self, result: StepResult, micro: list[Batch], seconds: float, compiled: bool = False) -> None:
         if not result.skipped:
             self.loss += result.loss
             self.nll += result.nll
             self.steps += 1
-        self.tokens += result.n_tokens
+        if compiled:
+            self.compiling += 1
+        else:
+            self.tokens += result.n_tokens
+            self.seconds += seconds
         for b in micro:
             self.padding += b.src_tokens.numel() + b.tgt_in.numel() - int(b.src_mask.sum()) - b.n_tgt_tokens
             self.slots += b.src_tokens.numel() + b.tgt_in.numel()
@@ -670,7 +679,8 @@ class Run:
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
                 sampler.set_epoch(state.epoch)
                 self.batch_iter = iter(self.loader)
-            micro.append(next(self.batch_iter).to(self.device))
+            # From pinned memory the copy to the GPU need not wait: the stream orders it before the forward.
+            micro.append(next(self.batch_iter).to(self.device, non_blocking=self.loader.pin_memory))
             state.batches_in_epoch += 1
         return micro
 
@@ -691,6 +701,7 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
     t = cfg.train
     device = resolve_device(t.device, info.local_rank)
     amp_dtype = resolve_precision(t.precision, device)
+    allow_tf32(device, t.tf32)
     check_config(cfg.model, cfg.optim, t, max_sentence_tokens(cfg.data))
     if run_dir is not None:
         check_writable(run_dir.path)
@@ -750,9 +761,7 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
         sampler.set_epoch(state.epoch)
     loader = make_dataloader(train_ds, sampler, t.num_workers, device.type == "cuda", pad_id=tokenizer.pad_id,
                              bos_id=tokenizer.bos_id)
-    train_model = torch.compile(model) if t.compile else model
-    if info.world_size > 1:
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = wrap_model(model, device, info.world_size, t.compile)
     valid = ([valid_set(stream, ds, prefixes, t, device, tokenizer) for stream, ds, prefixes in valid_sets]
              if info.is_main else None)
 
@@ -775,8 +784,25 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
     if rng_to_restore is not None:
         # Last: building the model and starting the DataLoader iterator both draw from the torch
         # generator, and the uninterrupted run made those draws before the step the checkpoint follows.
-        checkpoint.set_rng_state(rng_to_restore)
+        if (why := checkpoint.set_rng_state(rng_to_restore, device)) is not None:
+            logger.warning("%s: %s", resume_from, why)
     return run
+
+
+def wrap_model(model: nn.Module, device: torch.device, world_size: int, compile_model: bool) -> nn.Module:
+    """What updates run: ``model`` in DDP across ranks, then compiled (``train.compile``). In that order
+    DDP's bucketed all-reduces stay hooks around the compiled graphs (TorchDynamo splits the graph at
+    bucket boundaries), so communication overlaps the backward; a compiled model wrapped in DDP waits."""
+    if world_size > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if compile_model else model
+
+
+def compiled_graphs() -> int:
+    """How many graphs ``torch.compile`` has built in this process so far (TorchDynamo's own count)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def tensorboard_writer(run_dir: Path, step: int):
@@ -821,7 +847,7 @@ def validate_and_save(run: Run, stop_reason: str | None) -> str | None:
         state.best_bleu = state.metrics["bleu"] if is_best else state.best_bleu
         state.stale_validations = 0 if is_best else state.stale_validations + 1
         report_validation(run)
-    rng = distributed.all_gather_objects(checkpoint.rng_state())
+    rng = distributed.all_gather_objects(checkpoint.rng_state(run.device))
     if run.info.is_main:
         # Stopped by a signal at a validation step: the resumed run validates first.
         state.validation_pending = interrupted and state.step % t.valid_every == 0
@@ -874,22 +900,27 @@ def log_progress(run: Run, meter: Meter, result: StepResult) -> None:
     """A log line and TensorBoard scalars over the updates in ``meter``."""
     state = run.state
     loss, nll = meter.loss / meter.steps, meter.nll / meter.steps
-    tokens_per_s = meter.tokens / max(time.time() - meter.since, 1e-9)
-    run.progress.set_postfix(loss=f"{loss:.3f}", lr=f"{state.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", epoch=state.epoch)
+    tokens_per_s = meter.tokens / meter.seconds if meter.seconds > 0 else None  # None: every update compiled
+    speed = "compiling" if tokens_per_s is None else f"{tokens_per_s:.0f} tok/s"
+    run.progress.set_postfix(loss=f"{loss:.3f}", lr=f"{state.lr:.2e}", tok_s=speed.removesuffix(" tok/s"),
+                             epoch=state.epoch)
     if run.writer is not None:
         scalars = {
             "train/loss": loss, "train/nll": nll, "train/ppl": math.exp(min(nll, 100.0)), "train/lr": state.lr,
-            "train/grad_norm": result.grad_norm, "train/tokens_per_s": tokens_per_s,
-            "train/padding_fraction": meter.padding / max(meter.slots, 1), "train/epoch": state.epoch,
+            "train/grad_norm": result.grad_norm, "train/padding_fraction": meter.padding / max(meter.slots, 1),
+            "train/epoch": state.epoch,
         }
+        if tokens_per_s is not None:
+            scalars["train/tokens_per_s"] = tokens_per_s
         if state.scaler.is_enabled():
             scalars["train/loss_scale"] = state.scaler.get_scale()
         if run.device.type == "cuda":
             scalars["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
         for name, value in scalars.items():
             run.writer.add_scalar(name, value, state.step)
-    logger.info("step %d | epoch %d | loss %.4f | nll %.4f | lr %.3e | grad norm %.3f | %.0f tok/s",
-                state.step, state.epoch, loss, nll, state.lr, result.grad_norm, tokens_per_s)
+    logger.info("step %d | epoch %d | loss %.4f | nll %.4f | lr %.3e | grad norm %.3f | %s%s", state.step, state.epoch,
+                loss, nll, state.lr, result.grad_norm, speed,
+                f" ({meter.compiling} compiling updates left out)" if meter.compiling and tokens_per_s else "")
 
 
 def agreed_stop(run: Run, started: float) -> str | None:
@@ -908,7 +939,12 @@ def agreed_stop(run: Run, started: float) -> str | None:
 
 
 def update(run: Run, micro: list[Batch]) -> StepResult:
-    """One optimizer step at the schedule's learning rate; an out-of-memory batch becomes a TrainingError."""
+    """One optimizer step at the schedule's learning rate; an out-of-memory batch becomes a TrainingError.
+
+    A skipped update (:attr:`StepResult.skipped`) changes no weight and does not count: the step, and
+    with it the schedule, the moving average and the next validation, stay where they were (as fairseq
+    does with an fp16 overflow). Its batches are spent: the next update takes the next ones.
+    """
     t, state = run.cfg.train, run.state
     state.lr = lr_at(state.step + 1, run.cfg.optim, t.max_steps)
     for group in state.optimizer.param_groups:
@@ -919,11 +955,41 @@ def update(run: Run, micro: list[Batch]) -> StepResult:
     except torch.cuda.OutOfMemoryError as e:
         raise TrainingError(f"{describe_oom(micro, t.max_tokens, t.update_freq)}; checkpoints so far are in "
                             f"{checkpoint.checkpoint_dir(run.run_dir)}") from e
+    if result.skipped:
+        return result
     state.step += 1
-    if state.ema is not None and not result.skipped:
+    if state.ema is not None:
         update_ema(state.ema, state.model, t.ema_decay, state.step)
     run.progress.update(1)
     return result
+
+
+# Below this fp16 loss scale, gradients underflow whatever the model does: a scale that keeps falling
+# through overflows, even with updates between them, is a divergence (fairseq's --min-loss-scale).
+MIN_LOSS_SCALE = 1e-4
+
+
+def check_skipped(run: Run, result: StepResult, in_a_row: int) -> None:
+    """Say why an update was skipped; stop the run in one line after ``train.max_bad_steps`` skips in
+    a row, or once the fp16 loss scale has fallen below :data:`MIN_LOSS_SCALE`."""
+    t, state = run.cfg.train, run.state
+    scaler = state.scaler
+    overflow = scaler.is_enabled() and math.isfinite(result.loss)
+    scale = f"; loss scale now {scaler.get_scale():g}" if scaler.is_enabled() else ""
+    if overflow:
+        logger.info("after step %d: fp16 gradient overflow, update skipped (%d in a row)%s", state.step, in_a_row, scale)
+    else:
+        logger.warning("after step %d: non-finite loss or gradient (loss %s, grad norm %s); update skipped (%d in a "
+                       "row)%s", state.step, result.loss, result.grad_norm, in_a_row, scale)
+    fix = ("Lower optim.lr, raise optim.warmup_steps, set optim.clip_norm, or use train.precision=bf16/fp32; "
+           f"checkpoints so far are in {checkpoint.checkpoint_dir(run.run_dir)}")
+    if in_a_row >= t.max_bad_steps:
+        what = "fp16 gradient overflows" if overflow else "non-finite losses"
+        raise TrainingError(f"training stopped at step {state.step}: {in_a_row} {what} in a row (train.max_bad_steps="
+                            f"{t.max_bad_steps}){scale}. {fix}")
+    if scaler.is_enabled() and scaler.get_scale() < MIN_LOSS_SCALE:
+        raise TrainingError(f"training stopped at step {state.step}: the fp16 loss scale fell to {scaler.get_scale():g}"
+                            f" (below {MIN_LOSS_SCALE:g}): gradients overflow however far they are scaled down. {fix}")
 
 
 def run_loop(run: Run) -> dict:
@@ -945,29 +1011,23 @@ def run_loop(run: Run) -> dict:
             stop_reason = validate_and_save(run, stop_reason) or stop_reason
         if stop_reason is not None:
             break
+        tic = time.perf_counter()
+        graphs = compiled_graphs() if t.compile else 0
         micro = run.next_micro_batches()
         result = update(run, micro)
+        meter.add(result, micro, time.perf_counter() - tic, t.compile and compiled_graphs() != graphs)
         losses.append(result.loss)
         skipped_in_a_row = skipped_in_a_row + 1 if result.skipped else 0
         skipped_total += result.skipped
         if result.skipped:
-            logger.warning("step %d: non-finite loss or gradient (loss %s, grad norm %s); update skipped (%d in a row)",
-                           state.step, result.loss, result.grad_norm, skipped_in_a_row)
-            if skipped_in_a_row >= t.max_bad_steps:
-                raise TrainingError(
-                    f"training stopped at step {state.step}: {skipped_in_a_row} non-finite losses in a row "
-                    f"(train.max_bad_steps={t.max_bad_steps}); checkpoints so far are in "
-                    f"{checkpoint.checkpoint_dir(run.run_dir)}. Lower optim.lr, raise optim.warmup_steps, "
-                    "set optim.clip_norm, or use train.precision=bf16/fp32"
-                )
-        meter.add(result, micro)
-        if state.step % t.log_every == 0 and meter.steps > 0:
+            check_skipped(run, result, skipped_in_a_row)
+        elif state.step % t.log_every == 0 and meter.steps > 0:
             log_progress(run, meter, result)
             if run.writer is not None:
                 run.writer.add_scalar("train/skipped_updates", skipped_total, state.step)
             meter = Meter()
         stop_reason = agreed_stop(run, started)
-        validation_due = state.step % t.valid_every == 0 or stop_reason is not None
+        validation_due = (not result.skipped and state.step % t.valid_every == 0) or stop_reason is not None
 
     averaged = None
     if t.average_last and run.info.is_main and not (stop_reason or "").endswith("received"):
@@ -1006,7 +1066,7 @@ def train(cfg: TrainRunConfig) -> dict:
         ConfigError, DataError, CheckpointError, TokenizerError: a start that cannot work (nothing in
             the run directory changed); TrainingError: training cannot go on.
     """
-    info = distributed.setup()
+    info = distributed.setup(cfg.train.device)
     run_dir = RunDir(Path(cfg.train.run_dir)) if info.is_main else None
     try:
         run = start(cfg, info, run_dir)
