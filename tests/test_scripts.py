@@ -129,6 +129,59 @@ def test_bench_train_compares_every_shipped_model_with_hf(monkeypatch):
         bench_train.check_comparable(learned)
 
 
+def test_check_env_names_what_to_carry_in_one_line(tmp_path):
+    ok = run_script("gpu/check_env.py", "--device", "cpu", cwd=tmp_path, env={"PYTHONPATH": str(REPO / "src")})
+    assert ok.stdout.strip().splitlines()[-1].startswith("check_env: ok")
+    assert re.search(r"^  datasets +\d", ok.stdout, re.MULTILINE) and re.search(r"^  hydra +\d", ok.stdout, re.MULTILINE)
+    bad = run_script("gpu/check_env.py", "--device", "cpu", "--require", "sacrebleu>=99", "--require", "numpy<1",
+                     cwd=tmp_path, returncode=1, env={"PYTHONPATH": str(REPO / "src")})
+    assert re.fullmatch(r"check_env: FAILED in \d+ s: sacrebleu [\d.]+ is outside --require's >=99; carry a wheel that "
+                        r"fits \(\.\./shared/tools/device-wheels 'sacrebleu>=99'\)", bad.stderr.strip().splitlines()[-1])
+    assert "warning: numpy" in bad.stdout and "newer than it declares" in bad.stdout  # an upper bound only warns
+
+
+def test_the_first_gpu_call_stops_in_seconds_where_attnmt_cannot_run(tmp_path):
+    """An interpreter without the packages (here: no site-packages at all) ends the call at its first step."""
+    bare = tmp_path / "python"
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -S \"$@\"\n")
+    bare.chmod(0o755)
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu" / "first_call.sh")], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHON": str(bare), "QUICK": "1", "OUT": str(out),
+                                            "WORK": str(tmp_path / "work")})
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    console = (out / "console.log").read_text()
+    # Without .whl/ (CI), the check names what is missing; with it, pip itself is missing and says so.
+    assert ("check_env: FAILED" in console and "first_call.sh: stopped" in console) or (
+        "the wheels in .whl/ did not install" in console), console[-2000:]
+    assert "== 2." not in console
+    assert int(re.search(r"first_call.sh: done after (\d+) s", console).group(1)) < 30
+
+
+@pytest.mark.slow  # the whole first GPU call at tiny sizes on the CPU: about a minute
+def test_the_first_gpu_call_rehearsed_on_the_cpu(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "QUICK": "1", "OUT": str(out), "WORK": str(tmp_path / "work"), "PYTHON": sys.executable,
+           "MULTI30K": str(corpus_named_like_multi30k(tmp_path / "multi30k"))}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu" / "first_call.sh")], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    # The 8 files a device call may bring back, each written by its step.
+    assert sorted(p.name for p in out.iterdir()) == [
+        "console.log", "cuda_tests.xml", "de_en.eval.jsonl", "de_en.test2016.hyp", "de_en.train.log", "env.txt",
+        "summary.md", "throughput.md"]
+    console = (out / "console.log").read_text()
+    assert console == proc.stdout  # everything printed, from the first line
+    for step in ("1. environment", "2. CUDA tests", "3. Multi30k de->en", "4. throughput"):
+        assert re.search(rf"^== {re.escape(step)}: exit status 0 after \d+ s$", console, re.MULTILINE), step
+    assert re.search(r'tests="5"', (out / "cuda_tests.xml").read_text()) and 'failures="0"' in (
+        out / "cuda_tests.xml").read_text()
+    assert (out / "env.txt").read_text().strip().splitlines()[-1].startswith("check_env: ok")
+    assert len([line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| de->en |")]) == 2
+    assert len((out / "de_en.test2016.hyp").read_text().splitlines()) == 40
+    assert "| tiny | multi30k | 256 | off |" in (out / "throughput.md").read_text()
+
+
 def test_bench_data_measures_batches_and_refuses_bad_arguments(tmp_path):
     common = ("--root", str(FIXTURE_CORPUS), "--vocab-size", "400", "--out", str(tmp_path / "out"))
     proc = run_script("bench_data.py", *common, "--max-tokens", "512", "--workers", "0", cwd=tmp_path)

@@ -86,6 +86,7 @@ for dir in $DIRECTIONS; do
     "data.cache_dir=$WORK/cache" "train.run_dir=$run" "${recipe[@]}" $EXTRA_OVERRIDES
   end=$(date +%s.%N)
   echo "$start $end" > "$run/wall_seconds"
+  cp "$run/train.log" "$OUT/$dir.train.log"  # now: a call stopped while scoring still brings it back
   "$PYTHON" -m attnmt.cli.average "$run" --last "$average_last" --out "$run/avg_last$average_last.pt"
   : > "$run/eval.jsonl"
   for ckpt in "avg_last$average_last.pt" checkpoints/best.pt; do
@@ -94,7 +95,6 @@ for dir in $DIRECTIONS; do
       "hyp=$run/$(basename "$ckpt" .pt).hyp" | tee "$run/eval.out"
     tail -n 1 "$run/eval.out" >> "$run/eval.jsonl"
   done
-  cp "$run/train.log" "$OUT/$dir.train.log"
   cp "$run/eval.jsonl" "$OUT/$dir.eval.jsonl"
   cp "$run/avg_last$average_last.hyp" "$OUT/$dir.test2016.hyp"
 done
