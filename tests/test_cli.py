@@ -283,3 +283,38 @@ def test_text_with_quotes_and_brackets_translates_as_one_line(trained_checkpoint
         assert result.stdout.count("\n") == 1 and result.stdout.strip(), (text, result.stdout)
         assert result.stdout.splitlines() == translate_alone(trained_checkpoint, [text], beam_size=2)
 
+
+
+def test_an_output_that_is_an_input_is_refused_before_any_work(trained_checkpoint, tmp_path) -> None:
+    src = tmp_path / "in.de"
+    src.write_text("Ein Hund läuft.\nZwei Katzen.\n", encoding="utf-8")
+    link = tmp_path / "same-file.de"
+    os.link(src, link)  # another name for the same file
+    for args, message in [
+        ((f"input={src}", f"output={src}"), f"output={src} is the input input={src}"),
+        ((f"input={src}", f"output={link}"), f"output={link} is the input input={src}"),
+        ((f"input={src}", f"output={trained_checkpoint}"), f"is the input ckpt={trained_checkpoint}"),
+    ]:
+        result = run("translate", f"ckpt={trained_checkpoint}", *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert message in result.stderr.strip().splitlines()[-1], result.stderr
+    result = run("evaluate", f"ckpt={trained_checkpoint}", f"src={src}", f"ref={src}", f"hyp={src}")
+    assert result.returncode == 2 and f"hyp={src} is the input src={src}" in result.stderr.strip().splitlines()[-1]
+    assert src.read_text(encoding="utf-8") == "Ein Hund läuft.\nZwei Katzen.\n"
+    assert trained_checkpoint.stat().st_size > 10_000
+
+
+def test_an_output_appears_whole_or_not_at_all(trained_checkpoint, tmp_path) -> None:
+    out = tmp_path / "out.en"
+    out.write_text("yesterday's translations\n", encoding="utf-8")
+    bad = tmp_path / "bad.de"
+    bad.write_bytes("Der Hund läuft.\n".encode() + b"Die Katze \xfc\n")  # fails at line 2, after line 1 is translated
+    result = run("translate", f"ckpt={trained_checkpoint}", f"input={bad}", f"output={out}", "buffer_lines=1")
+    assert result.returncode != 0 and "bad.de line 2: invalid UTF-8" in result.stderr
+    assert out.read_text(encoding="utf-8") == "yesterday's translations\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.de", "out.en"]  # no temporary file left
+    good = tmp_path / "good.de"
+    good.write_text("Der Hund läuft.\n", encoding="utf-8")
+    assert run("translate", f"ckpt={trained_checkpoint}", f"input={good}", f"output={out}").returncode == 0
+    assert out.read_text(encoding="utf-8").splitlines() == translate_alone(trained_checkpoint, ["Der Hund läuft."],
+                                                                           beam_size=5)

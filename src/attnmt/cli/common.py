@@ -6,6 +6,7 @@ with one line on stderr naming the problem and a non-zero exit status, not a sta
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
@@ -14,7 +15,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TextIO
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -209,6 +210,44 @@ def open_input(path: str) -> BinaryIO:
         return p.open("rb")
     except OSError as err:
         raise UserError(f"cannot read {path}: {err.strerror}") from None
+
+
+@contextlib.contextmanager
+def output_file(path: str, key: str, inputs: dict[str, str | list | None]) -> Iterator[TextIO]:
+    """A text file for a command's output, which replaces ``path`` only once the command has written
+    all of it: a temporary file beside it, fsynced, then renamed over ``path``. A command that fails or
+    is killed midway leaves ``path`` as it was (and a ``.tmp`` file at most, never a cut one).
+
+    Args:
+        path: where the output goes; ``key`` is its argument's name (``output``, ``hyp``), for errors.
+        inputs: the command's input files by argument name (a list for several, None for none).
+
+    Raises:
+        UserError: ``path`` is one of the inputs (the same path, or the same file by another name: a
+            link), which the output would destroy; or its folder cannot be written.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise UserError(f"{key}={path} is a folder; give a file name")
+    for name, given in inputs.items():
+        for source in given if isinstance(given, (list, tuple)) else [given]:
+            if source is not None and target.exists() and Path(source).exists() and os.path.samefile(target, source):
+                raise UserError(f"{key}={path} is the input {name}={source}: writing it would destroy what is read; "
+                                f"choose another {key}")
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        handle = open(tmp, "w", encoding="utf-8")
+    except OSError as err:
+        raise UserError(f"cannot write {key}={path}: {err.strerror}") from None
+    try:
+        with handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 _END = object()

@@ -8,6 +8,7 @@ on stdout, one JSON object with ``bleu``, ``chrf``, their signatures, ``n_senten
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -20,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from attnmt.checkpoint import CheckpointError, run_config
-from attnmt.cli.common import UserError, run_command, setup_logging, take_arguments, to_config
+from attnmt.cli.common import UserError, output_file, run_command, setup_logging, take_arguments, to_config
 from attnmt.config import ConfigError, DecodeConfig, EvaluateConfig, config_dir, register_configs, trained_data_config
 from attnmt.data import DataError, direction, load_references, load_split, read_lines
 from attnmt.decoding import strategy
@@ -81,16 +82,18 @@ def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
     sources, references, name, (src_lang, tgt_lang) = test_set(cfg, run_config(paths[-1]), data_overrides)
     if not sources:
         raise UserError(f"{name} has no lines to evaluate")
-    engine = open_engine(cfg, paths, device, src_lang=src_lang, tgt_lang=tgt_lang)
     pair = f"{src_lang or '?'}-{tgt_lang or '?'}"
-
-    start = time.perf_counter()
-    with tqdm(total=len(sources), unit="sent", desc="translating", file=sys.stderr, disable=None) as bar:
-        translations = engine.translate(sources, cfg, on_batch=bar.update)
-    seconds = time.perf_counter() - start
-    hypotheses = [t.texts[0] for t in translations]
-    if cfg.hyp is not None:
-        with open(cfg.hyp, "w", encoding="utf-8") as f:
+    # Entered before the model loads: a hyp= that would destroy an input is refused before any work.
+    hyp_file = (contextlib.nullcontext() if cfg.hyp is None
+                else output_file(cfg.hyp, "hyp", {"src": cfg.src, "ref": cfg.ref, "ckpt": paths}))
+    with hyp_file as f:
+        engine = open_engine(cfg, paths, device, src_lang=src_lang, tgt_lang=tgt_lang)
+        start = time.perf_counter()
+        with tqdm(total=len(sources), unit="sent", desc="translating", file=sys.stderr, disable=None) as bar:
+            translations = engine.translate(sources, cfg, on_batch=bar.update)
+        seconds = time.perf_counter() - start
+        hypotheses = [t.texts[0] for t in translations]
+        if f is not None:
             f.writelines(h + "\n" for h in hypotheses)
 
     scores = corpus_scores(hypotheses, references, tgt_lang, cfg.bleu_tokenize)

@@ -7,6 +7,7 @@ lines from 0 and SCORE being the length-normalised log-probability, best first.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Iterator
@@ -17,8 +18,8 @@ from omegaconf import DictConfig
 from attnmt import install_hint
 from attnmt.checkpoint import CheckpointError
 from attnmt.cli.common import (
-    UserError, available_chunks, compose_cli, exit_at_once, iter_lines, open_input, run_command, setup_logging,
-    take_arguments, to_config,
+    UserError, available_chunks, compose_cli, exit_at_once, iter_lines, open_input, output_file, run_command,
+    setup_logging, take_arguments, to_config,
 )
 from attnmt.config import ConfigError, TranslateConfig, config_dir
 from attnmt.device import resolve_device
@@ -94,27 +95,26 @@ def run(cfg: TranslateConfig) -> None:
     lines, interactive = input_lines(cfg)
     device = resolve_device(cfg.device, key="device")
     paths = list(cfg.ckpt) if isinstance(cfg.ckpt, (list, tuple)) else [cfg.ckpt]
-    engine = open_engine(cfg, paths, device)
-    if cfg.attention_plot is not None and cfg.attention_layer is not None:
-        layers = len(engine.backend.model.decoder_layers)
-        if not 0 <= cfg.attention_layer < layers:
-            raise UserError(f"attention_layer={cfg.attention_layer} is not a layer of this {layers}-layer decoder")
-
-    out = sys.stdout if cfg.output is None else open(cfg.output, "w", encoding="utf-8")
+    # A file appears whole, once every line is translated (a failure leaves an existing one as it was);
+    # stdout gets each chunk as soon as it is translated.
+    output = (contextlib.nullcontext(sys.stdout) if cfg.output is None
+              else output_file(cfg.output, "output", {"input": cfg.input, "ckpt": paths}))
     n_lines = 0
-    try:
+    with output as out:  # entered first: an output that would destroy an input is refused before any work
+        engine = open_engine(cfg, paths, device)
+        if cfg.attention_plot is not None and cfg.attention_layer is not None:
+            layers = len(engine.backend.model.decoder_layers)
+            if not 0 <= cfg.attention_layer < layers:
+                raise UserError(f"attention_layer={cfg.attention_layer} is not a layer of this {layers}-layer decoder")
         for chunk in available_chunks(lines, 1 if interactive else cfg.buffer_lines):
             translations = engine.translate(chunk, cfg, first_line=n_lines + 1)
             for offset, (line, translation) in enumerate(zip(chunk, translations)):
                 out.write(format_translation(n_lines + offset, translation, cfg.nbest) + "\n")
                 if cfg.attention_plot is not None:
                     plot_attention(cfg, engine, n_lines + offset + 1, line, translation)
-            out.flush()  # each chunk is out as soon as it is translated
+            out.flush()
             n_lines += len(chunk)
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    log.info("translated %d lines", n_lines)
+    log.info("translated %d lines%s", n_lines, "" if cfg.output is None else f" into {cfg.output}")
 
 
 def main() -> None:
