@@ -214,6 +214,19 @@ def test_fine_tune_an_imported_model_then_export_it_back(folders, tmp_path):
     assert [t.tokens[0] for t in Engine("ctranslate2", backend, backend.tokenizer).translate(lines, cfg)] == ours
 
 
+def test_a_fine_tune_of_an_imported_model_resumes_any_number_of_times(folders, tmp_path):
+    """Each resume names neither the model nor train.init_from: the run's checkpoints say where it started."""
+    model, tokenizer = import_model(folders["marian"])
+    save(model, tokenizer, tmp_path / "marian.pt", "test")
+    run = tmp_path / "run"
+    train_tiny(run, f"train.init_from={tmp_path / 'marian.pt'}", "train.valid_max_sentences=5", max_steps=4)
+    for steps in (6, 8, 10):
+        train_tiny(run, "train.resume=auto", "train.valid_max_sentences=5", max_steps=steps)
+        last = load_checkpoint(run / "checkpoints" / "last.pt")
+        assert last["step"] == steps and last["model_config"]["d_model"] == model.cfg.d_model
+    assert last["init_from"] == str(tmp_path / "marian.pt")
+
+
 def test_import_command_refuses_in_one_line(tmp_path):
     """Another architecture, a missing file and an unreachable hub id each end the command with one line."""
     from transformers import BartConfig, BartForConditionalGeneration

@@ -73,6 +73,9 @@ class TrainState:
         validation_pending  a signal stopped the run at a validation step: the resumed run validates first
         corpus          each training stream's text: its files and the SHA-256 of each side (a resumed run
                         refuses other text, whatever the files' dates)
+        init_from       the checkpoint the run's weights started from (``train.init_from`` of its first
+                        start; None for random weights), kept across every resume: such a run takes its
+                        model's shape from the checkpoint, not from ``model=``
         attnmt_version  the version that wrote it
 
     Evaluation and translation read only :data:`INFERENCE_KEYS`.
@@ -95,6 +98,7 @@ class TrainState:
     validation_pending: bool = False
     ema: nn.Module | None = None  # the moving average of model's weights (train.ema_decay); None = off
     corpus: list = field(default_factory=list)  # each training stream's attnmt.data.corpus_fingerprint
+    init_from: str | None = None  # the checkpoint the run started from (train.init_from), kept across resumes
 
     RESUME_KEYS: ClassVar[tuple[str, ...]] = ("optimizer", "scaler", "sampler", "rng")
 
@@ -144,6 +148,7 @@ class TrainState:
             "metrics": _numbers(self.metrics),
             "validation_pending": self.validation_pending,
             "corpus": self.corpus,
+            "init_from": self.init_from,
         }
 
     def restore(self, state: dict, path: str | Path) -> list[dict]:
@@ -189,6 +194,15 @@ class TrainState:
         self.metrics = dict(state["metrics"])
         self.validation_pending = state.get("validation_pending", False)
         return state["rng"]
+
+
+def started_from(state: dict) -> str | None:
+    """The checkpoint a training checkpoint's run started from (``train.init_from`` of its first start),
+    however many times it was resumed since; None for a run from random weights. Checkpoints written
+    before the ``init_from`` key kept it only in the config of the start that set it."""
+    if "init_from" in state:
+        return state["init_from"]
+    return ((state.get("config") or {}).get("train") or {}).get("init_from")
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:

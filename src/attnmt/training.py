@@ -711,12 +711,13 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
     resumed = checkpoint.load_checkpoint(resume_from) if resume_from else None
     init = checkpoint.load_checkpoint(t.init_from) if t.init_from else None
     source, source_path = (resumed, resume_from) if resumed else (init, t.init_from)
+    # The checkpoint this run's weights started from, kept in every checkpoint it writes.
+    init_from = t.init_from if resumed is None else checkpoint.started_from(resumed)
     if source is not None:
         checkpoint.require(source, checkpoint.INFERENCE_KEYS, source_path, "train.resume and train.init_from")
         # An imported model's shape is no model= of ours: a run started from one takes the checkpoint's
-        # shape, and so does such a run when it continues (its own config names init_from).
-        if (init is not None and init.get("imported_from")) or (
-                resumed is not None and ((resumed.get("config") or {}).get("train") or {}).get("init_from")):
+        # shape, and so does such a run each time it continues.
+        if (init is not None and init.get("imported_from")) or (resumed is not None and init_from):
             cfg = replace(cfg, model=init_model_config(cfg.model, source, source_path))
         else:
             checkpoint.check_same_model(source, cfg.model, source_path)
@@ -745,7 +746,8 @@ def start(cfg: TrainRunConfig, info: distributed.DistInfo, run_dir: RunDir | Non
     state = TrainState(model, model_cfg, tokenizer, asdict(cfg), build_optimizer(model, cfg.optim, device),
                        torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), sampler,
                        ema=moving_average(model) if t.ema_decay else None,
-                       corpus=[corpus_fingerprint(stream.cfg) for stream in streams(data_cfg)])
+                       corpus=[corpus_fingerprint(stream.cfg) for stream in streams(data_cfg)],
+                       init_from=None if init_from is None else str(init_from))
     seed_everything(t.seed + info.rank)  # ranks differ from here on (dropout)
     rng_to_restore = None
     if resumed is not None:
