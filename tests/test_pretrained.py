@@ -8,6 +8,7 @@ configs, with SentencePiece models trained on Multi30k, and saved with ``save_pr
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -244,6 +245,56 @@ def test_import_command_refuses_in_one_line(tmp_path):
         lines = [line for line in proc.stderr.splitlines() if line.startswith("attnmt-import: error:")]
         assert len(lines) == 1 and said in lines[0], proc.stderr
         assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"encoder_layers": 1}, "encoder_layers=1, but the weights hold 2 encoder layers"),
+    ({"decoder_layers": 3}, "decoder_layers=3, but the weights hold 2 decoder layers"),
+    ({"encoder_layers": -1}, "encoder_layers=-1; it must be a whole number of at least 1"),
+    ({"decoder_layers": 0}, "decoder_layers=0; it must be a whole number of at least 1"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings=0; it must be a whole number of at least 1"),
+    ({"d_model": "32"}, "d_model"),  # refused by transformers' own config checks, or by attnmt's
+    ({"encoder_attention_heads": 3, "decoder_attention_heads": 3}, "which encoder_attention_heads=3 does not divide"),
+    ({"dropout": 1.5}, "dropout=1.5; it must be a number in [0, 1)"),
+    ({"eos_token_id": -1}, "eos_token_id=-1; it must be a token id of the vocabulary"),
+    ({"pad_token_id": 10**6}, "pad_token_id=1000000; it must be a token id of the vocabulary"),
+])
+def test_import_refuses_a_config_that_cannot_be_or_is_not_the_weights(folders, tmp_path, change, said):
+    import shutil
+
+    folder = shutil.copytree(folders["marian"], tmp_path / "marian")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(PretrainedError, match=re.escape(said)):
+        import_model(folder)
+
+
+@pytest.mark.parametrize("extra, said", [
+    ({"model.encoder.layers.0.extra.weight": torch.ones(2)}, "holds 1 tensors this model would not use "
+                                                              "(model.encoder.layers.0.extra.weight)"),
+    ({"lm_head.weight": None}, "lm_head.weight differs from model.shared.weight, which the config ties to it"),
+    ({"model.encoder.embed_positions.weight": torch.zeros(4, 4)}, None),  # a position table: recomputed, accepted
+])
+def test_import_uses_every_tensor_of_the_folder_or_says_which_it_would_drop(folders, tmp_path, extra, said):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = shutil.copytree(folders["marian"], tmp_path / "marian")
+    weights = load_file(str(folder / "model.safetensors"))
+    shared = weights["model.shared.weight"]
+    extra = {k: (torch.randn_like(shared) if v is None else v) for k, v in extra.items()}
+    save_file({**weights, **extra}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if said is None:
+        import_model(folder)
+        return
+    with pytest.raises(PretrainedError, match=re.escape(said)):
+        import_model(folder)
+    proc = subprocess.run([sys.executable, "-m", "attnmt.cli.import_", f"from={folder}", f"out={tmp_path / 'x.pt'}"],
+                          capture_output=True, text=True)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("attnmt-import: error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and said in errors[0], proc.stderr
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_missing_sentencepiece_file_is_named(folders, tmp_path):

@@ -78,6 +78,49 @@ def _common(config, **fields) -> dict:
     )
 
 
+SIZES = ("d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads",
+         "encoder_ffn_dim", "decoder_ffn_dim", "vocab_size", "max_position_embeddings")
+DROPOUTS = ("dropout", "attention_dropout", "activation_dropout")
+SPECIAL_IDS = ("pad_token_id", "eos_token_id", "decoder_start_token_id")
+LAYER = re.compile(r"^model\.(encoder|decoder)\.layers\.(\d+)\.")
+POSITION_TABLE = re.compile(r"^model\.(encoder|decoder)\.embed_positions\.weights?$")  # fixed sinusoids: recomputed
+
+
+def check_config(config, weights: dict[str, torch.Tensor]) -> None:
+    """Refuse, naming the key of ``config.json``, a config no model can have or one that does not
+    describe ``weights``: sizes that are not whole numbers of at least 1, heads that do not divide
+    ``d_model``, a dropout outside [0, 1), a special id outside the vocabulary, and layer counts other
+    than the weights hold (checked before any model is built, so a huge size allocates nothing)."""
+    where = f"{config.model_type}: config.json"
+    for key in SIZES:
+        value = getattr(config, key, None)
+        if key == "max_position_embeddings" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PretrainedError(f"{where} has {key}={value!r}; it must be a whole number of at least 1")
+    for side in ("encoder", "decoder"):
+        heads = getattr(config, f"{side}_attention_heads")
+        if config.d_model % heads:
+            raise PretrainedError(f"{where} has d_model={config.d_model}, which {side}_attention_heads={heads} does not "
+                                  "divide")
+        held = {int(m.group(2)) for name in weights if (m := LAYER.match(name)) and m.group(1) == side}
+        layers = getattr(config, f"{side}_layers")
+        if held != set(range(layers)):
+            raise PretrainedError(f"{where} has {side}_layers={layers}, but the weights hold {len(held)} {side} layers "
+                                  f"({', '.join(map(str, sorted(held)[:6]))}{', ...' if len(held) > 6 else ''}): the "
+                                  "config and the weights are of different models")
+    for key in DROPOUTS:
+        value = getattr(config, key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise PretrainedError(f"{where} has {key}={value!r}; it must be a number in [0, 1)")
+    vocab = max(config.vocab_size, getattr(config, "decoder_vocab_size", None) or 0)
+    for key in SPECIAL_IDS:
+        value = getattr(config, key, None)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
+            raise PretrainedError(f"{where} has {key}={value!r}; it must be a token id of the vocabulary (0 to "
+                                  f"{vocab - 1})")
+
+
 def _marian(config, weights: dict[str, torch.Tensor]) -> ModelConfig:
     if getattr(config, "normalize_embedding", False):
         raise PretrainedError("marian: normalize_embedding=true (a LayerNorm on the embeddings) has no attnmt equivalent")
@@ -209,25 +252,35 @@ def import_model(source: str | Path) -> tuple[Transformer, Tokenizer]:
         raise PretrainedError(f"attnmt-import needs transformers: {install_hint('hf')}") from None
     try:
         config = AutoConfig.from_pretrained(str(folder))
-    except (OSError, ValueError) as err:
-        raise PretrainedError(f"{folder}: no readable config.json ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # missing, not JSON, or refused by transformers' own checks (a size given as a string)
+        detail = " ".join(line.strip() for line in str(err).splitlines()[:3]) or type(err).__name__
+        raise PretrainedError(f"{folder}: no readable config.json ({detail})") from None
     if config.model_type not in IMPORTERS:
         raise PretrainedError(f"{folder}: model_type={config.model_type!r} cannot be imported; attnmt imports "
                               f"{', '.join(IMPORTERS)} (Marian/OPUS-MT, M2M100 and NLLB-200 dense)")
     weights = _weights(folder)
+    check_config(config, weights)
     cfg = IMPORTERS[config.model_type](config, weights)
+    permute = config.model_type == "marian"
+    with torch.device("meta"):  # every weight matched by name and shape before any memory is taken
+        load_hf_weights(build_model(cfg), weights, permute)
     tokenizer = _tokenizer(folder, config, cfg)
     model = build_model(cfg)
-    load_hf_weights(model, weights, permute=config.model_type == "marian")
+    load_hf_weights(model, weights, permute)
     return model.eval(), tokenizer
 
 
 def load_hf_weights(model: Transformer, weights: dict[str, torch.Tensor], permute: bool) -> None:
     """Copy transformers' weights into ``model`` through :func:`attnmt.export.hf.weight_pairs`, the
-    hidden dimensions put back in attnmt's order where the export reorders them (``permute``).
+    hidden dimensions put back in attnmt's order where the export reorders them (``permute``). On a
+    model on the meta device, only check (nothing is copied, nothing allocated).
+
+    Every tensor of ``weights`` is used, or recomputed (the fixed sin/cos position tables), or a
+    ``final_logits_bias`` of zeros; two that attnmt holds in one tensor (tied embeddings) must be equal.
 
     Raises:
-        PretrainedError: a weight the model needs is missing, or has another shape.
+        PretrainedError: a weight the model needs is missing or has another shape; a tensor of the
+            folder would be dropped; tied tensors differ.
     """
     from attnmt.export.hf import hidden_order, weight_pairs
 
@@ -235,18 +288,34 @@ def load_hf_weights(model: Transformer, weights: dict[str, torch.Tensor], permut
     aliases = {"model.shared.weight": "model.encoder.embed_tokens.weight",
                "model.encoder.embed_tokens.weight": "model.shared.weight",
                "model.decoder.embed_tokens.weight": "model.shared.weight", "lm_head.weight": "model.shared.weight"}
+    used: set[str] = set()
+    held: dict[int, str] = {}  # attnmt tensor -> the first folder tensor written into it
     with torch.no_grad():
         for name, tensor, d_in, d_out in weight_pairs(model):
-            value = weights.get(name, weights.get(aliases.get(name, ""), None))
-            if value is None:
+            taken = name if name in weights else aliases.get(name, "")
+            if taken not in weights:
                 raise PretrainedError(f"the model has no weight {name}: the folder holds an incomplete or "
                                       "another model")
+            used.add(taken)
+            if id(tensor) in held and not torch.equal(weights[held[id(tensor)]], weights[taken]):
+                raise PretrainedError(f"{taken} differs from {held[id(tensor)]}, which the config ties to it "
+                                      "(tie_word_embeddings / shared embeddings); attnmt would keep only one")
+            held.setdefault(id(tensor), taken)
+            value = weights[taken]
+            if value.shape != tensor.shape:
+                raise PretrainedError(f"weight {name} has shape {tuple(value.shape)}, attnmt expects {tuple(tensor.shape)}")
+            if tensor.is_meta:
+                continue
             value = value.float()
             value = value[:, inverse] if d_in else value
             value = value[inverse] if d_out else value
-            if value.shape != tensor.shape:
-                raise PretrainedError(f"weight {name} has shape {tuple(value.shape)}, attnmt expects {tuple(tensor.shape)}")
             tensor.copy_(value)
+    dropped = sorted(name for name in set(weights) - used if not POSITION_TABLE.match(name)
+                     and not (name == "final_logits_bias" and not bool(weights[name].any())))  # a bias of zeros
+    if dropped:
+        raise PretrainedError(f"the folder holds {len(dropped)} tensors this model would not use ({', '.join(dropped[:3])}"
+                              f"{', ...' if len(dropped) > 3 else ''}): config.json describes another model than its "
+                              "weights")
 
 
 def save(model: Transformer, tokenizer: Tokenizer, out: str | Path, source: str) -> Path:
