@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -433,3 +434,18 @@ def test_a_client_gone_mid_search_frees_its_rows_at_the_next_step(engine) -> Non
     # At most the step under way when the client left decoded its rows; the next ones had none.
     assert decoded_after - decoded <= 8 * 8, f"{decoded_after - decoded} rows decoded after the client left"
     assert translated == 0
+
+
+def test_sigterm_ends_the_server_within_its_grace_whatever_a_client_does(server) -> None:
+    running = server("shutdown_timeout_s=2")
+    sock = socket.create_connection(("127.0.0.1", running.port))
+    try:  # a body announced as 1000 bytes, of which a few are sent, and then nothing
+        sock.sendall(b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"text\": [\"Ein")
+        time.sleep(1.0)
+        started = time.perf_counter()
+        status, log = running.stop(timeout=30)
+        assert time.perf_counter() - started < 2 + 10, log
+        assert status in (0, -signal.SIGTERM), log
+    finally:
+        sock.close()

@@ -469,6 +469,7 @@ class ServeConfig(DecodeConfig):
     max_beam_size: int  # the largest beam_size (and nbest) a request may ask for
     max_pending_lines: int  # lines waiting for the engine before new requests are turned away (503)
     threads: int  # the engine's threads (torch's; CTranslate2's intra_threads); 0 = all cores but one
+    shutdown_timeout_s: float  # after SIGTERM, how long requests in flight may take before they are cut off
 
     def check(self, prefix: str = "") -> None:
         super().check(prefix)
@@ -478,6 +479,9 @@ class ServeConfig(DecodeConfig):
                 raise ConfigError(f"{prefix}{key}={getattr(self, key)} must be at least 1")
         if self.threads < 0:
             raise ConfigError(f"{prefix}threads={self.threads} must not be negative (0: all cores but one)")
+        if not 0 <= self.shutdown_timeout_s <= 3600:
+            raise ConfigError(f"{prefix}shutdown_timeout_s={self.shutdown_timeout_s} must be between 0 and 3600 "
+                              "(seconds)")
         if not 0 <= self.port < 65536:
             raise ConfigError(f"{prefix}port={self.port} must be between 0 and 65535 (0: any free port)")
         if not 0 <= self.batch_wait_ms <= 1000:

@@ -5,8 +5,8 @@ page at ``/`` that translates what is typed and draws where the model looked.
     curl -s localhost:8000/translate -H 'content-type: application/json' -d '{"text": ["Ein Hund rennt."]}'
 
 The model is loaded once, before the port opens. Concurrent requests share the engine's batches
-(:mod:`attnmt.serve.batcher`). SIGTERM or Ctrl-C stops taking connections, finishes the requests in
-flight, then exits.
+(:mod:`attnmt.serve.batcher`). SIGTERM or Ctrl-C stops taking connections, lets the requests in
+flight finish for ``shutdown_timeout_s`` (30 s), cuts off what is left, then exits.
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ def run(cfg: ServeConfig) -> None:
     app = create_app(engine, cfg, " + ".join(paths))
     log.info("serving %s with engine=%s on http://%s:%d (page at /, POST /translate)", " + ".join(paths),
              cfg.engine, cfg.host, cfg.port)
-    # log_config=None: uvicorn's loggers go through attnmt's (one format on stderr). No graceful-shutdown
-    # time limit: SIGTERM lets every request in flight finish.
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=None, timeout_graceful_shutdown=None)
+    # log_config=None: uvicorn's loggers go through attnmt's (one format on stderr). SIGTERM lets the
+    # requests in flight finish for shutdown_timeout_s, then cancels what is left: a client that holds
+    # a half-sent body cannot keep the server alive.
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=None, timeout_graceful_shutdown=cfg.shutdown_timeout_s)
 
 
 def main() -> None:
