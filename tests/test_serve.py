@@ -121,6 +121,8 @@ BAD_REQUESTS = [
     (b'{"text": []}', 422, "text"),
     (b'{"text": ["Ein Hund.", 7]}', 422, "text[1]"),
     (b'{"text": ["Ein Hund.", "\\ud800 lone"]}', 422, "text[1]"),
+    (b'{"text": ["Ein Hund."], "tgt_lang": "\\ud800"}', 422, "tgt_lang"),  # echoed by no message: once a 500
+    (b'{"text": ["Ein Hund."], "src_lang": "de\\udfff"}', 422, "src_lang"),
     (b'{"text": ["Ein Hund."], "beam_size": "5"}', 422, "beam_size"),
     (b'{"text": ["Ein Hund."], "beam_size": 5.0}', 422, "beam_size"),
     (b'{"text": ["Ein Hund."], "beam_size": 0}', 422, "beam_size"),
@@ -449,3 +451,16 @@ def test_sigterm_ends_the_server_within_its_grace_whatever_a_client_does(server)
         assert status in (0, -signal.SIGTERM), log
     finally:
         sock.close()
+
+
+def test_a_client_gone_while_sending_its_body_is_one_line_not_a_traceback(server) -> None:
+    running = server()
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", running.port)) as sock:
+            sock.sendall(b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n{\"text\": [\"Ein")
+            time.sleep(0.2)
+    assert httpx.post(f"{running.url}/translate", json={"text": ["Ein Hund."]}, timeout=30).status_code == 200
+    _, log = running.stop()
+    assert log.count("disconnected before its request was read") == 3, log
+    assert "Traceback" not in log and "ClientDisconnect" not in log, log

@@ -34,6 +34,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from attnmt.config import ConfigError, DecodeConfig, ServeConfig, check_beam_limit
 from attnmt.decoding import max_length
@@ -115,6 +116,13 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
     async def http_error(_request: Request, err: HTTPException) -> JSONResponse:  # 404, 405, ...
         return JSONResponse({"error": str(err.detail), "field": None}, status_code=err.status_code, headers=err.headers)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, _err: ClientDisconnect) -> Response:
+        # A client that goes while sending its body is no server error: one line, not a traceback.
+        log.info("a client (%s) disconnected before its request was read", request.client.host if request.client
+                 else "?")
+        return Response(status_code=499)  # nobody is there to read it
+
     @app.exception_handler(Exception)
     async def internal_error(_request: Request, err: Exception) -> JSONResponse:  # logged by the server too
         return JSONResponse({"error": f"internal error: {type(err).__name__}: {err}", "field": None}, status_code=500)
@@ -178,6 +186,16 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def unicode_bytes(text: str, field: str) -> int:
+    """The UTF-8 size of ``text``; a RequestError (422, naming ``field``) where it is no Unicode text:
+    JSON's ``"\\ud800"`` escapes can make lone surrogates, which no text holds and no answer can echo."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError as err:
+        raise RequestError(422, f"{field} is not valid Unicode ({err.reason} at character {err.start + 1})",
+                           field) from None
+
+
 def parse_request(body: bytes, cfg: ServeConfig) -> TranslateRequest:
     """The request in ``body``, checked against the types and the limits of ``cfg``."""
     try:
@@ -205,12 +223,12 @@ def parse_request(body: bytes, cfg: ServeConfig) -> TranslateRequest:
     if len(request.text) > cfg.max_lines:
         raise RequestError(413, f"text has {len(request.text)} lines; this server takes at most {cfg.max_lines} "
                                 "a request (max_lines): split them over several requests", "text")
+    for field in ("src_lang", "tgt_lang"):  # checked before they reach a message: one that echoes them must encode
+        value = getattr(request, field)
+        if value is not None:
+            unicode_bytes(value, field)
     for i, line in enumerate(request.text):
-        try:
-            size = len(line.encode("utf-8"))
-        except UnicodeEncodeError as err:  # JSON's "\ud800" escapes can make lone surrogates, which no text holds
-            raise RequestError(422, f"text[{i}] is not valid Unicode ({err.reason} at character {err.start + 1})",
-                               f"text[{i}]") from None
+        size = unicode_bytes(line, f"text[{i}]")
         if size > cfg.max_line_bytes:
             raise RequestError(413, f"text[{i}] has {size} bytes; this server takes lines of at most "
                                     f"{cfg.max_line_bytes} (max_line_bytes): split it into sentences", f"text[{i}]")
