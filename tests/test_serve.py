@@ -464,3 +464,26 @@ def test_a_client_gone_while_sending_its_body_is_one_line_not_a_traceback(server
     _, log = running.stop()
     assert log.count("disconnected before its request was read") == 3, log
     assert "Traceback" not in log and "ClientDisconnect" not in log, log
+
+
+def test_a_model_of_many_languages_is_served_without_default_languages(tmp_path, multi30k, monkeypatch,
+                                                                       one_thread) -> None:
+    """An imported M2M100 starts with no src_lang=/tgt_lang=; a request names its direction, or gets a 422."""
+    pytest.importorskip("transformers", reason="attnmt-import needs the hf extra: pip install -e '.[hf]'")
+    import uvicorn
+
+    import hf_models
+    from attnmt.cli import serve as serve_command
+    from attnmt.pretrained import import_model, save
+
+    model, tokenizer = import_model(hf_models.m2m_100(multi30k, tmp_path / "m2m"))
+    ckpt = save(model, tokenizer, tmp_path / "m2m.pt", "test")
+    apps = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **settings: apps.append(app))
+    serve_command.run(serve_config(ckpt, "threads=1"))  # as attnmt-serve ckpt=m2m.pt, up to the port
+    with TestClient(apps[0]) as client:
+        refused = client.post("/translate", json={"text": ["Ein Hund läuft."]})
+        assert refused.status_code == 422 and refused.json()["field"] == "tgt_lang"
+        assert "name the direction with src_lang= and tgt_lang=" in refused.json()["error"]
+        named = client.post("/translate", json={"text": ["Ein Hund läuft."], "src_lang": "de", "tgt_lang": "en"})
+        assert named.status_code == 200 and len(named.json()["translations"]) == 1

@@ -44,7 +44,9 @@ def run(cfg: ServeConfig) -> None:
     device = resolve_device(cfg.device, key="device")
     paths = [str(p) for p in cfg.ckpt] if isinstance(cfg.ckpt, (list, tuple)) else [str(cfg.ckpt)]
     torch.set_num_threads(engine_threads(cfg.threads))
-    engine = open_engine(cfg, paths, device)
+    # Default languages, where given, are checked now; without them each request names its direction
+    # (a model of many languages, e.g. an imported M2M100, is served with none).
+    engine = open_engine(cfg, paths, device, direction=cfg.src_lang is not None or cfg.tgt_lang is not None)
     app = create_app(engine, cfg, " + ".join(paths))
     log.info("serving %s with engine=%s on http://%s:%d (page at /, POST /translate)", " + ".join(paths),
              cfg.engine, cfg.host, cfg.port)

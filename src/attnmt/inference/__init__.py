@@ -204,10 +204,11 @@ class Engine:
 
 
 def open_engine(cfg: TranslateConfig | EvaluateConfig, paths: Sequence, device: torch.device,
-                src_lang: str | None = None, tgt_lang: str | None = None) -> Engine:
+                src_lang: str | None = None, tgt_lang: str | None = None, direction: bool = True) -> Engine:
     """The engine ``cfg.engine`` on checkpoint(s) ``paths`` (weights averaged when several), on ``device``,
     translating from ``src_lang`` (checked, if given) into ``tgt_lang`` (default: the command's
-    ``src_lang``/``tgt_lang``).
+    ``src_lang``/``tgt_lang``). ``direction=False``: no direction of its own (attnmt-serve without
+    default languages, whose requests each name theirs).
 
     What the engine cannot do with ``cfg`` is refused before anything is loaded or converted.
 
@@ -220,8 +221,10 @@ def open_engine(cfg: TranslateConfig | EvaluateConfig, paths: Sequence, device: 
     module = _module(cfg.engine)
     check_capabilities(cfg.engine, module.CAPABILITIES, cfg)
     backend, tokenizer, run_config = module.open_backend(list(paths), device, getattr(cfg, "compute_type", "default"))
-    prefix, tgt_prefix = language_prefixes(tokenizer, run_config, tgt_lang if tgt_lang is not None else cfg.tgt_lang,
-                                           src_lang if src_lang is not None else cfg.src_lang)
+    prefix, tgt_prefix = [], []
+    if direction:
+        prefix, tgt_prefix = language_prefixes(tokenizer, run_config, tgt_lang if tgt_lang is not None else cfg.tgt_lang,
+                                               src_lang if src_lang is not None else cfg.src_lang)
     return Engine(cfg.engine, backend, tokenizer, run_config or {}, prefix, tgt_prefix)
 
 

@@ -97,7 +97,7 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
         batcher = RunningBatcher(engine, cfg.max_rows, cfg.max_pending_lines)
     else:
         batcher = Batcher(engine, cfg.batch_wait_ms / 1000, cfg.max_tokens, cfg.max_pending_lines)
-    directions = Directions(engine, cfg.src_lang, cfg.tgt_lang)  # the defaults were checked by open_engine
+    directions = Directions(engine, cfg.src_lang, cfg.tgt_lang)  # defaults, if any, were checked by open_engine
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
