@@ -468,7 +468,7 @@ def cut_at_a_record_batch(path: Path) -> None:
             writer.write_batch(batch)
 
 
-@pytest.mark.parametrize("damage", ["cut_at_a_record_batch", "empty", "garbage", "seal_lost"])
+@pytest.mark.parametrize("damage", ["cut_at_a_record_batch", "empty", "garbage", "seal_lost", "seal_is_a_folder"])
 @pytest.mark.parametrize("entry", ["raw", "clean", "kept", "tokenized"])
 def test_a_damaged_cache_file_is_rebuilt_with_one_warning_naming_it(tmp_path, monkeypatch, caplog, entry, damage):
     from attnmt import data
@@ -489,8 +489,12 @@ def test_a_damaged_cache_file_is_rebuilt_with_one_warning_naming_it(tmp_path, mo
     elif damage == "garbage":
         size = path.stat().st_size
         path.write_bytes(bytes(range(256)) * (size // 256) + b"\0" * (size % 256))  # the same size, not Arrow
-    else:
+    elif damage == "seal_lost":
         path.with_name(path.stem + ".seal").unlink()
+    else:
+        seal = path.with_name(path.stem + ".seal")
+        seal.unlink()
+        (seal / "inside").mkdir(parents=True)
     caplog.clear()
     with caplog.at_level("WARNING", logger="attnmt.data"):
         rebuilt = list(prepare_train_split(cfg)["src_ids"])

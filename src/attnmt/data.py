@@ -202,8 +202,13 @@ def _discard(path: Path, why: str) -> None:
     files = _files_of(path)
     if files:
         logger.warning("cache file %s %s; rebuilding it", path, why)
-    for file in [*files, _seal_path(path)]:
+    for file in files:
         file.unlink(missing_ok=True)
+    seal = _seal_path(path)
+    if seal.is_dir() and not seal.is_symlink():  # a folder by the seal's name, in the cache's own namespace
+        shutil.rmtree(seal)
+    else:
+        seal.unlink(missing_ok=True)
 
 
 _TEMPORARY_NAME = re.compile(r"^(tmp[a-z0-9_]{8}|\..+\.tmp\d+)$")  # datasets' tempfile names; attnmt's .NAME.tmpPID
