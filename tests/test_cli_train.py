@@ -133,8 +133,11 @@ CUDA = torch.cuda.is_available()
         (["data.root=does/not/exist"], "data.root=does/not/exist does not exist"),
         (["data.mix=[{root: bt, tgt_lang: en}]"], "missing mandatory value: src_lang (data.mix[0].src_lang)"),
         (["train.best_metric=de_en"], "train.best_metric='de_en' is neither mean nor a direction of the data: de-en"),
+        (["optim.lr=-1"], "optim.lr=-1.0 must be above 0"),
+        ([f"data.root={FIXTURE_CORPUS / 'train.de'}"], f"data.root={FIXTURE_CORPUS / 'train.de'} is a file"),
     ],
-    ids=["heads", "max_tokens", "precision", "fp16_on_cpu", "no_cuda", "data_root", "mix_entry", "best_metric"],
+    ids=["heads", "max_tokens", "precision", "fp16_on_cpu", "no_cuda", "data_root", "mix_entry", "best_metric",
+         "negative_lr", "data_root_a_file"],
 )
 def test_config_error_fails_at_start_with_one_line(tmp_path, overrides, message):
     proc = run_train(tmp_path, "train.max_steps=10", *overrides, timeout=60)
@@ -149,9 +152,19 @@ def test_config_error_fails_at_start_with_one_line(tmp_path, overrides, message)
     assert not (run_dir / "train.log").exists()
 
 
-def test_misspelt_key_fails_before_anything_is_written(tmp_path):
-    proc = run_train(tmp_path, "train.max_step=10", timeout=60)
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    assert "Key 'max_step' not in 'TrainConfig'" in proc.stderr
+@pytest.mark.parametrize("argument, message", [
+    ("train.max_step=10", "train.max_step=10: train.yaml has no key 'train.max_step'; did you mean train.max_steps"),
+    ("model=tinyy", "model=tinyy: configs/model/ has no tinyy.yaml; did you mean model=tiny? the options are base, "
+                    "big, small, tiny"),
+    ("data=multi31k", "data=multi31k: configs/data/ has no multi31k.yaml; did you mean data=multi30k?"),
+    ("optim.lr=abc", "optim.lr=abc: Value 'abc' of type 'str' could not be converted to Float"),
+    ("train.freeze=encoder", "train.freeze is a list: write train.freeze=[encoder]"),
+])
+def test_a_misspelt_command_line_fails_in_one_line_before_anything_is_written(tmp_path, argument, message):
+    """attnmt's one line and exit status 2, where Hydra's own message (exit status 1) advised +key=."""
+    proc = run_train(tmp_path, argument, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
     assert not (tmp_path / "run").exists()

@@ -419,6 +419,9 @@ def _root(cfg: DataConfig) -> Path:
     if not root.exists():
         raise DataError(f"data.root={cfg.root} does not exist (resolved: {root.resolve()}); "
                         "override it, e.g. data.root=../shared/data/multi30k")
+    if not root.is_dir():
+        raise DataError(f"data.root={cfg.root} is a file; data.format={cfg.format} reads a folder (of {{split}}.{{lang}} "
+                        "files, {split}.tsv or {split}.jsonl, or a saved dataset): give the folder that holds it")
     return root
 
 

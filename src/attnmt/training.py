@@ -97,6 +97,14 @@ def check_config(model: ModelConfig, optim: OptimConfig, train: TrainConfig, max
         raise ConfigError("optim.schedule=cosine decays to train.max_steps, which is 0; set train.max_steps")
     if not 0.0 <= optim.label_smoothing < 1.0:
         raise ConfigError(f"optim.label_smoothing={optim.label_smoothing} must be in [0, 1)")
+    if optim.lr <= 0:
+        raise ConfigError(f"optim.lr={optim.lr} must be above 0 (the peak learning rate, e.g. 5e-4)")
+    for key in ("warmup_init_lr", "min_lr", "weight_decay", "clip_norm"):
+        if getattr(optim, key) < 0:
+            raise ConfigError(f"optim.{key}={getattr(optim, key)} must not be negative")
+    if optim.eps <= 0 or len(optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in optim.betas):
+        raise ConfigError(f"optim.betas={list(optim.betas)} and optim.eps={optim.eps}: AdamW needs two betas in [0, 1) "
+                          "and an eps above 0 (0.9, 0.98 and 1e-9 are usual)")
     if train.update_freq < 1:
         raise ConfigError(f"train.update_freq={train.update_freq} must be at least 1")
     if not 0.0 <= train.ema_decay < 1.0:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, TextIO
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,18 @@ def compose_cli(name: str, schema: type, overrides: list[str]) -> DictConfig | N
             cfg = OmegaConf.merge(cfg, values)
         except OmegaConfBaseException as err:
             raise UserError(f"{path}: {str(err).splitlines()[0]}") from None
-    for override in parsed:
+    apply_overrides(cfg, parsed, name)
+    return cfg
+
+
+def apply_overrides(cfg: DictConfig, overrides: list, name: str) -> None:
+    """Set each of Hydra's parsed ``overrides`` (``key=value``) in ``cfg``, as Hydra would.
+
+    Raises:
+        UserError: a key that ``NAME.yaml`` does not have (the closest keys named: "did you mean"), or
+            a value of the wrong type; one line each.
+    """
+    for override in overrides:
         key = override.key_or_group
         try:
             OmegaConf.update(cfg, key, override.value(), merge=True)
@@ -129,8 +140,10 @@ def compose_cli(name: str, schema: type, overrides: list[str]) -> DictConfig | N
             raise UserError(f"{override.input_line}: {name}.yaml has no key {key!r}; {hint}"
                             f"the keys are {', '.join(known)}") from None
         except (OmegaConfBaseException, ValueError) as err:
-            raise UserError(f"{override.input_line}: {str(err).splitlines()[0]}") from None
-    return cfg
+            hint = ""
+            if isinstance(OmegaConf.select(cfg, key), ListConfig) and isinstance(override.value(), str):
+                hint = f"; {key} is a list: write {key}=[{override.value()}]"
+            raise UserError(f"{override.input_line}: {str(err).splitlines()[0].rstrip('.')}{hint}") from None
 
 
 def _config_layers(root: Path, group: str | None, name: str) -> list[tuple[Path, DictConfig]] | None:

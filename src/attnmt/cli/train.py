@@ -11,6 +11,7 @@ The run directory (``train.run_dir``) receives ``config.yaml`` (the resolved con
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from attnmt import distributed
 from attnmt.checkpoint import CheckpointError
+from attnmt.cli.common import UserError, apply_overrides
 from attnmt.config import ConfigError, config_dir, register_configs
 from attnmt.data import DataError
 from attnmt.tokenizer import TokenizerError
@@ -46,8 +48,58 @@ def setup_logging(is_main: bool) -> None:
 register_configs()
 
 
+def check_command_line(argv: list[str]) -> None:
+    """What Hydra would refuse with its own many lines (exit status 1, advising ``+key=``), refused in
+    attnmt's one line: an option no ``configs/GROUP/`` folder holds, a key no config has (with the
+    closest ones: "did you mean"), a value of the wrong type. Command lines for Hydra itself (flags,
+    ``hydra.*``, ``+``/``~`` or ``@package`` overrides) are left to it.
+
+    Raises:
+        UserError: naming the argument and what to write instead.
+    """
+    if any(arg.startswith("-") for arg in argv):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(argv)
+    except OverrideParseException as err:
+        raise UserError(str(err).splitlines()[0]) from None
+    if any(o.type != OverrideType.CHANGE or o.package is not None or o.is_sweep_override()
+           or o.key_or_group.split(".")[0] == "hydra" for o in parsed):
+        return
+    root = config_dir()
+    groups = {path.name for path in root.iterdir() if path.is_dir() and any(path.glob("*.yaml"))}
+    chosen = [o for o in parsed if o.key_or_group in groups]
+    for override in chosen:
+        group, option = override.key_or_group, override.value()
+        options = sorted(path.stem for path in (root / group).glob("*.yaml"))
+        if option is not None and str(option) not in options:
+            close = difflib.get_close_matches(str(option), options, n=1)
+            hint = f"did you mean {group}={close[0]}? " if close else ""
+            raise UserError(f"{override.input_line}: configs/{group}/ has no {option}.yaml; {hint}the options are "
+                            f"{', '.join(options)}")
+    with initialize_config_dir(config_dir=str(root), version_base=None):
+        cfg = compose(config_name="train", overrides=[o.input_line for o in chosen])
+    apply_overrides(cfg, [o for o in parsed if o.key_or_group not in groups], "train")
+
+
+def main() -> None:
+    """``attnmt-train``: the command line checked in one line each, then composed and run by Hydra."""
+    try:
+        check_command_line(sys.argv[1:])
+    except UserError as err:
+        setup_logging(True)
+        logger.error("%s", err)
+        sys.exit(2)
+    hydra_main()
+
+
 @hydra.main(version_base=None, config_path=str(config_dir()), config_name="train")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     is_main = int(os.environ.get("RANK", "0")) == 0
     setup_logging(is_main)
     try:
