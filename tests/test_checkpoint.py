@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +159,23 @@ def test_averaging_refuses_different_models(tmp_path):
         checkpoint.average_model_states([tmp_path / "a.pt", tmp_path / "b.pt"])
 
 
+def test_averaging_refuses_a_checkpoint_twice_an_output_that_is_an_input_and_unknown_keys(tmp_path):
+    for name in ("a.pt", "b.pt"):
+        save_checkpoint(_state(), tmp_path / name)
+    (tmp_path / "also-a.pt").symlink_to(tmp_path / "a.pt")
+    before = (tmp_path / "a.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=r"also-a.pt is given twice \(.*a.pt\)"):
+        checkpoint.average_checkpoints([tmp_path / "a.pt", tmp_path / "b.pt", tmp_path / "also-a.pt"], tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match=r"the output .*b.pt is the input .*b.pt"):
+        checkpoint.average_checkpoints([tmp_path / "a.pt", tmp_path / "b.pt"], tmp_path / "b.pt")
+    newer = _state()
+    newer["model_config"] = {**asdict(tiny_config()), "rotary": True}  # an option this version does not know
+    save_checkpoint(newer, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match=r"c.pt has config keys .* does not know: model.rotary"):
+        checkpoint.average_checkpoints([tmp_path / "a.pt", tmp_path / "c.pt"], tmp_path / "x.pt")
+    assert (tmp_path / "a.pt").read_bytes() == before and not (tmp_path / "x.pt").exists()
+
+
 def test_pickled_objects_are_refused(tmp_path):
     torch.save({"format": checkpoint.FORMAT, "model": build_model(tiny_config())}, tmp_path / "pickled.pt")
     with pytest.raises(CheckpointError, match="objects other than tensors"):
@@ -187,7 +206,8 @@ def test_a_checkpoint_written_before_the_model_gained_options_loads_and_translat
         for t, scores in zip(ours, expected["scores"]):
             assert t.scores == pytest.approx(scores, abs=1e-5, nan_ok=True), name
     # It is an ordinary checkpoint for the other commands: averaging keeps its model config.
-    averaged = checkpoint.average_checkpoints([OLD_CHECKPOINT, OLD_CHECKPOINT], tmp_path / "avg.pt")
+    shutil.copy(OLD_CHECKPOINT, tmp_path / "copy.pt")  # the same file twice is refused; a copy is another file
+    averaged = checkpoint.average_checkpoints([OLD_CHECKPOINT, tmp_path / "copy.pt"], tmp_path / "avg.pt")
     assert checkpoint.model_config(load_checkpoint(averaged), averaged) == checkpoint.model_config(state, OLD_CHECKPOINT)
 
 

@@ -297,6 +297,20 @@ def test_import_uses_every_tensor_of_the_folder_or_says_which_it_would_drop(fold
     assert not (tmp_path / "x.pt").exists()
 
 
+def test_import_replaces_an_existing_checkpoint_only_when_told(folders, tmp_path, capsys, restore_logging):
+    from attnmt.cli import import_
+
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"a checkpoint of last week")
+    with pytest.raises(SystemExit) as stop:
+        import_.main([f"from={folders['marian']}", f"out={out}"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and f"out={out} exists; choose another out=, or replace it with overwrite=true" in error
+    assert out.read_bytes() == b"a checkpoint of last week"
+    import_.main([f"from={folders['marian']}", f"out={out}", "overwrite=true"])
+    assert load_checkpoint(out)["imported_from"] == str(folders["marian"])
+
+
 def test_missing_sentencepiece_file_is_named(folders, tmp_path):
     import shutil
 

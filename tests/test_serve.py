@@ -409,6 +409,13 @@ def test_the_command_refuses_what_it_cannot_serve_in_one_line(trained_checkpoint
     assert "did you mean port" in refused(f"ckpt={trained_checkpoint}", "prot=8000")
     assert "tgt_lang=fr: this model translates into en only" in refused(f"ckpt={trained_checkpoint}", "tgt_lang=fr")
     assert "beam_size=40 exceeds max_beam_size=16" in refused(f"ckpt={trained_checkpoint}", "beam_size=40")
+    # An address it cannot listen on, refused before the model loads (a missing checkpoint is not even read).
+    assert "host=256.0.0.1 is no address" in refused(f"ckpt={tmp_path / 'none.pt'}", "host=256.0.0.1")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert f"port={port}: cannot listen there" in refused(f"ckpt={tmp_path / 'none.pt'}", f"port={port}")
 
 
 def test_a_client_gone_mid_search_frees_its_rows_at_the_next_step(engine) -> None:

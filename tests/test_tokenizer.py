@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import io
 import pickle
 from pathlib import Path
@@ -151,6 +152,16 @@ def test_too_small_vocabulary_says_which_key(tmp_path):
     src, tgt = tiny_pairs()
     with pytest.raises(ValueError, match="data.tokenizer.vocab_size=100"):
         Tokenizer.train(src, tgt, tokenizer_config(vocab_size=100), tmp_path)
+
+
+def test_a_vocabulary_smaller_than_asked_is_said_in_one_warning(tmp_path, caplog):
+    src, tgt = tiny_pairs()
+    with caplog.at_level(logging.WARNING, logger="attnmt.tokenizer"):
+        tok = Tokenizer.train(src, tgt, tokenizer_config(vocab_size=100000), tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings
+    assert f"vocab_size=100000, but {len(src) + len(tgt)} training sentences hold only {tok.src_vocab_size} pieces" \
+        in warnings[0]
 
 
 @pytest.mark.data

@@ -453,6 +453,7 @@ def average_model_states(paths: list[str | Path]) -> dict:
     for path in paths:
         state = load_checkpoint(path)
         require(state, ("model",), path, "averaging")
+        check_known_keys(state, path)  # as every command that reads a checkpoint: nothing silently ignored
         model = state["model"]
         if first is None:
             first = model
@@ -469,7 +470,20 @@ def average_model_states(paths: list[str | Path]) -> dict:
 def average_checkpoints(paths: list[str | Path], out: str | Path) -> Path:
     """Write a checkpoint to ``out`` whose weights are the mean of ``paths``' weights; everything else
     (config, tokenizer, step) comes from the last of ``paths``. Optimizer and RNG states are dropped:
-    an averaged model is for evaluation, not for resuming."""
+    an averaged model is for evaluation, not for resuming.
+
+    Raises:
+        CheckpointError: a checkpoint given twice (it would count double), or ``out`` one of ``paths``
+            (the average would replace a checkpoint it was made from).
+    """
+    existing = [Path(p) for p in paths if Path(p).exists()]
+    for i, path in enumerate(existing):
+        twice = next((earlier for earlier in existing[:i] if os.path.samefile(earlier, path)), None)
+        if twice is not None:
+            raise CheckpointError(f"{path} is given twice ({twice}); each checkpoint is averaged once")
+        if Path(out).exists() and os.path.samefile(out, path):
+            raise CheckpointError(f"the output {out} is the input {path}: the average would replace a checkpoint it "
+                                  "is made from; write it to another file")
     weights = average_model_states(paths)
     state = load_checkpoint(paths[-1])
     state["model"] = weights

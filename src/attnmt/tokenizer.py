@@ -424,7 +424,12 @@ def _train_model(texts: list[str], cfg: TokenizerConfig, tags: Sequence[str] = (
             extra = " (byte_fallback adds 256 byte pieces)" if cfg.byte_fallback else ""
             raise TokenizerError(f"SentencePiece cannot train with data.tokenizer.vocab_size={cfg.vocab_size}{extra}: "
                                  f"{reason}") from None
-        return Path(f"{prefix}.model").read_bytes()
+        model = Path(f"{prefix}.model").read_bytes()
+    pieces = spm.SentencePieceProcessor(model_proto=model).get_piece_size()
+    if pieces < cfg.vocab_size:  # hard_vocab_limit=False: a small corpus gets what it can hold
+        logger.warning("data.tokenizer.vocab_size=%d, but %d training sentences hold only %d pieces: the vocabulary "
+                       "has %d", cfg.vocab_size, len(texts), pieces, pieces)
+    return model
 
 
 # SentencePiece's trainer, run by _run_trainer in a Python process of its own.

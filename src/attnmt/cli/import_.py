@@ -19,11 +19,11 @@ from attnmt.cli.common import UserError, run_command, setup_logging
 
 log = logging.getLogger("attnmt.import")
 
-USAGE = "usage: attnmt-import from=FOLDER_OR_HUB_ID out=FILE.pt"
+USAGE = "usage: attnmt-import from=FOLDER_OR_HUB_ID out=FILE.pt [overwrite=true]"
 
 
 def arguments(argv: list[str]) -> dict[str, str]:
-    """``from`` and ``out`` of ``key=value`` arguments.
+    """``from``, ``out`` and ``overwrite`` (``true`` or ``false``) of ``key=value`` arguments.
 
     Raises:
         UserError: a missing, unknown or malformed argument.
@@ -33,8 +33,10 @@ def arguments(argv: list[str]) -> dict[str, str]:
         key, sep, value = arg.partition("=")
         if arg in ("-h", "--help"):
             raise UserError(f"{USAGE}\n{__doc__}")
-        if not sep or key not in ("from", "out") or not value:
+        if not sep or key not in ("from", "out", "overwrite") or not value:
             raise UserError(f"{arg!r} is not an argument of attnmt-import; {USAGE}")
+        if key == "overwrite" and value not in ("true", "false"):
+            raise UserError(f"overwrite={value}: write overwrite=true or overwrite=false")
         values[key] = value
     missing = [key for key in ("from", "out") if key not in values]
     if missing:
@@ -49,6 +51,8 @@ def run(argv: list[str]) -> None:
     out = Path(args["out"])
     if out.is_dir():
         raise UserError(f"out={out} is a folder; give the checkpoint's file name, e.g. out={out / 'model.pt'}")
+    if out.exists() and args.get("overwrite") != "true":
+        raise UserError(f"out={out} exists; choose another out=, or replace it with overwrite=true")
     try:
         model, tokenizer = import_model(args["from"])
     except PretrainedError as err:

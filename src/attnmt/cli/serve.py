@@ -12,6 +12,7 @@ flight finish for ``shutdown_timeout_s`` (30 s), cuts off what is left, then exi
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 
 import torch
@@ -41,6 +42,7 @@ def run(cfg: ServeConfig) -> None:
         from attnmt.serve.app import create_app
     except ImportError as err:
         raise UserError(f"attnmt-serve needs FastAPI and uvicorn ({err}): {install_hint('serve')}") from None
+    check_address(cfg.host, cfg.port)  # before the model loads: a typo in host= costs no minute of loading
     device = resolve_device(cfg.device, key="device")
     paths = [str(p) for p in cfg.ckpt] if isinstance(cfg.ckpt, (list, tuple)) else [str(cfg.ckpt)]
     torch.set_num_threads(engine_threads(cfg.threads))
@@ -54,6 +56,27 @@ def run(cfg: ServeConfig) -> None:
     # requests in flight finish for shutdown_timeout_s, then cancels what is left: a client that holds
     # a half-sent body cannot keep the server alive.
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=None, timeout_graceful_shutdown=cfg.shutdown_timeout_s)
+
+
+def check_address(host: str, port: int) -> None:
+    """Refuse, in one line, an address the server could not listen on: a host that is no address of
+    this machine (or no address at all), or a port in use or not allowed.
+
+    Raises:
+        UserError: naming ``host=``/``port=`` and what the system said.
+    """
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as err:
+        raise UserError(f"host={host} is no address ({getattr(err, 'strerror', None) or err}); use an address of this "
+                        "machine, e.g. 127.0.0.1 (this machine only) or 0.0.0.0 (every address)") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise UserError(f"host={host} port={port}: cannot listen there ({err.strerror}); choose another port= "
+                            "or an address of this machine") from None
 
 
 def main() -> None:
