@@ -176,6 +176,22 @@ def test_averaging_refuses_a_checkpoint_twice_an_output_that_is_an_input_and_unk
     assert (tmp_path / "a.pt").read_bytes() == before and not (tmp_path / "x.pt").exists()
 
 
+def test_a_full_disk_says_what_to_do_for_what_was_being_written(tmp_path, monkeypatch):
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match=r"not enough disk space .* lower train.keep_last, then resume"):
+        save_checkpoint(_state(), tmp_path / "last.pt")  # a training checkpoint: it resumes
+    imported = {"format": checkpoint.FORMAT, "model": build_model(tiny_config()).state_dict()}
+    with pytest.raises(CheckpointError) as refused:
+        save_checkpoint(imported, tmp_path / "model.pt")  # attnmt-import's or attnmt-average's: written again
+    assert "free some space, then run the command again" in str(refused.value)
+    assert "train." not in str(refused.value)
+
+
 def test_pickled_objects_are_refused(tmp_path):
     torch.save({"format": checkpoint.FORMAT, "model": build_model(tiny_config())}, tmp_path / "pickled.pt")
     with pytest.raises(CheckpointError, match="objects other than tensors"):

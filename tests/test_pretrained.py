@@ -8,6 +8,7 @@ configs, with SentencePiece models trained on Multi30k, and saved with ``save_pr
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -309,6 +310,48 @@ def test_import_replaces_an_existing_checkpoint_only_when_told(folders, tmp_path
     assert out.read_bytes() == b"a checkpoint of last week"
     import_.main([f"from={folders['marian']}", f"out={out}", "overwrite=true"])
     assert load_checkpoint(out)["imported_from"] == str(folders["marian"])
+
+
+class RunsCode:
+    """What a malicious pickle holds: an object whose unpickling runs a command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("damage, said", [
+    ("cut_weights", "model.safetensors: not a whole safetensors file"),
+    ("empty_weights", "model.safetensors: not a whole safetensors file"),
+    ("malicious_pickle", "pytorch_model.bin: refused: it holds objects other than tensors"),
+    ("garbage_spm", "transformers cannot read its tokenizer (RuntimeError: "),
+    ("no_target_spm", "no target.spm; attnmt tokenizes with the model's SentencePiece file"),
+    ("garbage_tokenizer_config", "transformers cannot read its tokenizer (JSONDecodeError: "),
+])
+def test_a_damaged_folder_is_one_line_naming_the_file(folders, tmp_path, damage, said):
+    import pickle
+    import shutil
+
+    folder = shutil.copytree(folders["marian"], tmp_path / "marian")
+    weights = folder / "model.safetensors"
+    if damage == "cut_weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "empty_weights":
+        weights.write_bytes(b"")
+    elif damage == "malicious_pickle":
+        weights.unlink()
+        (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"x": RunsCode(tmp_path / "ran")}))
+    elif damage == "garbage_spm":
+        (folder / "source.spm").write_bytes(b"garbage")
+    elif damage == "no_target_spm":
+        (folder / "target.spm").unlink()
+    else:
+        (folder / "tokenizer_config.json").write_text("{garbage")
+    with pytest.raises(PretrainedError, match=re.escape(said)):
+        import_model(folder)
+    assert not (tmp_path / "ran").exists()  # the pickle's command never ran
 
 
 def test_missing_sentencepiece_file_is_named(folders, tmp_path):

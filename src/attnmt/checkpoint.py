@@ -244,13 +244,16 @@ def _write_failure(path: Path, state: dict, err: BaseException) -> str:
         free = None
     full = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) or (
         free is not None and free < needed)
+    # A training run's checkpoint resumes; another (attnmt-import, attnmt-average) is written again.
+    training = "optimizer" in state
+    again = "then resume with train.resume=auto" if training else "then run the command again"
     if full:
         room = f"{free / 1e6:.1f} MB free" if free is not None else "free space unknown"
         return (f"cannot write checkpoint {path}: not enough disk space (it needs about {needed / 1e6:.1f} MB, "
-                f"{room}); free some space or lower train.keep_last, then resume with train.resume=auto "
-                "(the checkpoints already written are intact)")
+                f"{room}); free some space{' or lower train.keep_last' if training else ''}, {again} "
+                f"({'the checkpoints already written are' if training else f'{path} if it existed is'} intact)")
     reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0]
-    return f"cannot write checkpoint {path}: {reason}; make {path.parent} writable, then resume with train.resume=auto"
+    return f"cannot write checkpoint {path}: {reason}; make {path.parent} writable, {again}"
 
 
 def _tensor_bytes(obj) -> int:

@@ -27,6 +27,7 @@ without an exact attnmt equivalent) is refused in one line naming it.
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from collections.abc import Callable
 from dataclasses import asdict
@@ -170,15 +171,43 @@ def resolve(source: str | Path) -> Path:
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the folder's weight files; a file that cannot be read is one line naming it."""
     files = sorted(folder.glob("*.safetensors"))
     if files:
         from safetensors.torch import load_file
 
-        return {name: tensor for f in files for name, tensor in load_file(str(f)).items()}
-    binaries = sorted(folder.glob("pytorch_model*.bin"))
-    if binaries:
-        return {name: tensor for f in binaries for name, tensor in torch.load(f, map_location="cpu", weights_only=True).items()}
-    raise PretrainedError(f"{folder}: no model.safetensors or pytorch_model.bin; is it a save_pretrained folder?")
+        def read(path: Path) -> dict:
+            try:
+                return load_file(str(path))
+            except Exception as err:  # safetensors' own error type: a cut or empty file, not safetensors at all
+                raise PretrainedError(f"{path}: not a whole safetensors file ({_first_line(err)}); download or copy "
+                                      "it again") from None
+    else:
+        files = sorted(folder.glob("pytorch_model*.bin"))
+        if not files:
+            raise PretrainedError(f"{folder}: no model.safetensors or pytorch_model.bin; is it a save_pretrained folder?")
+
+        def read(path: Path) -> dict:
+            try:  # weights_only: a pickle that would run code is refused, never run
+                return torch.load(path, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError:
+                raise PretrainedError(f"{path}: refused: it holds objects other than tensors, and a pickle of other "
+                                      "objects could run code; get the model as model.safetensors") from None
+            except Exception as err:
+                raise PretrainedError(f"{path}: not a readable weight file ({_first_line(err)}); download or copy it "
+                                      "again") from None
+    weights = {}
+    for path in files:
+        tensors = read(path)
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise PretrainedError(f"{path}: holds no dictionary of named tensors; is it a save_pretrained folder?")
+        weights.update(tensors)
+    return weights
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _tokenizer(folder: Path, config, cfg: ModelConfig) -> Tokenizer:
@@ -192,7 +221,13 @@ def _tokenizer(folder: Path, config, cfg: ModelConfig) -> Tokenizer:
                                   f"(the hub's {config.model_type} folders have it): copy it into {folder}")
         return path.read_bytes()
 
-    hf = AutoTokenizer.from_pretrained(str(folder))
+    if config.model_type == "marian":  # MarianTokenizer fails on a missing file with a TypeError
+        read("source.spm"), read("target.spm")
+    try:
+        hf = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as err:  # a damaged SentencePiece model, tokenizer_config.json or vocabulary file
+        raise PretrainedError(f"{folder}: transformers cannot read its tokenizer ({_first_line(err)}); its tokenizer "
+                              "files are damaged: download or copy them again") from None
     kind = type(hf).__name__
     if kind.startswith("Marian"):
         src_model, tgt_model, family = read("source.spm"), read("target.spm"), "marian"

@@ -45,6 +45,7 @@ def arguments(argv: list[str]) -> dict[str, str]:
 
 
 def run(argv: list[str]) -> None:
+    from attnmt.checkpoint import CheckpointError
     from attnmt.pretrained import PretrainedError, import_model, save
 
     args = arguments(argv)
@@ -57,7 +58,10 @@ def run(argv: list[str]) -> None:
         model, tokenizer = import_model(args["from"])
     except PretrainedError as err:
         raise UserError(str(err)) from None
-    save(model, tokenizer, out, args["from"])
+    try:
+        save(model, tokenizer, out, args["from"])
+    except CheckpointError as err:  # a full disk or a folder that cannot be written
+        raise UserError(str(err)) from None
     c = model.cfg
     log.info("imported %s (%s: %d+%d layers, d_model %d, vocabulary %d, %s parameters) into %s",
              args["from"], tokenizer.vocab["family"], c.encoder_layers, c.decoder_layers, c.d_model, c.tgt_vocab_size,
