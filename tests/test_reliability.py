@@ -175,7 +175,7 @@ def test_a_second_process_in_the_same_run_dir_is_refused(tmp_path):
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_file_and_says_how_much_room_is_needed(tmp_path, monkeypatch):
-    state = {"format": checkpoint.FORMAT, "weights": torch.zeros(250_000), "step": 1}
+    state = {"format": checkpoint.FORMAT, "weights": torch.zeros(250_000), "step": 1, "optimizer": {}}  # a training run's
     save_checkpoint(state, tmp_path / "last.pt")
     before = (tmp_path / "last.pt").read_bytes()
 

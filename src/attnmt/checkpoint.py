@@ -479,15 +479,14 @@ def average_checkpoints(paths: list[str | Path], out: str | Path) -> Path:
         CheckpointError: a checkpoint given twice (it would count double), or ``out`` one of ``paths``
             (the average would replace a checkpoint it was made from).
     """
-    existing = [Path(p) for p in paths if Path(p).exists()]
-    for i, path in enumerate(existing):
-        twice = next((earlier for earlier in existing[:i] if os.path.samefile(earlier, path)), None)
+    weights = average_model_states(paths)  # each checkpoint loaded and checked first
+    for i, path in enumerate(paths):
+        twice = next((earlier for earlier in paths[:i] if os.path.samefile(earlier, path)), None)
         if twice is not None:
             raise CheckpointError(f"{path} is given twice ({twice}); each checkpoint is averaged once")
         if Path(out).exists() and os.path.samefile(out, path):
             raise CheckpointError(f"the output {out} is the input {path}: the average would replace a checkpoint it "
                                   "is made from; write it to another file")
-    weights = average_model_states(paths)
     state = load_checkpoint(paths[-1])
     state["model"] = weights
     state["averaged_from"] = [str(p) for p in paths]

@@ -221,8 +221,8 @@ def _tokenizer(folder: Path, config, cfg: ModelConfig) -> Tokenizer:
                                   f"(the hub's {config.model_type} folders have it): copy it into {folder}")
         return path.read_bytes()
 
-    if config.model_type == "marian":  # MarianTokenizer fails on a missing file with a TypeError
-        read("source.spm"), read("target.spm")
+    if config.model_type == "marian" and not (folder / ATTNMT_SPM).is_file():  # MarianTokenizer fails on a
+        read("source.spm"), read("target.spm")  # missing file with a TypeError; attnmt's exports hold ATTNMT_SPM
     try:
         hf = AutoTokenizer.from_pretrained(str(folder))
     except Exception as err:  # a damaged SentencePiece model, tokenizer_config.json or vocabulary file
