@@ -7,6 +7,7 @@ configs, with SentencePiece models trained on Multi30k, and saved with ``save_pr
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -227,6 +228,42 @@ def test_a_fine_tune_of_an_imported_model_resumes_any_number_of_times(folders, t
         last = load_checkpoint(run / "checkpoints" / "last.pt")
         assert last["step"] == steps and last["model_config"]["d_model"] == model.cfg.d_model
     assert last["init_from"] == str(tmp_path / "marian.pt")
+
+
+@pytest.mark.parametrize("architecture", ["marian", "m2m_100", "nllb"])
+def test_the_ctranslate2_readme_recipe_translates_an_imported_model_as_attnmt_does(folders, tmp_path, test_lines,
+                                                                                   architecture):
+    """The Python in the README that attnmt-export to=ctranslate2 writes, run as a user would (its example
+    line replaced by 30 test sentences): it runs, and its greedy version gives attnmt's tokens."""
+    pytest.importorskip("ctranslate2")
+    from attnmt.export import ctranslate2 as ct2_export
+    from attnmt.inference.ctranslate2 import CTranslate2Backend
+
+    model, tokenizer = import_model(folders[architecture])
+    ct2_export.export(model, tokenizer, tmp_path / "model")
+    code = (tmp_path / "model" / "README.md").read_text().split("```python\n")[1].split("```")[0]
+    lines = test_lines[:30]
+    code = code.replace('lines = ["Ein Hund rennt durch das Gras."]', f"lines = {lines!r}")
+    # These random-weight models stop at the length limit, where CTranslate2 keeps a last token that
+    # attnmt replaces by EOS: compare greedy tokens, attnmt's against the recipe's first ones.
+    greedy = code.replace("beam_size=5", "beam_size=1") + "\nprint([result.hypotheses[0] for result in results])\n"
+    outputs = []
+    for script in (code, greedy):
+        proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outputs.append(proc.stdout.strip().splitlines())
+    assert len(ast.literal_eval(outputs[0][-1])) == len(lines)
+    recipe = ast.literal_eval(outputs[1][-1])  # each line's pieces, the target prefix included
+    direction = ct2_export.example_direction(tokenizer)
+    assert (direction is None) == (architecture == "marian")
+    backend = CTranslate2Backend(tmp_path / "model")
+    src_lang, tgt_lang = direction or (None, None)
+    engine = Engine("ctranslate2", backend, backend.tokenizer, {},
+                    *language_prefixes(backend.tokenizer, None, tgt_lang, src_lang))
+    cfg = decode_config(beam_size=1, max_len_a=0.0, max_len_b=model.cfg.max_positions - 1, min_len=0)
+    ours = [t.tokens[0] for t in engine.translate(lines, cfg)]  # the target prefix included
+    same = sum(backend.tokenizer.tgt_pieces(a) == b[: len(a)] for a, b in zip(ours, recipe))
+    assert same == len(lines), [(backend.tokenizer.tgt_pieces(a)[:8], b[:8]) for a, b in zip(ours, recipe)][:3]
 
 
 def test_import_command_refuses_in_one_line(tmp_path):

@@ -180,7 +180,7 @@ def export(model: Transformer, tokenizer: Tokenizer, out: str | Path, quantizati
         spec.save(str(tmp))
         for name, data in spm_files.items():
             (tmp / name).write_bytes(data)
-        (tmp / "README.md").write_text(_readme(Path(out).name, spm_files, model.cfg, meta["quantization"], tokenizer.tags))
+        (tmp / "README.md").write_text(_readme(Path(out).name, spm_files, model.cfg, meta["quantization"], tokenizer))
         # Written last, with every other file's size: what a cached conversion is checked against.
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         (tmp / META_FILE).write_text(json.dumps({**meta, "files": files}, indent=2) + "\n")
@@ -188,11 +188,42 @@ def export(model: Transformer, tokenizer: Tokenizer, out: str | Path, quantizati
     return write_directory(out, fill)
 
 
-def _readme(name: str, spm_files: dict[str, bytes], cfg: ModelConfig, quantization: str, tags: list[str]) -> str:
+def example_direction(tokenizer: Tokenizer) -> tuple[str, str] | None:
+    """A direction to show in the README of a model with language codes (M2M100, NLLB): German to
+    English where it has them, else its first two languages; None for a model without codes."""
+    langs = sorted(tokenizer.languages)
+    if len(langs) < 2:
+        return None
+    pick = [next((code for code in langs if code in wanted), None) for wanted in (("de", "deu_Latn"), ("en", "eng_Latn"))]
+    return (pick[0], pick[1]) if None not in pick else (langs[0], langs[1])
+
+
+def _readme(name: str, spm_files: dict[str, bytes], cfg: ModelConfig, quantization: str, tokenizer: Tokenizer) -> str:
+    """How to run the export without attnmt: CTranslate2 and SentencePiece, with the model's own
+    special pieces (what it never generates, where its translations start) and, for a model of
+    several languages, the pieces that ask for a direction (attnmt's tags, or M2M100/NLLB codes)."""
+    from attnmt.decoding import never_generated
+
     src_spm, tgt_spm = (JOINT_SPM, JOINT_SPM) if JOINT_SPM in spm_files else (SOURCE_SPM, TARGET_SPM)
-    prefix = "" if not tags else f"[\"{tags[0]}\"] + "
-    tagged = "" if not tags else (f"\nThis model reads a tag before each source: {', '.join(f'`{t}`' for t in tags)} "
-                                  "(`<2xx>` asks for language xx); put it before a line's pieces, as above.\n")
+    never = dict.fromkeys(never_generated(cfg.pad_id, cfg.bos_id, cfg.eos_id))  # Marian starts from <pad>: once
+    suppress = [[piece] for piece in tokenizer.tgt_pieces(list(never))]
+    direction, prefix, tgt_prefix = example_direction(tokenizer), [], []
+    if direction is not None:
+        prefix_ids, tgt_prefix_ids = tokenizer.direction_ids(*direction)
+        prefix, tgt_prefix = tokenizer.src_pieces(prefix_ids), tokenizer.tgt_pieces(tgt_prefix_ids)
+    elif tokenizer.tags:
+        prefix = [tokenizer.tags[0]]
+    note = ""
+    if tokenizer.tags:
+        note = (f"\nThis model reads a tag before each source: {', '.join(f'`{t}`' for t in tokenizer.tags)} "
+                "(`<2xx>` asks for language xx); put it before a line's pieces, as above.\n")
+    elif direction is not None:
+        note = (f"\nThis model translates between {len(tokenizer.languages)} languages: the source language's code "
+                f"goes before the source ({prefix}), the target language's code starts the translation "
+                f"(`target_prefix`, {tgt_prefix}), as above for {direction[0]} to {direction[1]}.\n")
+    options = f"target_prefix=[{tgt_prefix!r}] * len(source), " if tgt_prefix else ""
+    before = f"{prefix!r} + " if prefix else ""
+    after = f"[{len(tgt_prefix)}:]" if tgt_prefix else ""  # the target language's code is no text
     return f"""# {name}: an attnmt model for CTranslate2
 
 Written by `attnmt-export to=ctranslate2` (weights: {quantization}). `model.bin`, `config.json` and the
@@ -211,15 +242,15 @@ def normalize(line):  # what attnmt does to every input: NFKC, whitespace collap
     return " ".join(unicodedata.normalize("NFKC", line).split())
 
 lines = ["Ein Hund rennt durch das Gras."]
-source = [{prefix}source_sp.encode(normalize(line), out_type=str) for line in lines]  # </s> is appended by CTranslate2
+source = [{before}source_sp.encode(normalize(line), out_type=str) for line in lines]  # </s> is appended by CTranslate2
 results = translator.translate_batch(
-    source, beam_size=5, max_input_length=0,
+    source, {options}beam_size=5, max_input_length=0,
     max_decoding_length={cfg.max_positions},  # attnmt: 1.5 * source tokens + 10, at most {cfg.max_positions - 1}
-    suppress_sequences=[["<pad>"], ["<s>"]],  # attnmt never generates these
+    suppress_sequences={suppress!r},  # attnmt never generates these
 )
-print([target_sp.decode(result.hypotheses[0]) for result in results])
+print([target_sp.decode(result.hypotheses[0]{after}) for result in results])
 ```
 
 Or through attnmt, with its command-line contract: `attnmt-translate ckpt=CHECKPOINT engine=ctranslate2`.
 CTranslate2 ranks beams by log P / length ** len_penalty; attnmt by GNMT's ((5 + length) / 6) ** len_penalty.
-{tagged}"""
+{note}"""
