@@ -634,3 +634,25 @@ def test_workers_stop_with_a_checkpoint_when_the_torchrun_agent_is_killed(tmp_pa
     assert "the torchrun agent exited" in out and "Traceback" not in out, out[-3000:]
     step = load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"]
     assert step >= 10 and (run_dir / "checkpoints" / f"step_{step}.pt").is_file()
+
+
+def test_text_changed_inside_a_sealed_cache_file_is_found_and_rebuilt_from_the_source(tmp_path, caplog):
+    """Bytes changed inside the raw copy, its size kept: its seal's size check cannot see it; its text's
+    SHA-256, taken again at every training start, does."""
+    from attnmt import data
+    from conftest import FIXTURE_CORPUS, data_config
+
+    cfg = data_config(root=str(FIXTURE_CORPUS), cache_dir=str(tmp_path / "cache"))
+    expected = data.corpus_fingerprint(cfg)
+    (path,) = (tmp_path / "cache").glob("raw-*.arrow")
+    word = (FIXTURE_CORPUS / "train.de").read_text(encoding="utf-8").split()[1].encode()
+    content = path.read_bytes()
+    at = content.index(word)
+    path.write_bytes(content[:at] + word[::-1] + content[at + len(word):])  # same size, other text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="attnmt.data"):
+        again = data.corpus_fingerprint(cfg)
+    assert again == expected
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and f"cache file {path} does not hold the text its seal records" in warnings[0], warnings
+    assert path.read_bytes() == content  # rebuilt from the source
