@@ -656,3 +656,23 @@ def test_text_changed_inside_a_sealed_cache_file_is_found_and_rebuilt_from_the_s
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and f"cache file {path} does not hold the text its seal records" in warnings[0], warnings
     assert path.read_bytes() == content  # rebuilt from the source
+
+
+def test_a_copied_cache_is_used_where_it_lies(tmp_path, caplog):
+    """Cache entries are named by what they were made from, not by the folder they were built in: a
+    cache copied elsewhere (another machine, a read-only mount at another path) is used as it is."""
+    import shutil
+    from dataclasses import replace
+
+    from attnmt.training import prepare_data
+    from conftest import FIXTURE_CORPUS, data_config
+
+    cfg = data_config(root=str(FIXTURE_CORPUS), cache_dir=str(tmp_path / "built"), tokenizer=tokenizer_config(vocab_size=400))
+    prepare_data(cfg, tmp_path / "run-1" / "tokenizer")
+    shutil.copytree(tmp_path / "built", tmp_path / "copied")
+    files = sorted(str(p.relative_to(tmp_path / "copied")) for p in (tmp_path / "copied").rglob("*"))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="attnmt.data"):
+        prepare_data(replace(cfg, cache_dir=str(tmp_path / "copied")), tmp_path / "run-2" / "tokenizer")
+    assert sorted(str(p.relative_to(tmp_path / "copied")) for p in (tmp_path / "copied").rglob("*")) == files
+    assert "training the tokenizer" not in caplog.text and "reusing the tokenizer" in caplog.text

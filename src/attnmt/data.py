@@ -655,8 +655,16 @@ def _read(cfg: DataConfig, split: str) -> tuple[datasets.Dataset, str, dict]:
         rows, sha256 = _write_pairs(path, batches(), f"reading the {split} split")
         return [path], rows, {"sha256": sha256, "source_files": [p for p, _, _ in sources], "origin": origin}
 
+    def load() -> datasets.Dataset:
+        ds = datasets.Dataset.from_file(str(path))
+        # Named by what it was made from, not by where the cache lies (datasets' own fingerprint of a
+        # file is its path): every entry keyed after it is then found again in a copied, moved or
+        # mounted cache.
+        ds._fingerprint = key
+        return ds
+
     needs = sum(size for _, size, _ in sources) or 1 << 20
-    ds, seal = _cached(path, build, lambda: datasets.Dataset.from_file(str(path)), needs)
+    ds, seal = _cached(path, build, load, needs)
     return ds, origin, seal
 
 
