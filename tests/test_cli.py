@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import select
 import subprocess
 import sys
@@ -286,20 +287,21 @@ def test_text_with_quotes_and_brackets_translates_as_one_line(trained_checkpoint
 
 
 def test_an_output_that_is_an_input_is_refused_before_any_work(trained_checkpoint, tmp_path) -> None:
+    from attnmt.cli.common import UserError, output_file
+
     src = tmp_path / "in.de"
     src.write_text("Ein Hund läuft.\nZwei Katzen.\n", encoding="utf-8")
-    link = tmp_path / "same-file.de"
-    os.link(src, link)  # another name for the same file
-    for args, message in [
-        ((f"input={src}", f"output={src}"), f"output={src} is the input input={src}"),
-        ((f"input={src}", f"output={link}"), f"output={link} is the input input={src}"),
-        ((f"input={src}", f"output={trained_checkpoint}"), f"is the input ckpt={trained_checkpoint}"),
-    ]:
-        result = run("translate", f"ckpt={trained_checkpoint}", *args)
-        assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert message in result.stderr.strip().splitlines()[-1], result.stderr
+    result = run("translate", f"ckpt={trained_checkpoint}", f"input={src}", f"output={src}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"output={src} is the input input={src}" in result.stderr.strip().splitlines()[-1], result.stderr
     result = run("evaluate", f"ckpt={trained_checkpoint}", f"src={src}", f"ref={src}", f"hyp={src}")
     assert result.returncode == 2 and f"hyp={src} is the input src={src}" in result.stderr.strip().splitlines()[-1]
+    link = tmp_path / "same-file.de"
+    os.link(src, link)  # another name for the same file
+    for path, inputs, message in [(link, {"input": str(src)}, f"output={link} is the input input={src}"),
+                                  (trained_checkpoint, {"ckpt": [str(trained_checkpoint)]}, "is the input ckpt=")]:
+        with pytest.raises(UserError, match=re.escape(message)), output_file(str(path), "output", inputs):
+            pass
     assert src.read_text(encoding="utf-8") == "Ein Hund läuft.\nZwei Katzen.\n"
     assert trained_checkpoint.stat().st_size > 10_000
 
@@ -318,3 +320,19 @@ def test_an_output_appears_whole_or_not_at_all(trained_checkpoint, tmp_path) -> 
     assert run("translate", f"ckpt={trained_checkpoint}", f"input={good}", f"output={out}").returncode == 0
     assert out.read_text(encoding="utf-8").splitlines() == translate_alone(trained_checkpoint, ["Der Hund läuft."],
                                                                            beam_size=5)
+
+
+def test_an_output_through_a_link_or_to_a_device_keeps_the_link_and_the_device(tmp_path) -> None:
+    from attnmt.cli.common import output_file
+
+    real = tmp_path / "real.en"
+    real.write_text("old\n", encoding="utf-8")
+    link = tmp_path / "link.en"
+    link.symlink_to(real)
+    with output_file(str(link), "output", {}) as out:
+        out.write("new\n")
+    assert link.is_symlink() and real.read_text(encoding="utf-8") == "new\n"
+    with output_file("/dev/null", "output", {}) as out:  # written as it is: no temporary file in /dev, no rename
+        out.write("anything\n")
+    assert Path("/dev/null").is_char_device()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.en", "real.en"]

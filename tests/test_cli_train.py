@@ -152,19 +152,29 @@ def test_config_error_fails_at_start_with_one_line(tmp_path, overrides, message)
     assert not (run_dir / "train.log").exists()
 
 
+def test_a_misspelt_command_line_fails_in_one_line_before_anything_is_written(tmp_path):
+    """attnmt's one line and exit status 2, where Hydra's own message (exit status 1) advised +key=."""
+    proc = run_train(tmp_path, "model=tinyy", timeout=60)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "model=tinyy: configs/model/ has no tinyy.yaml; did you mean model=tiny? the options are base, big, small, " \
+           "tiny" in errors[0]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("argument, message", [
     ("train.max_step=10", "train.max_step=10: train.yaml has no key 'train.max_step'; did you mean train.max_steps"),
-    ("model=tinyy", "model=tinyy: configs/model/ has no tinyy.yaml; did you mean model=tiny? the options are base, "
-                    "big, small, tiny"),
     ("data=multi31k", "data=multi31k: configs/data/ has no multi31k.yaml; did you mean data=multi30k?"),
     ("optim.lr=abc", "optim.lr=abc: Value 'abc' of type 'str' could not be converted to Float"),
     ("train.freeze=encoder", "train.freeze is a list: write train.freeze=[encoder]"),
 ])
-def test_a_misspelt_command_line_fails_in_one_line_before_anything_is_written(tmp_path, argument, message):
-    """attnmt's one line and exit status 2, where Hydra's own message (exit status 1) advised +key=."""
-    proc = run_train(tmp_path, argument, timeout=60)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
-    assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
-    assert not (tmp_path / "run").exists()
+def test_the_command_lines_check_names_the_closest_key_or_option(argument, message):
+    from attnmt.cli.common import UserError
+    from attnmt.cli.train import check_command_line
+
+    with pytest.raises(UserError) as refused:
+        check_command_line(["model=tiny", argument])
+    assert message in str(refused.value)
+    check_command_line(["model=tiny", "train.max_steps=10", "+hydra.job.chdir=false", "--cfg", "job"])  # left to Hydra

@@ -328,6 +328,8 @@ def test_import_uses_every_tensor_of_the_folder_or_says_which_it_would_drop(fold
         return
     with pytest.raises(PretrainedError, match=re.escape(said)):
         import_model(folder)
+    if "lm_head" in extra:
+        return  # the command's one line, once:
     proc = subprocess.run([sys.executable, "-m", "attnmt.cli.import_", f"from={folder}", f"out={tmp_path / 'x.pt'}"],
                           capture_output=True, text=True)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("attnmt-import: error:")]

@@ -247,6 +247,15 @@ def output_file(path: str, key: str, inputs: dict[str, str | list | None]) -> It
             if source is not None and target.exists() and Path(source).exists() and os.path.samefile(target, source):
                 raise UserError(f"{key}={path} is the input {name}={source}: writing it would destroy what is read; "
                                 f"choose another {key}")
+    if target.exists() and not target.is_file():  # a device or a pipe (/dev/stdout, /dev/null, a FIFO): no rename
+        try:
+            stream = open(target, "w", encoding="utf-8")
+        except OSError as err:
+            raise UserError(f"cannot write {key}={path}: {err.strerror}") from None
+        with stream:
+            yield stream
+        return
+    target = target.resolve() if target.is_symlink() else target  # replace the file a link names, not the link
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     try:
         handle = open(tmp, "w", encoding="utf-8")
