@@ -82,8 +82,11 @@ def check_command_line(argv: list[str]) -> None:
             hint = f"did you mean {group}={close[0]}? " if close else ""
             raise UserError(f"{override.input_line}: configs/{group}/ has no {option}.yaml; {hint}the options are "
                             f"{', '.join(options)}")
-    with initialize_config_dir(config_dir=str(root), version_base=None):
-        cfg = compose(config_name="train", overrides=[o.input_line for o in chosen])
+    try:
+        with initialize_config_dir(config_dir=str(root), version_base=None):
+            cfg = compose(config_name="train", overrides=[o.input_line for o in chosen])
+    except Exception:  # a choice Hydra composes otherwise (e.g. decode@...): Hydra itself says what is wrong
+        return
     apply_overrides(cfg, [o for o in parsed if o.key_or_group not in groups], "train")
 
 
