@@ -317,14 +317,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as e:  # noqa: BLE001 - torch raises KeyError, IndexError, RuntimeError... on files that are not checkpoints
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({path.stat().st_size} bytes; truncated or corrupt, or not a torch "
-            f"checkpoint?): {_first_line(e)}"
+            f"checkpoint?): {first_line(e)}"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not an attnmt checkpoint (expected format {FORMAT!r})")
     return state
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """An exception as one line for a message: its type and the first line of its text."""
     text = str(err).strip()
     return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
 
@@ -503,7 +504,7 @@ def load_weights(model: nn.Module, weights: dict, path: str | Path, what: str = 
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
-        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), _first_line(err))
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), first_line(err))
         raise CheckpointError(f"{path}: its weights do not match {what} ({detail})") from None
 
 
@@ -545,7 +546,7 @@ def tokenizer_of(state: dict, path: str | Path) -> Tokenizer:
     try:
         return Tokenizer.from_state(state["tokenizer"])
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: its tokenizer cannot be rebuilt ({_first_line(err)})") from None
+        raise CheckpointError(f"{path}: its tokenizer cannot be rebuilt ({first_line(err)})") from None
 
 
 def load_model_weights(model: nn.Module, state: dict, path: str | Path, what: str = "its model_config") -> None:

@@ -678,7 +678,7 @@ def corpus_fingerprint(cfg: DataConfig, split: str = "train") -> dict:
     warning naming it."""
     ds, origin, seal = _read(cfg, split)
     if _text_digests(ds) != seal["sha256"]:
-        path = cache_root(cfg) / Path(ds.cache_files[0]["filename"]).name
+        path = Path(ds.cache_files[0]["filename"])
         del ds  # its memory map, before the file is removed
         _discard(path, "does not hold the text its seal records (changed after it was written)")
         _, origin, seal = _read(cfg, split)

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from attnmt import install_hint
+from attnmt.checkpoint import first_line
 from attnmt.config import ModelConfig
 from attnmt.model import Transformer, build_model
 from attnmt.tokenizer import Tokenizer
@@ -180,7 +181,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
             try:
                 return load_file(str(path))
             except Exception as err:  # safetensors' own error type: a cut or empty file, not safetensors at all
-                raise PretrainedError(f"{path}: not a whole safetensors file ({_first_line(err)}); download or copy "
+                raise PretrainedError(f"{path}: not a whole safetensors file ({first_line(err)}); download or copy "
                                       "it again") from None
     else:
         files = sorted(folder.glob("pytorch_model*.bin"))
@@ -194,7 +195,7 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
                 raise PretrainedError(f"{path}: refused: it holds objects other than tensors, and a pickle of other "
                                       "objects could run code; get the model as model.safetensors") from None
             except Exception as err:
-                raise PretrainedError(f"{path}: not a readable weight file ({_first_line(err)}); download or copy it "
+                raise PretrainedError(f"{path}: not a readable weight file ({first_line(err)}); download or copy it "
                                       "again") from None
     weights = {}
     for path in files:
@@ -203,11 +204,6 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
             raise PretrainedError(f"{path}: holds no dictionary of named tensors; is it a save_pretrained folder?")
         weights.update(tensors)
     return weights
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
 
 
 def _tokenizer(folder: Path, config, cfg: ModelConfig) -> Tokenizer:
@@ -226,7 +222,7 @@ def _tokenizer(folder: Path, config, cfg: ModelConfig) -> Tokenizer:
     try:
         hf = AutoTokenizer.from_pretrained(str(folder))
     except Exception as err:  # a damaged SentencePiece model, tokenizer_config.json or vocabulary file
-        raise PretrainedError(f"{folder}: transformers cannot read its tokenizer ({_first_line(err)}); its tokenizer "
+        raise PretrainedError(f"{folder}: transformers cannot read its tokenizer ({first_line(err)}); its tokenizer "
                               "files are damaged: download or copy them again") from None
     kind = type(hf).__name__
     if kind.startswith("Marian"):
