@@ -25,6 +25,7 @@ httpx = pytest.importorskip("httpx", reason="the API tests need httpx: pip insta
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from attnmt.config import ConfigError  # noqa: E402
 from attnmt.serve.app import create_app  # noqa: E402
 
 FIXTURE_LINES = (FIXTURE_CORPUS / "test.de").read_text(encoding="utf-8").splitlines()
@@ -460,6 +461,34 @@ def test_sigterm_ends_the_server_within_its_grace_whatever_a_client_does(server)
         sock.close()
 
 
+def test_sigterm_ends_the_server_within_its_grace_while_a_client_leaves_a_large_answer_unread(server, multi30k) -> None:
+    """The other client that could hold a server: one that asks for megabytes (the attention maps of
+    many lines) and never reads them, so that the server's write waits; the grace ends it too."""
+    running = server("shutdown_timeout_s=2")
+    # 150 lines: about 12 MB of maps, within the 4 million weights a request may ask for.
+    lines = (multi30k / "valid.de").read_text(encoding="utf-8").splitlines()[:150]
+    body = json.dumps({"text": lines, "attention": True}).encode()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the answer stays on the server
+    sock.connect(("127.0.0.1", running.port))
+    try:
+        sock.sendall(b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.perf_counter() + 60
+        while httpx.get(f"{running.url}/health", timeout=10).json()["translated_lines"] < len(lines):
+            assert time.perf_counter() < deadline, "the request was not translated in time"
+            time.sleep(0.1)
+        time.sleep(1.0)  # its answer is being written, and waits for a reader
+        started = time.perf_counter()
+        status, log = running.stop(timeout=30)
+        assert time.perf_counter() - started < 2 + 10, log
+        assert status in (0, -signal.SIGTERM), log
+        # The write was waiting (the test made the case it means to): uvicorn cut it off at the grace.
+        assert "timeout graceful shutdown exceeded" in log, log
+    finally:
+        sock.close()
+
+
 def test_a_client_gone_while_sending_its_body_is_one_line_not_a_traceback(server) -> None:
     running = server()
     for _ in range(3):
@@ -471,6 +500,26 @@ def test_a_client_gone_while_sending_its_body_is_one_line_not_a_traceback(server
     _, log = running.stop()
     assert log.count("disconnected before its request was read") == 3, log
     assert "Traceback" not in log and "ClientDisconnect" not in log, log
+
+
+def test_serve_sizes_the_kernel_cache_before_the_model_runs(trained_checkpoint, monkeypatch) -> None:
+    """kernel_cache= reaches oneDNN only if set before the first matmul: before the engine opens."""
+    import uvicorn
+
+    from attnmt.cli import serve as serve_command
+    from attnmt.model import linear
+
+    for name in linear.KERNEL_CACHES:
+        monkeypatch.delenv(name, raising=False)
+    seen = []
+    open_engine = serve_command.open_engine
+    monkeypatch.setattr(serve_command, "open_engine", lambda *args, **kwargs: seen.append(
+        [os.environ.get(name) for name in linear.KERNEL_CACHES]) or open_engine(*args, **kwargs))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **settings: None)
+    serve_command.run(serve_config(trained_checkpoint, "threads=1", "kernel_cache=32"))
+    assert seen == [["32", "32"]]
+    with pytest.raises(ConfigError, match="kernel_cache=0 must be at least 1"):
+        serve_command.run(serve_config(trained_checkpoint, "kernel_cache=0"))
 
 
 def test_a_model_of_many_languages_is_served_without_default_languages(tmp_path, multi30k, monkeypatch,
