@@ -21,8 +21,15 @@ count; the next repetition in reverse order) and the table holds medians of ``--
 Start-up: the seconds from starting ``attnmt-serve`` to its first answered translation (the median of
 ``--repeats`` starts).
 
+Memory (``--rss-at 1000,5000,10000,20000``, instead of the table above): the server's resident memory
+(VmRSS, Linux) at its first answer and once that many requests have been answered, each client
+sending one line a request (the input's lines in turn) until the last count; for each search and
+client count, with attnmt-serve's ``kernel_cache`` (256 compiled matmul kernels kept) and with torch's
+own 1,024, the two interleaved; requests per second beside each.
+
     python scripts/bench_serve.py --ckpt runs/quickstart/checkpoints/best.pt
     python scripts/bench_serve.py --ckpt PATH --input test.de --lines 1000 --clients 1,8,32 --repeats 3
+    python scripts/bench_serve.py --ckpt PATH --rss-at 1000,5000,10000,20000 --clients 1,16 --searches greedy
 
 Needs ``pip install -e '.[serve]'``. See docs/BENCHMARKS.md for the figures.
 """
@@ -49,6 +56,8 @@ from _machine import machine
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCHES = {"greedy": {"beam_size": 1}, "beam5": {"beam_size": 5}}
+KERNEL_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # attnmt.model.linear's
+TORCH_KERNEL_CACHE = 1024  # what torch keeps in each without a setting
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,8 +73,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=at_least(1), default=3, help="runs of each row; the table has medians")
     parser.add_argument("--threads", type=at_least(0), default=0,
                         help="the server's threads= (default 0: attnmt-serve's own, all cores but one)")
+    parser.add_argument("--batching", choices=["per_call", "continuous"], default="per_call",
+                        help="the server's batching= (default per_call, attnmt-serve's)")
     parser.add_argument("--timeout", type=positive, default=600, help="seconds one run may take (default 600)")
+    parser.add_argument("--rss-at", type=positive_list, default=None,
+                        help="measure memory instead: the server's RSS once this many requests are answered, "
+                             "comma-separated (e.g. 1000,5000,10000,20000; Linux)")
     args = parser.parse_args(argv)
+    if args.rss_at is not None:
+        args.rss_at = sorted(set(args.rss_at))
+        if not Path("/proc/self/status").is_file():
+            parser.error("--rss-at reads the server's memory in /proc/PID/status, which this system has not")
     args.searches = args.searches.split(",")
     unknown = [s for s in args.searches if s not in SEARCHES]
     if unknown:
@@ -119,12 +137,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(ckpt: Path, log, threads: int = 0) -> tuple[subprocess.Popen, int]:
+def start_server(ckpt: Path, log, threads: int = 0, batching: str = "per_call",
+                 kernel_cache: int | None = None) -> tuple[subprocess.Popen, int]:
+    """``attnmt-serve`` on a free port (``kernel_cache``: its setting; None: the server's default)."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "attnmt.cli.serve", f"ckpt={ckpt}", "device=cpu", f"port={port}",
-                                f"threads={threads}"],
-                               stdout=log, stderr=subprocess.STDOUT)
+    overrides = [f"ckpt={ckpt}", "device=cpu", f"port={port}", f"threads={threads}", f"batching={batching}"]
+    if kernel_cache is not None:
+        overrides.append(f"kernel_cache={kernel_cache}")
+    env = {name: value for name, value in os.environ.items() if name not in KERNEL_CACHES}  # the setting decides
+    process = subprocess.Popen([sys.executable, "-m", "attnmt.cli.serve", *overrides], stdout=log,
+                               stderr=subprocess.STDOUT, env=env)
     return process, port
+
+
+def rss_mb(pid: int) -> float:
+    """The resident memory of process ``pid`` in MB (VmRSS)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
 
 
 def stop_server(process: subprocess.Popen) -> None:
@@ -201,6 +232,72 @@ async def load(port: int, lines: list[str], clients: int, decode: dict, timeout:
     return time.perf_counter() - start, latencies, texts
 
 
+async def load_until(port: int, pid: int, lines: list[str], clients: int, decode: dict, counts: list[int],
+                     timeout: float) -> tuple[list[float], float]:
+    """The server's RSS (MB) once each of ``counts`` requests have been answered, ``clients`` clients
+    sending one line a request (the lines in turn) until the last count; and the requests a second."""
+    sent = iter(range(counts[-1]))
+    answered = 0
+    rss: list[float] = []
+
+    async def client() -> None:
+        nonlocal answered
+        connection = Connection(port)
+        try:
+            for i in sent:
+                status, answer = await connection.post("/translate", {"text": [lines[i % len(lines)]], **decode})
+                if status != 200:
+                    raise RuntimeError(f"request {i + 1}: HTTP {status}: {answer}")
+                answered += 1
+                if answered == counts[len(rss)]:
+                    rss.append(rss_mb(pid))
+        finally:
+            connection.close()
+
+    start = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(client() for _ in range(clients))), timeout)
+    return rss, counts[-1] / (time.perf_counter() - start)
+
+
+def memory(args: argparse.Namespace) -> None:
+    """The ``--rss-at`` table: the server's memory as requests are answered, rows padded and not."""
+    log = tempfile.TemporaryFile()
+    runs: dict[tuple[str, int, int | None], list[tuple[float, list[float], float]]] = {}
+    caches = (None, TORCH_KERNEL_CACHE)
+    for repeat in range(args.repeats):
+        for search in args.searches:
+            for clients in args.clients:
+                for cache in caches if repeat % 2 == 0 else caches[::-1]:
+                    process, port = start_server(args.ckpt, log, args.threads, args.batching, cache)
+                    try:
+                        asyncio.run(first_answer(port, time.perf_counter() + args.timeout))
+                        start = rss_mb(process.pid)
+                        rss, rate = asyncio.run(load_until(port, process.pid, args.source_lines, clients,
+                                                           SEARCHES[search], args.rss_at, args.timeout))
+                    finally:
+                        stop_server(process)
+                    runs.setdefault((search, clients, cache), []).append((start, rss, rate))
+
+    print(f"## attnmt-serve's memory: {args.ckpt}, one line a request ({len(args.source_lines)} lines of "
+          f"{args.input.name} in turn), median of {args.repeats}, server threads={args.threads}, "
+          f"batching={args.batching}")
+    print(f"{machine()}, {datetime.now().strftime('%Y-%m-%d %H:%M')}\n")
+    print("| search | clients | kernels kept | RSS at first answer | "
+          + " | ".join(f"after {count:,}" for count in args.rss_at) + " | growth | requests/s |")
+    print("|---|---:|---|---:|" + "---:|" * len(args.rss_at) + "---:|---:|")
+    for search in args.searches:
+        for clients in args.clients:
+            for cache in caches:
+                found = runs[search, clients, cache]
+                start = statistics.median(run[0] for run in found)
+                at = [statistics.median(run[1][i] for run in found) for i in range(len(args.rss_at))]
+                rate = statistics.median(run[2] for run in found)
+                kept = "attnmt-serve's kernel_cache" if cache is None else f"{cache} (torch's own)"
+                print(f"| {search} | {clients} | {kept} | "
+                      f"{start:.0f} MB | " + " | ".join(f"{mb:.0f} MB" for mb in at)
+                      + f" | {at[-1] - start:+.0f} MB | {rate:.1f} |")
+
+
 async def health(port: int) -> dict:
     """The server's counters (``GET /health``)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -217,6 +314,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.rss_at is not None:
+        memory(args)
+        return
     lines = args.source_lines
     log = tempfile.TemporaryFile()
 
@@ -224,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     starts = []
     for _ in range(args.repeats):
         began = time.perf_counter()
-        process, port = start_server(args.ckpt, log, args.threads)
+        process, port = start_server(args.ckpt, log, args.threads, args.batching)
         try:
             asyncio.run(first_answer(port, began + args.timeout))
             starts.append(time.perf_counter() - began)
@@ -236,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     worker = ctx.Process(target=command_worker, args=(str(args.ckpt), lines, args.threads, jobs, results),
                         daemon=True)
     worker.start()
-    process, port = start_server(args.ckpt, log, args.threads)
+    process, port = start_server(args.ckpt, log, args.threads, args.batching)
     command: dict[str, list[float]] = {s: [] for s in args.searches}
     alone: dict[tuple[str, int], list[float]] = {}
     served: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
@@ -274,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
         worker.join(30)
 
     print(f"## attnmt-serve: {args.ckpt}, {len(lines)} lines of {args.input.name}, median of {args.repeats}, "
-          f"server threads={args.threads}")
+          f"server threads={args.threads}, batching={args.batching}")
     print(f"{machine()}, {datetime.now().strftime('%Y-%m-%d %H:%M')}\n")
     print(f"start to first answer: {statistics.median(starts):.2f} s (runs: {', '.join(f'{s:.2f}' for s in starts)})\n")
     print("| search | clients | sentences/s | vs attnmt-translate | the engine alone, lines a call = clients | p50 ms | "

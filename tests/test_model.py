@@ -4,6 +4,10 @@ invariance, cached decoding, and that both norm placements learn."""
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -406,6 +410,66 @@ def test_packed_linear_equals_f_linear_and_follows_weight_updates(optimizer: str
         layer.weight.data.mul_(2.0)  # .data bypasses the version counter: eval() drops the pack
         layer.eval()
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+KERNELS = """
+import os, sys
+import torch
+from attnmt.model import linear
+if sys.argv[1] != "torch":
+    linear.limit_kernel_cache(int(sys.argv[1]))
+torch.set_num_threads(1)
+
+def rss_mb():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS:")) / 1024
+
+layer = linear.Linear(256, 256).eval()
+x = torch.randn(700, 256)
+with torch.inference_mode():
+    layer(x[:1])
+    start = rss_mb()
+    for rows in range(2, 600):  # a shape each: each a kernel compiled
+        layer(x[:rows])
+print(rss_mb() - start)
+"""
+
+
+def test_a_small_kernel_cache_bounds_the_memory_of_many_shapes(tmp_path) -> None:
+    """oneDNN keeps a compiled kernel for each matmul shape (about 0.6 MB on the Xeons we measured):
+    ``limit_kernel_cache`` (attnmt-serve's ``kernel_cache``) keeps fewer, so 600 shapes grow the process
+    far less than with torch's 1,024. Run in fresh processes: the caches take their size at the first matmul."""
+    from attnmt.model import linear
+
+    if not linear._onednn_works():
+        pytest.skip("this torch build has no working oneDNN linear")
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("reads the resident memory in /proc/self/status (Linux)")
+    env = {name: value for name, value in os.environ.items() if name not in linear.KERNEL_CACHES}
+
+    def growth(cache: str) -> float:
+        done = subprocess.run([sys.executable, "-c", KERNELS, cache], capture_output=True, text=True, env=env,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        return float(done.stdout.split()[-1])
+
+    unbounded = growth("torch")
+    if unbounded < 60:
+        pytest.skip(f"600 shapes grew this process by {unbounded:.0f} MB only: this CPU's kernels are small")
+    bounded = growth("16")
+    assert bounded < unbounded / 2, f"16 kernels kept: +{bounded:.0f} MB; torch's 1,024: +{unbounded:.0f} MB"
+
+
+def test_limit_kernel_cache_sizes_both_caches_and_keeps_what_the_environment_says(monkeypatch) -> None:
+    from attnmt.model import linear
+
+    for name in linear.KERNEL_CACHES:
+        monkeypatch.delenv(name, raising=False)
+    assert linear.limit_kernel_cache(256) == {}
+    assert [os.environ[name] for name in linear.KERNEL_CACHES] == ["256", "256"]
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "64")
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
+    assert linear.limit_kernel_cache(128) == {"LRU_CACHE_CAPACITY": "64"}
+    assert os.environ["LRU_CACHE_CAPACITY"] == "64" and os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "128"
 
 
 def test_probing_onednn_leaves_the_random_stream_alone() -> None:

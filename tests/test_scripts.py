@@ -381,6 +381,13 @@ def test_bench_serve_loads_a_real_server_and_tabulates(trained_checkpoint, tmp_p
     assert "| greedy | attnmt-translate |" in proc.stdout
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| greedy | 1 |") or line.startswith("| greedy | 4 |")]
     assert len(rows) == 2 and all(row.endswith("| 12/12 |") for row in rows), proc.stdout
+    if Path("/proc/self/status").is_file():  # the memory table: the server's RSS as requests are answered
+        proc = run_script("bench_serve.py", "--ckpt", str(trained_checkpoint), "--input", str(source), "--rss-at",
+                          "20,5", "--clients", "2", "--searches", "greedy", "--repeats", "1", cwd=tmp_path)
+        rows = [line.split(" | ") for line in proc.stdout.splitlines() if line.startswith("| greedy | 2 |")]
+        assert [row[2] for row in rows] == ["attnmt-serve's kernel_cache", "1024 (torch's own)"], proc.stdout
+        assert "| after 5 | after 20 |" in proc.stdout  # the counts in order
+        assert all(float(row[3].removesuffix(" MB")) > 0 for row in rows), proc.stdout
     refused("bench_serve.py", "--ckpt", str(trained_checkpoint), "--input", str(source), "--searches", "beam9",
             cwd=tmp_path, message="--searches: unknown beam9")
     refused("bench_serve.py", "--ckpt", str(trained_checkpoint), "--input", str(source), "--clients", "0",

@@ -470,11 +470,12 @@ class ServeConfig(DecodeConfig):
     max_pending_lines: int  # lines waiting for the engine before new requests are turned away (503)
     threads: int  # the engine's threads (torch's; CTranslate2's intra_threads); 0 = all cores but one
     shutdown_timeout_s: float  # after SIGTERM, how long requests in flight may take before they are cut off
+    kernel_cache: int  # compiled matmul kernels kept (oneDNN, CPU): bounds the memory many batch shapes take
 
     def check(self, prefix: str = "") -> None:
         super().check(prefix)
         for key in ("max_lines", "max_line_bytes", "max_request_bytes", "max_beam_size", "max_pending_lines",
-                    "max_rows"):
+                    "max_rows", "kernel_cache"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{prefix}{key}={getattr(self, key)} must be at least 1")
         if self.threads < 0:

@@ -25,6 +25,7 @@ from attnmt.config import ConfigError, ServeConfig, config_dir
 from attnmt.device import resolve_device
 from attnmt.export import ExportError
 from attnmt.inference import capabilities_of, check_capabilities, open_engine
+from attnmt.model.linear import limit_kernel_cache
 from attnmt.serve import engine_threads
 from attnmt.tokenizer import TokenizerError
 
@@ -46,6 +47,10 @@ def run(cfg: ServeConfig) -> None:
     device = resolve_device(cfg.device, key="device")
     paths = [str(p) for p in cfg.ckpt] if isinstance(cfg.ckpt, (list, tuple)) else [str(cfg.ckpt)]
     torch.set_num_threads(engine_threads(cfg.threads))
+    # Before the first matmul: the caches of compiled kernels take their size then.
+    for name, value in limit_kernel_cache(cfg.kernel_cache).items():
+        log.info("%s=%s from the environment sizes oneDNN's kernel cache, not kernel_cache=%d", name, value,
+                 cfg.kernel_cache)
     # Default languages, where given, are checked now; without them each request names its direction
     # (a model of many languages, e.g. an imported M2M100, is served with none).
     engine = open_engine(cfg, paths, device, direction=cfg.src_lang is not None or cfg.tgt_lang is not None)

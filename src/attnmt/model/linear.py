@@ -15,17 +15,45 @@ no stale copies; one is also rebuilt when its layer gets another weight tensor o
 version counter moves (in-place edits such as ``load_state_dict``). Fused optimizers on the CPU and
 edits through ``weight.data`` leave that counter alone: call ``model.eval()`` after them. Set
 ``attnmt.model.linear.USE_ONEDNN = False`` to compare with plain ``F.linear``.
+
+**Memory.** oneDNN compiles a kernel for each matmul shape it meets (each number of rows: a server's
+batches hold every number) and keeps it, about 0.6 MB each; torch keeps them in two caches of 1,024
+(oneDNN's primitive cache and ideep's), and past that the process still grew: 2.4 GB over 2,400 row
+counts of one layer. :func:`limit_kernel_cache` makes both caches smaller; ``attnmt-serve`` keeps 256
+(``kernel_cache=``), which held the same 2,400 shapes to +0.38 GB (docs/BENCHMARKS.md, "Memory under load").
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 USE_ONEDNN = True
+# The environment variables that size the caches of compiled kernels (oneDNN's, then ideep's in torch).
+KERNEL_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+
+def limit_kernel_cache(kernels: int) -> dict[str, str]:
+    """Keep at most ``kernels`` compiled matmul kernels in each of oneDNN's caches, so that a long-running
+    process that meets many shapes levels off instead of growing by 0.6 MB a shape.
+
+    The caches read their size once, at the process's first oneDNN matmul: call this before it (a later
+    call changes nothing). A size the environment gives already is kept.
+
+    Returns:
+        Each variable and the size in effect, where it did not come from ``kernels``.
+    """
+    given = {}
+    for name in KERNEL_CACHES:
+        if os.environ.get(name, "").strip():
+            given[name] = os.environ[name]
+        else:
+            os.environ[name] = str(kernels)
+    return given
 
 
 @functools.cache
