@@ -56,7 +56,6 @@ from _machine import machine
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCHES = {"greedy": {"beam_size": 1}, "beam5": {"beam_size": 5}}
-KERNEL_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")  # attnmt.model.linear's
 TORCH_KERNEL_CACHE = 1024  # what torch keeps in each without a setting
 
 
@@ -144,6 +143,8 @@ def start_server(ckpt: Path, log, threads: int = 0, batching: str = "per_call",
     overrides = [f"ckpt={ckpt}", "device=cpu", f"port={port}", f"threads={threads}", f"batching={batching}"]
     if kernel_cache is not None:
         overrides.append(f"kernel_cache={kernel_cache}")
+    from attnmt.model.linear import KERNEL_CACHES
+
     env = {name: value for name, value in os.environ.items() if name not in KERNEL_CACHES}  # the setting decides
     process = subprocess.Popen([sys.executable, "-m", "attnmt.cli.serve", *overrides], stdout=log,
                                stderr=subprocess.STDOUT, env=env)
@@ -260,7 +261,8 @@ async def load_until(port: int, pid: int, lines: list[str], clients: int, decode
 
 
 def memory(args: argparse.Namespace) -> None:
-    """The ``--rss-at`` table: the server's memory as requests are answered, rows padded and not."""
+    """The ``--rss-at`` table: the server's memory as requests are answered, with attnmt-serve's
+    ``kernel_cache`` and with torch's own."""
     log = tempfile.TemporaryFile()
     runs: dict[tuple[str, int, int | None], list[tuple[float, list[float], float]]] = {}
     caches = (None, TORCH_KERNEL_CACHE)
