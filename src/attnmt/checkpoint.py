@@ -2,8 +2,10 @@
 
 A checkpoint is one ``torch.save``'d dict holding only tensors, dicts, lists, tuples, strings, numbers
 and None, so ``torch.load(path, weights_only=True)`` reads it without unpickling any class. Its keys
-are written and read in this module only: :class:`TrainState` writes and restores a run, and the
-functions below read what other modules need of a checkpoint (:func:`model_config`,
+are written and read here, with two exceptions still: :func:`attnmt.pretrained.save` writes an
+imported model's checkpoint dict itself, and ``training.start`` reads ``imported_from`` and
+``config.train.init_from`` of the checkpoints it starts from. :class:`TrainState` writes and restores a
+run, and the functions below read what other modules need of a checkpoint (:func:`model_config`,
 :func:`tokenizer_of`, :func:`load_model_weights`, :func:`run_config`, the checks of a resume).
 
 A run's ``checkpoints/`` folder holds ``last.pt``, ``best.pt`` (highest valid BLEU) and the newest
@@ -49,7 +51,8 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class TrainState:
-    """Everything a checkpoint holds to continue a run exactly: the one owner of the checkpoint format.
+    """Everything a checkpoint holds to continue a run exactly: the format of a trained checkpoint (an
+    imported model's is written by :func:`attnmt.pretrained.save`, without the training keys).
 
     :meth:`to_checkpoint` writes the dict and :meth:`restore` reads it back: saving and resuming a new
     field is an edit of this class, besides where the loop creates and changes it (the EMA of the

@@ -1,6 +1,6 @@
 """Batched greedy search, beam search and sampling over ``encode`` + cached ``decode``.
 
-Each strategy is a function ``(model, src_tokens, src_mask, cfg, line_numbers) -> hypotheses`` and an
+Each strategy is a function ``(model, src_tokens, src_mask, cfg, line_numbers, tgt_prefix) -> hypotheses`` and an
 entry of :data:`STRATEGIES`, which says when a :class:`~attnmt.config.DecodeConfig` asks for it;
 :func:`search` runs the one it asks for. Engines declare the strategies they run by these names
 (:class:`attnmt.inference.Capabilities`). Every setting comes from the config: there are no defaults

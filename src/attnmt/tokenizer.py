@@ -1,7 +1,10 @@
-"""SentencePiece tokenization with fixed special ids.
+"""SentencePiece tokenization, with attnmt's fixed special ids or an imported vocabulary's.
 
-Every attnmt tokenizer, joint or per language, uses the same ids for its special pieces, so the
-model, the batches and the decoders can rely on them without looking anything up.
+Every tokenizer attnmt trains, joint or per language, has its special pieces at the same ids (pad,
+unk, bos, eos at 0, 1, 2, 3: :data:`PAD_ID` ...). An imported model (:mod:`attnmt.pretrained`) keeps
+its own vocabulary and its own special ids; so the model, the batches and the decoders are given them
+by the tokenizer (``pad_id``, ``bos_id``, ``eos_id``, ``unk_id``); the constants are the ids of
+attnmt's own vocabularies (and the defaults of :func:`attnmt.batching.collate`).
 
 A :class:`Tokenizer` holds one SentencePiece model (joint: source and target share a vocabulary) or
 two (one per language). It never normalises text itself: the data pipeline applies
@@ -69,7 +72,8 @@ def normalize(text: str) -> str:
 
 
 class Tokenizer:
-    """One joint SentencePiece model, or one per language, with pad/unk/bos/eos at ids 0/1/2/3.
+    """One joint SentencePiece model, or one per language, with pad/unk/bos/eos at ids 0/1/2/3 (an
+    imported vocabulary: the ids its ``vocab`` table names).
 
     ``encode_*`` return ids only (no BOS/EOS); ``decode_*`` drop pad, bos and eos ids.
     """

@@ -8,7 +8,7 @@ early stopping or a signal. Helpers have names: :func:`lr_at` (the schedule),
 :func:`label_smoothed_nll` (the loss), :func:`train_step` (one update over ``update_freq``
 micro-batches), :func:`validate` (loss and perplexity, and BLEU/chrF through the same
 :meth:`~attnmt.inference.Engine.translate` and :func:`~attnmt.evaluation.corpus_scores` as
-``attnmt-evaluate``), :func:`save` (a validation's checkpoint files).
+``attnmt-evaluate``), :func:`validate_and_save` (a validation and its checkpoint files).
 
 Gradients are normalised by the number of target tokens of the whole update, summed over
 micro-batches and ranks, so ``update_freq=2`` on one GPU, two GPUs, and one batch twice the size all

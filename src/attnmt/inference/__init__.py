@@ -7,8 +7,8 @@ source tokens a batch, padding included), searched by the engine's backend, deto
 in input order: exactly one :class:`Translation` per line, an empty line giving empty candidates.
 
 A backend is what differs between engines: its :class:`Capabilities` and one method,
-``search(sources, line_numbers, cfg) -> hypotheses`` (a batch of encoded sources in, each one's
-hypotheses out, best first). The backends, one module each, are in :data:`ENGINES`:
+``search(sources, line_numbers, cfg, tgt_prefix) -> hypotheses`` (a batch of encoded sources in, each
+one's hypotheses out, best first, each translation starting with ``tgt_prefix``). The backends, one module each, are in :data:`ENGINES`:
 
 - ``native`` (:mod:`attnmt.inference.native`): attnmt's own search (:mod:`attnmt.decoding`);
 - ``ctranslate2`` (:mod:`attnmt.inference.ctranslate2`): CTranslate2 on a conversion cached beside the
