@@ -42,8 +42,9 @@ class Hypothesis:
     score: float
 
 
-def length_penalty(length: int, alpha: float) -> float:
-    """GNMT's ``((5 + length) / 6) ** alpha``; ``length`` counts the generated tokens, EOS included."""
+def length_penalty(length: int | Tensor, alpha: float) -> float | Tensor:
+    """GNMT's ``((5 + length) / 6) ** alpha``; ``length`` counts the generated tokens, EOS included (a
+    tensor of lengths: each one's penalty, in the tensor's dtype; beam search passes float64)."""
     return ((5.0 + length) / 6.0) ** alpha
 
 
@@ -400,7 +401,7 @@ class RunningSearch:
         len_penalty = cfg.len_penalty
 
         def lp(length: Tensor) -> Tensor:
-            return ((5.0 + length.double()) / 6.0) ** len_penalty
+            return length_penalty(length.double(), len_penalty)
 
         beams = self._cache.beams  # rows a group has now: 1 at a fresh start
         count = min(2 * k, self.model.cfg.tgt_vocab_size)  # candidates per row: 2k cover the k best that do not end
