@@ -14,7 +14,6 @@ A run's ``checkpoints/`` folder holds ``last.pt``, ``best.pt`` (highest valid BL
 
 from __future__ import annotations
 
-import errno
 import os
 import pickle
 import random
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attnmt import __version__
+from attnmt import __version__, durable
 from attnmt.config import MODEL_KEYS_ADDED, ConfigError, DataConfig, ModelConfig, TokenizerConfig, unknown_keys
 from attnmt.model import build_model
 from attnmt.tokenizer import Tokenizer, tokenizer_settings
@@ -219,24 +218,12 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             names the path and, for a full disk, the bytes needed and free. ``path`` is unchanged.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with durable.replacing(path) as tmp, open(tmp, "wb") as f:
             torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        # Make the rename itself durable.
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
     except (OSError, RuntimeError) as err:  # torch's zip writer reports a failed write as a RuntimeError
         raise CheckpointError(_write_failure(path, state, err)) from None
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _write_failure(path: Path, state: dict, err: BaseException) -> str:
@@ -245,8 +232,7 @@ def _write_failure(path: Path, state: dict, err: BaseException) -> str:
         free = shutil.disk_usage(path.parent).free
     except OSError:
         free = None
-    full = (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) or (
-        free is not None and free < needed)
+    full = durable.disk_full(err) or (free is not None and free < needed)
     # A training run's checkpoint resumes; another (attnmt-import, attnmt-average) is written again.
     training = "optimizer" in state
     again = "then resume with train.resume=auto" if training else "then run the command again"

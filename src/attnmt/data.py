@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -52,6 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
+from attnmt import durable
 from attnmt.config import DATA_FORMATS, DataConfig
 from attnmt.tokenizer import Tokenizer, language_tag, normalize, saved_fingerprint
 
@@ -169,26 +169,9 @@ def _write_seal(path: Path, files: Sequence[Path], rows: int, **extra) -> dict:
         with open(file, "rb") as f:
             os.fsync(f.fileno())
     record = {"rows": rows, "files": {file.name: file.stat().st_size for file in files}, **extra}
-    seal = _seal_path(path)
-    tmp = seal.with_name(f".{seal.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(record, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, seal)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_folder(path.parent)
+    with durable.replacing(_seal_path(path)) as tmp, open(tmp, "w") as f:
+        json.dump(record, f)
     return record
-
-
-def _fsync_folder(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _files_of(path: Path) -> list[Path]:
@@ -264,21 +247,12 @@ def _building(path: Path, needs: int):
         except BaseException as err:
             for p in [*_files_of(path), _seal_path(path)] + [p for p in root.iterdir() if _is_temporary(p.name)]:
                 p.unlink(missing_ok=True)
-            if _disk_full(err):
+            if durable.disk_full(err):
                 free = shutil.disk_usage(root).free
                 raise DataError(f"cannot write {path}: not enough disk space (it needs about {needs / 1e6:.1f} MB, "
                                 f"{free / 1e6:.1f} MB free); free some space or set data.cache_dir to a larger "
                                 "disk") from None
             raise
-
-
-def _disk_full(err: BaseException) -> bool:
-    """A full disk, however deep in the chain (datasets' worker processes re-raise their errors)."""
-    while err is not None:
-        if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left on device" in str(err):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
 
 
 def _check(path: Path, load: Callable[[], datasets.Dataset]) -> tuple[datasets.Dataset | None, dict | None, str]:
@@ -592,9 +566,8 @@ def _write_pairs(path: Path, batches: Iterable[tuple], desc: str) -> tuple[int, 
     """Write (src, tgt) batches to the Arrow file ``path``, atomically (a temporary file, then a rename),
     with a progress bar at a terminal; return the number of pairs and the SHA-256 of each side's text
     (what :func:`corpus_fingerprint` compares: the text itself, not the files' dates)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     rows, digests = 0, {"src": _TextDigest(), "tgt": _TextDigest()}
-    try:
+    with durable.replacing(path) as tmp:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, _RAW_SCHEMA) as writer, \
                 tqdm(desc=desc, unit=" pairs", unit_scale=True, disable=None) as bar:
             for src, tgt in batches:
@@ -604,9 +577,6 @@ def _write_pairs(path: Path, batches: Iterable[tuple], desc: str) -> tuple[int, 
                 writer.write_batch(batch)
                 rows += batch.num_rows
                 bar.update(batch.num_rows)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return rows, {side: digest.hexdigest() for side, digest in digests.items()}
 
 
@@ -814,13 +784,9 @@ def _keep(ds: datasets.Dataset, keep: np.ndarray, key: str) -> datasets.Dataset:
 
     def build():  # the index file datasets itself writes for a selection: one uint64 column "indices"
         rows = pa.array(np.flatnonzero(keep).astype(np.uint64))
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, _INDEX_SCHEMA) as writer:
-                writer.write_table(pa.table([rows], schema=_INDEX_SCHEMA), max_chunksize=_INDEX_ROWS)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with durable.replacing(path) as tmp, pa.OSFile(str(tmp), "wb") as sink, \
+                pa.ipc.new_stream(sink, _INDEX_SCHEMA) as writer:
+            writer.write_table(pa.table([rows], schema=_INDEX_SCHEMA), max_chunksize=_INDEX_ROWS)
         return [path], len(rows), {}
 
     load = lambda: ds._new_dataset_with_indices(indices_cache_file_name=str(path), fingerprint=kept_key)  # noqa: E731

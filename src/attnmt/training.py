@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from attnmt import checkpoint, distributed
+from attnmt import checkpoint, distributed, durable
 from attnmt.batching import Batch, TokenBucketSampler, collate, make_dataloader
 from attnmt.checkpoint import CheckpointError, TrainState
 from attnmt.config import ConfigError, DataConfig, DecodeConfig, ModelConfig, OptimConfig, TrainConfig, TrainRunConfig
@@ -597,9 +597,8 @@ class RunDir:
             checkpoint.checkpoint_dir(self.path))
         if saved_fingerprint(self.path / "tokenizer") != tokenizer.fingerprint:
             tokenizer.save(self.path / "tokenizer")
-        tmp = self.path / f".config.yaml.tmp{os.getpid()}"
-        OmegaConf.save(OmegaConf.structured(cfg), tmp)
-        os.replace(tmp, self.path / "config.yaml")
+        with durable.replacing(self.path / "config.yaml") as tmp:
+            OmegaConf.save(OmegaConf.structured(cfg), tmp)
         self.log_file = logging.FileHandler(self.path / "train.log", encoding="utf-8")
         self.log_file.setFormatter(logging.Formatter(LOG_FORMAT))
         self.buffer.setTarget(self.log_file)

@@ -20,6 +20,8 @@ from typing import BinaryIO, TextIO
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from attnmt import durable
+
 log = logging.getLogger(__name__)
 
 
@@ -256,20 +258,13 @@ def output_file(path: str, key: str, inputs: dict[str, str | list | None]) -> It
             yield stream
         return
     target = target.resolve() if target.is_symlink() else target  # replace the file a link names, not the link
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        handle = open(tmp, "w", encoding="utf-8")
-    except OSError as err:
-        raise UserError(f"cannot write {key}={path}: {err.strerror}") from None
-    try:
+    with durable.replacing(target) as tmp:
+        try:
+            handle = open(tmp, "w", encoding="utf-8")
+        except OSError as err:
+            raise UserError(f"cannot write {key}={path}: {err.strerror}") from None
         with handle:
             yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 _END = object()
