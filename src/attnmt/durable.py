@@ -1,9 +1,10 @@
 """Durable writes: a file replaces its old version whole or not at all, and survives a power cut.
 
-Every file attnmt writes that another run or command reads back (checkpoints, the data cache's files
-and seals, a run's config, a command's output) goes through :func:`replacing`: written under a
+The files attnmt writes that another run or command reads back (checkpoints, the data cache's files
+and seals, a run's config, a command's output) go through :func:`replacing`: written under a
 temporary name beside it (``.NAME.tmpPID``, which the folders' owners recognise and remove after a
 kill), fsynced, renamed over the old name, and the rename made durable by an fsync of the folder.
+Whole folders (a tokenizer, an ``attnmt-export`` output) are still renamed into place by their writers.
 :func:`disk_full` says whether a write failed for want of space, the same way for every caller.
 """
 
