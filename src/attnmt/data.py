@@ -166,8 +166,7 @@ def _read_seal(path: Path) -> tuple[dict | None, str]:
 
 def _write_seal(path: Path, files: Sequence[Path], rows: int, **extra) -> dict:
     for file in files:
-        with open(file, "rb") as f:
-            os.fsync(f.fileno())
+        durable.fsync(file)
     record = {"rows": rows, "files": {file.name: file.stat().st_size for file in files}, **extra}
     with durable.replacing(_seal_path(path)) as tmp, open(tmp, "w") as f:
         json.dump(record, f)

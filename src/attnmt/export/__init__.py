@@ -21,6 +21,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from attnmt import durable
+
 if TYPE_CHECKING:
     from attnmt.config import ModelConfig
 
@@ -74,7 +76,7 @@ def write_directory(out: str | Path, fill: Callable[[Path], None]) -> Path:
     """
     out = check_new_directory(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    tmp = durable.temporary_name(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
