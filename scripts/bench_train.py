@@ -43,7 +43,8 @@ from attnmt.device import autocast as autocast_context
 from attnmt.device import allow_tf32, resolve_precision
 from attnmt.model import Transformer, build_model
 from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from attnmt.training import build_optimizer, train_step
+from attnmt.optim import build_optimizer
+from attnmt.training import train_step
 
 from _args import at_least, positive, positive_list
 

@@ -51,6 +51,19 @@ def test_evaluate_json_bleu_is_sacrebleu_on_the_hyp_file(trained_checkpoint, tmp
     assert report["bleu"] > 30, "the trained fixture model should translate its own test set well"
 
 
+def test_evaluate_src_ref_reads_two_text_files_without_importing_datasets(trained_checkpoint) -> None:
+    def imported(*args: str) -> set[str]:
+        proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "attnmt.cli.evaluate",
+                               f"ckpt={trained_checkpoint}", "beam_size=1", *args], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return set(re.findall(r"^import time:.*\|\s+([\w.]+)$", proc.stderr, re.MULTILINE))
+
+    files = imported(f"src={FIXTURE_CORPUS / 'test.de'}", f"ref={FIXTURE_CORPUS / 'test.en'}")
+    assert "sacrebleu" in files and "datasets" not in files and "pyarrow" not in files
+    assert "datasets" in imported("split=test")  # a split of the data config is read through datasets
+
+
 def test_evaluate_a_split_of_the_checkpoints_data_config(trained_checkpoint) -> None:
     result = run("evaluate", f"ckpt={trained_checkpoint}", "split=test", "beam_size=1")
     assert result.returncode == 0, result.stderr

@@ -19,7 +19,7 @@ from omegaconf.errors import MissingMandatoryValue
 from attnmt.cli.common import UserError, compose_cli
 from attnmt.config import ConfigError, EvaluateConfig, ServeConfig, TrainRunConfig, TranslateConfig, config_dir, register_configs
 from attnmt.config import compose as compose_shipped
-from attnmt.training import check_config, max_sentence_tokens
+from attnmt.config import check_config, max_sentence_tokens
 
 CONFIG_DIR = config_dir()
 

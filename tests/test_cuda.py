@@ -21,7 +21,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnmt import device as device_module
 from attnmt.model import build_model
-from attnmt.training import build_optimizer, train_step
+from attnmt.optim import build_optimizer
+from attnmt.training import train_step
 from conftest import tiny_config
 from test_training import make_batch, random_pairs, run_config
 

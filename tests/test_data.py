@@ -270,7 +270,7 @@ def test_multi30k_splits_keep_their_lines(multi30k):
 def _prepare_on_rank(rank: int, port: int, cache: str, out: str) -> None:
     import torch.distributed as dist
 
-    from attnmt import data, tokenizer, training
+    from attnmt import data, tokenizer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
@@ -283,7 +283,7 @@ def _prepare_on_rank(rank: int, port: int, cache: str, out: str) -> None:
             for module, name in ((data, "_write_pairs"), (data, "_clean"), (data, "_encode"), (tokenizer, "_train_model")):
                 setattr(module, name, written_twice)
         cfg = data_config(root=str(TINY), cache_dir=cache, num_proc=1, tokenizer=tokenizer_config(vocab_size=400))
-        tok, train, _, valid = training.prepare_data(cfg, Path(out) / f"run{rank}" / "tokenizer")
+        tok, train, _, valid = data.prepare_data(cfg, Path(out) / f"run{rank}" / "tokenizer")
         src_len, tgt_len = token_lengths(train)
         with open(Path(out) / f"rank{rank}.json", "w") as f:
             json.dump({"fingerprint": tok.fingerprint, "src": src_len.tolist(), "tgt": tgt_len.tolist(),
@@ -354,7 +354,7 @@ def test_directions_must_name_two_of_the_languages(tmp_path):
 
 def test_an_error_in_a_mixed_corpus_names_its_entry(tmp_path):
     from attnmt.config import CorpusConfig
-    from attnmt.training import prepare_data
+    from attnmt.data import prepare_data
 
     missing = CorpusConfig(src_lang="de", tgt_lang="en", root=str(tmp_path / "synthetic"), tag="bt")
     cfg = folder_cfg(TINY, mix=[missing])

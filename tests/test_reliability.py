@@ -528,7 +528,7 @@ def test_a_warm_cache_is_used_read_only_and_a_cold_one_gets_one_line(tmp_path, r
 
 
 def test_the_first_use_of_a_cache_removes_the_temporary_files_a_killed_run_left(tmp_path, caplog):
-    from attnmt import data
+    from attnmt import datacache
     from conftest import data_config
 
     cache = tmp_path / "cache"
@@ -540,7 +540,7 @@ def test_the_first_use_of_a_cache_removes_the_temporary_files_a_killed_run_left(
         path.write_bytes(b"x" * 1000)
     kept = cache / "notes.txt"
     kept.write_text("the user's")
-    data._swept.clear()  # a new process
+    datacache._swept.clear()  # a new process
     with caplog.at_level("WARNING", logger="attnmt.data"):
         prepare_train_split(cfg)  # warm: nothing is built
     assert not any(p.exists() for p in left) and kept.read_text() == "the user's"
@@ -548,7 +548,7 @@ def test_the_first_use_of_a_cache_removes_the_temporary_files_a_killed_run_left(
 
 
 def test_a_null_cache_lives_in_the_run_dir_and_orphaned_temporary_caches_are_removed(tmp_path):
-    from attnmt import data
+    from attnmt import datacache
     from conftest import data_config
 
     train(tmp_path / "run", "train.max_steps=2", "train.valid_every=2")  # data.cache_dir=null
@@ -561,12 +561,12 @@ def test_a_null_cache_lives_in_the_run_dir_and_orphaned_temporary_caches_are_rem
     mine = Path(tempfile.gettempdir()) / f"attnmt-data-{os.getpid()}-alive"  # a running process's
     mine.mkdir(exist_ok=True)
     try:
-        monkey = data._temporary_cache
-        data._temporary_cache = None
-        root = data.cache_root(data_config(cache_dir=None))
+        monkey = datacache._temporary_cache
+        datacache._temporary_cache = None
+        root = datacache.cache_root(data_config(cache_dir=None))
         assert root.name.startswith(f"attnmt-data-{os.getpid()}-") and not orphan.exists() and mine.exists()
     finally:
-        data._temporary_cache = monkey
+        datacache._temporary_cache = monkey
         shutil.rmtree(mine, ignore_errors=True)
 
 
@@ -664,7 +664,7 @@ def test_a_copied_cache_is_used_where_it_lies(tmp_path, caplog):
     import shutil
     from dataclasses import replace
 
-    from attnmt.training import prepare_data
+    from attnmt.data import prepare_data
     from conftest import FIXTURE_CORPUS, data_config
 
     cfg = data_config(root=str(FIXTURE_CORPUS), cache_dir=str(tmp_path / "built"), tokenizer=tokenizer_config(vocab_size=400))

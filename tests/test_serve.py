@@ -53,6 +53,20 @@ def cli_translations(engine, lines: list[str], **decode) -> list[str]:
     return [t.texts[0] for t in engine.translate(lines, decode_config(**decode))]
 
 
+def test_every_decode_setting_but_the_servers_batching_budget_can_be_set_per_request() -> None:
+    """A decode key added to DecodeConfig must be added to the request model too, with its type."""
+    from typing import get_type_hints
+
+    from attnmt.config import DecodeConfig
+    from attnmt.serve.app import DECODE_KEYS, TranslateRequest
+
+    decode = get_type_hints(DecodeConfig)
+    request = {name: field.annotation for name, field in TranslateRequest.model_fields.items()}
+    assert set(decode) - set(request) == {"max_tokens"}  # the server's own batches
+    assert {name: request[name] for name in DECODE_KEYS} == {name: decode[name] | None for name in DECODE_KEYS}
+    assert set(DECODE_KEYS) == set(decode) - {"max_tokens"}
+
+
 def test_translations_equal_the_command_lines_in_order(client, engine) -> None:
     lines = [FIXTURE_LINES[3], "", FIXTURE_LINES[0], "   ", FIXTURE_LINES[7]]
     for decode in ({}, {"beam_size": 1}, {"beam_size": 3, "len_penalty": 0.6}):
@@ -203,6 +217,16 @@ def test_concurrent_requests_share_engine_calls_and_get_their_own_answers(engine
     else:  # a step decodes the rows of every request in flight: 24 + 12 x 2 + 2 x 2 x 2 at the first
         rows = batcher.engine_rows / batcher.engine_calls
         assert rows > 8, f"{len(bodies)} concurrent requests: {rows:.1f} rows a step, they did not share steps"
+
+
+def test_gather_tokens_bounds_what_one_engine_call_takes_whatever_the_wait(engine, trained_checkpoint) -> None:
+    # Each request holds more source tokens than gather_tokens=1: each is an engine call of its own,
+    # started at once, although the requests arrive together and may wait 50 ms for each other.
+    app = create_app(engine, serve_config(trained_checkpoint, "batch_wait_ms=50", "gather_tokens=1"), "fixture")
+    lines = FIXTURE_LINES[:6]
+    answers = asyncio.run(_concurrently(app, [{"text": [line], "beam_size": 1} for line in lines]))
+    assert [a["translations"][0] for a in answers] == cli_translations(engine, lines, beam_size=1)
+    assert app.state.batcher.engine_calls == len(lines)
 
 
 @pytest.mark.parametrize("batching", ["continuous", "per_call"])

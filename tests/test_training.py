@@ -14,7 +14,9 @@ import torch.nn.functional as F
 
 from attnmt.config import ConfigError, compose
 from attnmt.model import build_model
-from attnmt.training import check_config, label_smoothed_nll, lr_at, train_step
+from attnmt.config import check_config
+from attnmt.optim import label_smoothed_nll, lr_at
+from attnmt.training import train_step
 from conftest import decode_config, fixture_train_config, free_port, tiny_config
 
 PAD, BOS, EOS = 0, 2, 3

@@ -2,11 +2,10 @@
 
 A checkpoint is one ``torch.save``'d dict holding only tensors, dicts, lists, tuples, strings, numbers
 and None, so ``torch.load(path, weights_only=True)`` reads it without unpickling any class. Its keys
-are written and read here, with two exceptions still: :func:`attnmt.pretrained.save` writes an
-imported model's checkpoint dict itself, and ``training.start`` reads ``imported_from`` and
-``config.train.init_from`` of the checkpoints it starts from. :class:`TrainState` writes and restores a
-run, and the functions below read what other modules need of a checkpoint (:func:`model_config`,
-:func:`tokenizer_of`, :func:`load_model_weights`, :func:`run_config`, the checks of a resume).
+are written and read here alone: :class:`TrainState` writes and restores a run,
+:func:`save_imported` writes an imported model, :func:`starting_point` reads what a run continues or
+starts from, and the functions below read what other modules need of a checkpoint
+(:func:`model_config`, :func:`tokenizer_of`, :func:`load_model_weights`, :func:`run_config`).
 
 A run's ``checkpoints/`` folder holds ``last.pt``, ``best.pt`` (highest valid BLEU) and the newest
 ``keep_last`` numbered ``step_<N>.pt``.
@@ -14,13 +13,14 @@ A run's ``checkpoints/`` folder holds ``last.pt``, ``best.pt`` (highest valid BL
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import random
 import re
 import shutil
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
@@ -35,12 +35,16 @@ from attnmt.tokenizer import Tokenizer, tokenizer_settings
 
 if TYPE_CHECKING:
     from attnmt.batching import TokenBucketSampler
+    from attnmt.config import TrainRunConfig
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "attnmt-checkpoint-1"
 INFERENCE_KEYS = ("model", "model_config", "tokenizer", "config")  # what evaluation and translation read
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
-# What a killed write leaves: save_checkpoint's ".NAME.tmpPID", Tokenizer.save's ".NAME.tmpXXXX" and
-# ".NAME.oldPID" folders, the run directory's write probes.
+
+# What a killed write leaves: durable's ".NAME.tmpPID" files and folders and ".NAME.oldPID" folders,
+# the run directory's write probes.
 _TMP_NAME = re.compile(r"^\.(.+\.(tmp|old)\w+|attnmt-probe\w+)$")
 
 
@@ -51,7 +55,7 @@ class CheckpointError(RuntimeError):
 @dataclass
 class TrainState:
     """Everything a checkpoint holds to continue a run exactly: the format of a trained checkpoint (an
-    imported model's is written by :func:`attnmt.pretrained.save`, without the training keys).
+    imported model's is written by :func:`save_imported`, without the training keys).
 
     :meth:`to_checkpoint` writes the dict and :meth:`restore` reads it back: saving and resuming a new
     field is an edit of this class, besides where the loop creates and changes it (the EMA of the
@@ -205,6 +209,86 @@ def started_from(state: dict) -> str | None:
     if "init_from" in state:
         return state["init_from"]
     return ((state.get("config") or {}).get("train") or {}).get("init_from")
+
+
+DROPOUTS = ("dropout", "attention_dropout", "activation_dropout")  # the model keys a fine-tuning run sets
+
+
+def init_model_config(model: ModelConfig, state: dict, path: str | Path) -> ModelConfig:
+    """The model config of a run that starts from an imported checkpoint ``state`` (or continues one
+    started from a checkpoint): the checkpoint's shape, vocabulary and special ids, with this run's
+    dropouts (the only model keys such a run chooses)."""
+    saved = model_config(state, path)
+    changed = [f.name for f in fields(saved) if f.name not in DROPOUTS and getattr(saved, f.name) != getattr(model, f.name)]
+    if changed:
+        logger.info("the model's shape comes from %s: %s", path,
+                    ", ".join(f"model.{key}={getattr(saved, key)!r}" for key in changed[:8]))
+    return replace(saved, **{key: getattr(model, key) for key in DROPOUTS})
+
+
+@dataclass
+class Start:
+    """What a training run starts from (:func:`starting_point`): random weights and a new tokenizer, a
+    run to continue (``train.resume``), or a checkpoint whose weights and tokenizer a new run takes
+    (``train.init_from``)."""
+
+    model: ModelConfig  # the run's model config: the checkpoint's shape where the run must keep it
+    tokenizer: Tokenizer | None  # the checkpoint's; None: the run makes one from its data
+    init_from: str | None  # the checkpoint the run's weights started from, kept in every checkpoint it writes
+    resume_from: Path | None = None
+    resumed: dict | None = None  # the checkpoint continued, restored by TrainState.restore
+    init: dict | None = None  # train.init_from's checkpoint
+
+    def load_weights(self, model: nn.Module) -> None:
+        """``train.init_from``'s weights into the model the run builds (nothing otherwise)."""
+        if self.init is not None:
+            load_model_weights(model, self.init, self.init_from, "the model this run builds (model.* settings)")
+            logger.info("weights and tokenizer from %s (train.init_from); a fresh optimizer and schedule",
+                        self.init_from)
+
+
+def starting_point(cfg: TrainRunConfig) -> Start:
+    """Read and check the checkpoint a run continues (``train.resume``) or starts from (``train.init_from``).
+
+    An imported model's shape is no ``model=`` of ours: a run started from one takes the checkpoint's
+    shape (:func:`init_model_config`), and so does such a run each time it continues; any other
+    checkpoint must hold the model ``cfg.model`` describes, and a resumed one the same tokenizer settings.
+    """
+    t = cfg.train
+    resume_from = resume_path(t.resume, t.run_dir)
+    resumed = load_checkpoint(resume_from) if resume_from else None
+    init = load_checkpoint(t.init_from) if t.init_from else None
+    source, source_path = (resumed, resume_from) if resumed else (init, t.init_from)
+    init_from = t.init_from if resumed is None else started_from(resumed)
+    model = cfg.model
+    if source is not None:
+        require(source, INFERENCE_KEYS, source_path, "train.resume and train.init_from")
+        if (init is not None and init.get("imported_from")) or (resumed is not None and init_from):
+            model = init_model_config(cfg.model, source, source_path)
+        else:
+            check_same_model(source, cfg.model, source_path)
+    if resumed is not None:
+        check_same_tokenizer(resumed, cfg.data.tokenizer, resume_from)
+    tokenizer = tokenizer_of(source, source_path) if source is not None else None
+    return Start(model, tokenizer, None if init_from is None else str(init_from), resume_from, resumed, init)
+
+
+def save_imported(model: nn.Module, tokenizer: Tokenizer, out: str | Path, source: str) -> Path:
+    """Write an imported model (:mod:`attnmt.pretrained`) and its tokenizer as a checkpoint ``out``: the
+    inference keys, no training state, and ``imported_from``, which makes a run started from it take its
+    shape (:func:`starting_point`)."""
+    state = {
+        "format": FORMAT,
+        "model": {name: tensor.detach().clone() for name, tensor in model.state_dict().items()},
+        "model_config": asdict(model.cfg),
+        "tokenizer": tokenizer.to_state(),
+        "config": {"model": asdict(model.cfg), "data": None, "optim": None, "train": None},
+        "step": 0,
+        "imported_from": str(source),
+        "attnmt_version": __version__,
+    }
+    save_checkpoint(state, out)
+    return Path(out)
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:

@@ -392,6 +392,77 @@ class TrainConfig:
         _check_choice("train.precision", self.precision, PRECISION_NAMES)
 
 
+# train.freeze's parameter groups: the model's top-level modules and parameters each one holds.
+FREEZABLE = {
+    "embeddings": ("src_embed", "tgt_embed", "output_proj", "output_bias"),  # tokens (the tied output too) and positions
+    "encoder": ("encoder_layers", "encoder_norm"),
+    "decoder": ("decoder_layers", "decoder_norm"),
+}
+
+
+def check_config(model: ModelConfig, optim: OptimConfig, train: TrainConfig, max_sentence_tokens: int | None) -> None:
+    """Fail at start, naming the key, on settings that cannot work.
+
+    Args:
+        max_sentence_tokens: the longest sentence the data filter lets through (EOS included), if known.
+    """
+    if model.d_model % model.n_heads != 0:
+        raise ConfigError(
+            f"model.d_model={model.d_model} is not divisible by model.n_heads={model.n_heads}; "
+            f"choose n_heads among the divisors of {model.d_model}"
+        )
+    for key in ("dropout", "attention_dropout", "activation_dropout"):
+        value = getattr(model, key)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ConfigError(f"model.{key}={value} must be in [0, 1)")
+    if max_sentence_tokens is not None and train.max_tokens < max_sentence_tokens:
+        raise ConfigError(
+            f"train.max_tokens={train.max_tokens} is below the longest allowed sentence ({max_sentence_tokens} "
+            "tokens), which would fit in no batch; raise train.max_tokens or lower the data length limit"
+        )
+    if optim.schedule == "cosine" and train.max_steps <= 0:
+        raise ConfigError("optim.schedule=cosine decays to train.max_steps, which is 0; set train.max_steps")
+    if not 0.0 <= optim.label_smoothing < 1.0:
+        raise ConfigError(f"optim.label_smoothing={optim.label_smoothing} must be in [0, 1)")
+    if optim.lr <= 0:
+        raise ConfigError(f"optim.lr={optim.lr} must be above 0 (the peak learning rate, e.g. 5e-4)")
+    for key in ("warmup_init_lr", "min_lr", "weight_decay", "clip_norm"):
+        if getattr(optim, key) < 0:
+            raise ConfigError(f"optim.{key}={getattr(optim, key)} must not be negative")
+    if optim.eps <= 0 or len(optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in optim.betas):
+        raise ConfigError(f"optim.betas={list(optim.betas)} and optim.eps={optim.eps}: AdamW needs two betas in [0, 1) "
+                          "and an eps above 0 (0.9, 0.98 and 1e-9 are usual)")
+    if train.update_freq < 1:
+        raise ConfigError(f"train.update_freq={train.update_freq} must be at least 1")
+    if not 0.0 <= train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay={train.ema_decay} must be in [0, 1) (0 = off; 0.999 is usual)")
+    if train.average_last == 1 or train.average_last < 0 or 0 < train.keep_last < train.average_last:
+        raise ConfigError(f"train.average_last={train.average_last} must be 0 (off) or from 2 to train.keep_last="
+                          f"{train.keep_last}, the numbered checkpoints kept")
+    if train.sort_window < 0:
+        raise ConfigError(f"train.sort_window={train.sort_window} must be 0 (the whole epoch) or more updates")
+    if train.max_steps <= 0 and train.max_epochs <= 0 and train.max_hours <= 0:
+        raise ConfigError("no stopping rule: set train.max_steps, train.max_epochs or train.max_hours")
+    for key in ("valid_every", "log_every", "max_bad_steps"):
+        if getattr(train, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(train, key)} must be at least 1")
+    train.valid_decode.check("train.valid_decode.")
+    unknown = [group for group in train.freeze if group not in FREEZABLE]
+    if unknown:
+        raise ConfigError(f"train.freeze={train.freeze}: {', '.join(unknown)} is no parameter group; use "
+                          f"{', '.join(FREEZABLE)}")
+    if set(train.freeze) == set(FREEZABLE):
+        raise ConfigError(f"train.freeze={train.freeze} freezes every parameter: nothing would train")
+    if train.init_from and train.resume != "none":
+        raise ConfigError(f"train.init_from={train.init_from} starts a new run, train.resume={train.resume} continues "
+                          "one; set only one of them")
+
+
+def max_sentence_tokens(data_cfg: DataConfig) -> int | None:
+    """The longest sentence the data filter allows, EOS included (None when the data config sets none)."""
+    return data_cfg.max_len + 1 if data_cfg.max_len else None
+
+
 @dataclass
 class TrainRunConfig:
     """Everything ``attnmt-train`` composes: ``configs/train.yaml`` and its groups."""
@@ -407,61 +478,63 @@ class TrainRunConfig:
             raise ConfigError(f"train.best_metric={self.train.best_metric!r} is neither mean nor a direction of the "
                               f"data: {', '.join(names)}")
 
+    def check(self) -> None:
+        """Fail at start, naming the key, on settings that cannot work together (:func:`check_config`)."""
+        check_config(self.model, self.optim, self.train, max_sentence_tokens(self.data))
+
 
 @dataclass
-class TranslateConfig(DecodeConfig):
-    """``attnmt-translate``: the search settings plus where sentences come from and go."""
+class EngineConfig(DecodeConfig):
+    """What ``attnmt-translate``, ``attnmt-evaluate`` and ``attnmt-serve`` share: the search settings,
+    the model and the engine that runs it (:func:`attnmt.inference.open_engine`), and the direction."""
 
     ckpt: Any  # a checkpoint path, or a list of paths whose weights are averaged
-    input: str | None  # a file; None = stdin (or ``text``)
-    output: str | None  # a file; None = stdout
-    text: Any  # sentences to translate; on the command line each text=... is one sentence, taken literally
     device: str
-    buffer_lines: int  # lines read ahead and batched together
-    attention_plot: str | None  # a folder: one cross-attention heatmap PNG per input line
-    attention_layer: int | None  # the decoder layer to plot; None = mean over layers (and heads)
     engine: str  # native | ctranslate2 | transformers (attnmt.inference)
     compute_type: str  # engine=ctranslate2: CTranslate2's compute_type (default, auto, int8, float16, ...)
-    tgt_lang: str | None  # the language to translate into; None = the model's only one
+    tgt_lang: str | None  # the language to translate into; None = the model's only one (serve: a request's default)
     src_lang: str | None  # the language of the input, checked against those the model knows; None = unchecked
 
 
 @dataclass
-class EvaluateConfig(DecodeConfig):
+class TranslateConfig(EngineConfig):
+    """``attnmt-translate``: the engine settings plus where sentences come from and go."""
+
+    input: str | None  # a file; None = stdin (or ``text``)
+    output: str | None  # a file; None = stdout
+    text: Any  # sentences to translate; on the command line each text=... is one sentence, taken literally
+    buffer_lines: int  # lines read ahead and batched together
+    attention_plot: str | None  # a folder: one cross-attention heatmap PNG per input line
+    attention_layer: int | None  # the decoder layer to plot; None = mean over layers (and heads)
+
+
+@dataclass
+class EvaluateConfig(EngineConfig):
     """``attnmt-evaluate``: a checkpoint's BLEU and chrF on ``src``/``ref`` files or a data split.
 
     With ``split=``, ``data.KEY=VALUE`` on the command line overrides that key of the checkpoint's own
     data config (e.g. ``data.root=...``); the command takes those items before Hydra sees them.
+    ``src_lang`` and ``tgt_lang`` also pick a split's direction where the data has several, and
+    ``tgt_lang`` sacreBLEU's tokenizer.
     """
 
-    ckpt: Any
     src: str | None
     ref: str | None
     split: str | None  # a split of the checkpoint's data config, e.g. test (or test2016)
-    src_lang: str | None  # with split=: the direction's source language, where the data has several
     hyp: str | None  # write the hypotheses here, one line per source line
-    device: str
-    tgt_lang: str | None  # the language to translate into (its tag, the split's direction, sacreBLEU's tokenizer)
     bleu_tokenize: str | None  # overrides sacreBLEU's tokenizer, e.g. 13a, intl, zh, char
-    engine: str  # native | ctranslate2 | transformers (attnmt.inference)
-    compute_type: str  # engine=ctranslate2: CTranslate2's compute_type (default, auto, int8, float16, ...)
 
 
 @dataclass
-class ServeConfig(DecodeConfig):
-    """``attnmt-serve``: the model and engine, where to listen, how requests are batched, what a
-    request may ask. The decode settings are the defaults a request's own settings override."""
+class ServeConfig(EngineConfig):
+    """``attnmt-serve``: the engine settings, where to listen, how requests are batched, what a request
+    may ask. The decode settings and languages are the defaults a request's own settings override."""
 
-    ckpt: Any  # a checkpoint path, or a list of paths whose weights are averaged
-    device: str
-    engine: str  # native | ctranslate2 | transformers (attnmt.inference)
-    compute_type: str  # engine=ctranslate2: CTranslate2's compute_type (default, auto, int8, float16, ...)
-    tgt_lang: str | None  # the default language to translate into; a request may name another
-    src_lang: str | None  # the default language of the input; a request may name another
     host: str  # the address to listen on; 127.0.0.1 = this machine only
     port: int
     batching: str  # per_call (gather requests into engine calls) | continuous (engine=native: a running search)
     batch_wait_ms: float  # per_call: how long a request waits for others to share its batch
+    gather_tokens: int  # per_call: source tokens queued that start an engine call at once (max_tokens: its batches)
     max_rows: int  # continuous: rows (lines x beams) the running search decodes at once
     max_lines: int  # lines a request may hold (more: 413)
     max_line_bytes: int  # UTF-8 bytes a line may hold (more: 413)
@@ -475,7 +548,7 @@ class ServeConfig(DecodeConfig):
     def check(self, prefix: str = "") -> None:
         super().check(prefix)
         for key in ("max_lines", "max_line_bytes", "max_request_bytes", "max_beam_size", "max_pending_lines",
-                    "max_rows", "kernel_cache"):
+                    "max_rows", "kernel_cache", "gather_tokens"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{prefix}{key}={getattr(self, key)} must be at least 1")
         if self.threads < 0:

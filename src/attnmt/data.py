@@ -25,21 +25,17 @@ one is memory-mapped again, whatever the run directory:
    ``max_len`` tokens or with a length ratio above ``max_len_ratio`` are dropped.
 
 Rows are dropped by index (an index file beside the data), never by copying. Valid and test splits
-keep every line in its order, so they stay aligned with their references.
+keep every line in its order, so they stay aligned with their references. The cache itself (keys,
+seals, the lock, what a killed process left) is :mod:`attnmt.datacache`; :func:`prepare_data` runs
+the steps for a training job.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import re
-import shutil
-import tempfile
 import unicodedata
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -51,14 +47,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from attnmt import durable
+from attnmt import datacache, distributed, durable
 from attnmt.config import DATA_FORMATS, DataConfig
+from attnmt.textfiles import DataError, line_chunks, read_lines
 from attnmt.tokenizer import Tokenizer, language_tag, normalize, saved_fingerprint
 
 logger = logging.getLogger(__name__)
 
-_CACHE_VERSION = "2"
-_CHUNK_BYTES = 1 << 24  # read 16 MB of a text file at a time
 # Rows per Arrow record batch of the cached files (a map writes one batch per call of its function).
 # Large: opening a file reads each batch's header, and with datasets' default of 1000 rows the headers
 # are close enough that the kernel's read-ahead pages in most of the file (60 bytes a pair of resident
@@ -71,222 +66,8 @@ _PARALLEL_FROM = 10_000  # splits with fewer rows are processed in one process
 # Per-row flags of load_split, one bit each.
 _SRC_CHANGED, _TGT_CHANGED, _SRC_NOT_NFKC, _TGT_NOT_NFKC, _EMPTY = 1, 2, 4, 8, 16
 
-__all__ = ["DataError", "Stream", "corpus_fingerprint", "direction", "load_references", "load_split", "read_lines", "read_split", "shares",
-           "streams", "tags", "token_lengths", "tokenize", "train_tokenizer"]
-
-
-class DataError(ValueError):
-    """Bad input data or data config; the message names the file, line or key and what to do."""
-
-
-# ----------------------------------------------------------------------------------------------------
-# The cache
-
-
-_temporary_cache: Path | None = None
-_TEMPORARY_PREFIX = "attnmt-data-"
-_swept: set[Path] = set()  # cache folders whose stale temporary files this process has removed
-
-
-def cache_root(cfg: DataConfig) -> Path:
-    """``data.cache_dir``, created; with ``data.cache_dir=null`` a temporary folder of this process,
-    removed when it exits (the data are still memory-mapped, never held in memory whole). Training
-    puts the null cache in its run directory instead (:func:`attnmt.training.train`), which every rank
-    shares and a resumed run finds again."""
-    global _temporary_cache
-    if cfg.cache_dir:
-        root = Path(cfg.cache_dir)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise DataError(f"data.cache_dir={cfg.cache_dir} cannot be created ({err.strerror}); choose another "
-                            "folder, or data.cache_dir=null for a temporary one") from None
-        if root not in _swept:
-            _swept.add(root)
-            _remove_stale_temporaries(root)
-        return root
-    if _temporary_cache is None:
-        _remove_orphaned_temporary_caches()
-        _temporary_cache = Path(tempfile.mkdtemp(prefix=f"{_TEMPORARY_PREFIX}{os.getpid()}-"))
-        atexit.register(shutil.rmtree, _temporary_cache, ignore_errors=True)
-    return _temporary_cache
-
-
-def _remove_orphaned_temporary_caches() -> None:
-    """Remove the temporary caches (``data.cache_dir=null``) of processes that no longer run: a kill
-    -9 skips the removal at exit."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{_TEMPORARY_PREFIX}*-*"):
-        pid = folder.name[len(_TEMPORARY_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-# Every file in the cache proves it is whole by a seal written after it: ``NAME.seal`` beside
-# ``NAME.arrow`` records the size of each of its files (a map over several processes writes one file
-# each) and its number of rows. Writing order: the files, fsynced; the seal, atomically (a temporary
-# file and a rename), fsynced with its folder. A file without a seal, or whose size or row count is
-# not the seal's (cut by a crash or a full disk, emptied by a power cut), is rebuilt, with a warning
-# naming it. A warm, sealed cache is only read, so it can be read-only. Building holds the cache
-# folder's lock (``.lock``), so two runs never build the same file, and the first to hold it removes
-# the temporary files a killed run left.
-
-
-def _seal_path(path: Path) -> Path:
-    return path.with_name(path.with_suffix("").name + ".seal")
-
-
-def _read_seal(path: Path) -> tuple[dict | None, str]:
-    """What the seal of the cache file ``path`` records, when every file it lists is there with the size
-    it lists; else None and why not."""
-    try:
-        record = json.loads(_seal_path(path).read_text())
-        listed = dict(record["files"])
-    except FileNotFoundError:
-        return None, "has no seal (cut by a crash or a full disk, or written before attnmt sealed its cache)"
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None, "has a damaged seal"
-    try:
-        sizes = {name: (path.parent / name).stat().st_size for name in listed}
-    except OSError:
-        return None, "lacks a file its seal lists"
-    if sizes != listed or not isinstance(record.get("rows"), int):
-        return None, "is not the size its seal records (cut by a crash, a full disk or a power cut)"
-    return record, ""
-
-
-def _write_seal(path: Path, files: Sequence[Path], rows: int, **extra) -> dict:
-    for file in files:
-        durable.fsync(file)
-    record = {"rows": rows, "files": {file.name: file.stat().st_size for file in files}, **extra}
-    with durable.replacing(_seal_path(path)) as tmp, open(tmp, "w") as f:
-        json.dump(record, f)
-    return record
-
-
-def _files_of(path: Path) -> list[Path]:
-    """The files of the cache entry ``path`` (``NAME.arrow``, and ``NAME_00000_of_00004.arrow`` shards)."""
-    stem = path.with_suffix("").name
-    return [p for p in path.parent.glob(f"{stem}*{path.suffix}") if p.name == path.name or p.name.startswith(f"{stem}_")]
-
-
-def _discard(path: Path, why: str) -> None:
-    """Remove the files of the cache entry ``path`` and its seal; warn when there were files to remove."""
-    files = _files_of(path)
-    if files:
-        logger.warning("cache file %s %s; rebuilding it", path, why)
-    for file in files:
-        file.unlink(missing_ok=True)
-    seal = _seal_path(path)
-    if seal.is_dir() and not seal.is_symlink():  # a folder by the seal's name, in the cache's own namespace
-        shutil.rmtree(seal)
-    else:
-        seal.unlink(missing_ok=True)
-
-
-_TEMPORARY_NAME = re.compile(r"^(tmp[a-z0-9_]{8}|\..+\.tmp\d+)$")  # datasets' tempfile names; attnmt's .NAME.tmpPID
-
-
-def _is_temporary(name: str) -> bool:
-    return bool(_TEMPORARY_NAME.match(name))
-
-
-def _remove_temporaries(root: Path) -> None:
-    """Remove the temporary files in ``root``: only with its lock held, when no one else writes there."""
-    stale = [p for p in root.iterdir() if _is_temporary(p.name) and p.is_file()]
-    if stale:
-        logger.warning("removing %d temporary files (%.1f MB) that a stopped process left in %s", len(stale),
-                       sum(p.stat().st_size for p in stale) / 1e6, root)
-        for p in stale:
-            p.unlink(missing_ok=True)
-
-
-def _remove_stale_temporaries(root: Path) -> None:
-    """At a process's first use of a cache folder: the temporary files a killed run left there, removed
-    when no other process holds the folder's lock (one that does is writing, and cleans up itself)."""
-    try:
-        with open(root / ".lock", "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            _remove_temporaries(root)
-    except OSError:  # a read-only cache (nothing to clean there), or another process is writing
-        pass
-
-
-@contextlib.contextmanager
-def _building(path: Path, needs: int):
-    """Hold the cache folder's lock while the entry ``path`` is built (about ``needs`` bytes); the first
-    holder removes stale temporary files. A folder that cannot be written, or a disk that fills, ends
-    in one :class:`DataError` naming the file, with no partial or temporary file left.
-    """
-    root = path.parent
-    try:
-        lock = open(root / ".lock", "a+")
-    except OSError as err:
-        raise DataError(f"{path} is not in the cache (or not whole) and data.cache_dir={root} cannot be written "
-                        f"({err.strerror}): a read-only cache must hold every file a run needs, sealed, from a run "
-                        "with the same data and settings; point data.cache_dir at a writable folder") from None
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            logger.info("waiting for another process that writes into data.cache_dir=%s", root)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        _remove_temporaries(root)
-        try:
-            yield
-        except BaseException as err:
-            for p in [*_files_of(path), _seal_path(path)] + [p for p in root.iterdir() if _is_temporary(p.name)]:
-                p.unlink(missing_ok=True)
-            if durable.disk_full(err):
-                free = shutil.disk_usage(root).free
-                raise DataError(f"cannot write {path}: not enough disk space (it needs about {needs / 1e6:.1f} MB, "
-                                f"{free / 1e6:.1f} MB free); free some space or set data.cache_dir to a larger "
-                                "disk") from None
-            raise
-
-
-def _check(path: Path, load: Callable[[], datasets.Dataset]) -> tuple[datasets.Dataset | None, dict | None, str]:
-    """The cache entry ``path`` loaded and its seal, when it is whole; else (None, seal, why not)."""
-    seal, why = _read_seal(path)
-    if seal is None:
-        return None, None, why
-    try:
-        ds = load()
-    except (OSError, ValueError, IndexError, pa.ArrowException) as err:  # ArrowInvalid is a ValueError
-        return None, seal, f"cannot be read ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
-    if len(ds) != seal["rows"]:
-        return None, seal, f"has {len(ds)} rows where its seal says {seal['rows']}"
-    return ds, seal, ""
-
-
-def _cached(path: Path, build: Callable[[], tuple[list[Path], int, dict]], load: Callable[[], datasets.Dataset],
-            needs: int) -> tuple[datasets.Dataset, dict]:
-    """The cache entry ``path``, loaded, and its seal; built first when it is missing, unsealed or
-    damaged: ``build`` writes it and returns its files, its row count and what else the seal records."""
-    ds, seal, why = _check(path, load)
-    if ds is not None:
-        return ds, seal
-    with _building(path, needs):
-        ds, seal, why = _check(path, load)  # another process may have built it while this one waited
-        if ds is None:
-            _discard(path, why)
-            files, rows, extra = build()
-            seal = _write_seal(path, files, rows, **extra)
-            ds = load()
-    return ds, seal
-
-
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps([_CACHE_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()[:20]
+__all__ = ["DataError", "Stream", "corpus_fingerprint", "direction", "load_references", "load_split", "prepare_data", "read_lines",
+           "read_split", "shares", "streams", "tags", "token_lengths", "tokenize", "train_tokenizer"]
 
 
 def _procs(cfg: DataConfig, rows: int) -> int | None:
@@ -312,60 +93,6 @@ def _numpy(ds: datasets.Dataset, column: str) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------------
 # Reading
-
-
-def line_chunks(path: Path) -> Iterator[list[str]]:
-    """The lines of a UTF-8 text file, a chunk at a time, without line endings (``\\n`` or ``\\r\\n``; a
-    leading BOM dropped).
-
-    Only ``\\n`` ends a line: other Unicode line separators inside a line do not split it, so
-    line-aligned files stay aligned.
-
-    Raises:
-        DataError: the file is not valid UTF-8 (the message names the line and column).
-    """
-    with open(path, "rb") as f:
-        first_line, rest, start = 1, b"", True
-        while True:
-            block = f.read(_CHUNK_BYTES)
-            data = rest + block
-            if not block:
-                if data:
-                    yield [_decode(data, path, first_line, start)]  # a last line without a line break
-                return
-            cut = data.rfind(b"\n")
-            if cut < 0:
-                rest = data
-                continue
-            chunk, rest = data[:cut], data[cut + 1 :]
-            lines = _decode(chunk, path, first_line, start).split("\n")
-            first_line, start = first_line + len(lines), False
-            yield [line[:-1] if line.endswith("\r") else line for line in lines]
-
-
-def _decode(data: bytes, path: Path, first_line: int, start: bool) -> str:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = first_line + data.count(b"\n", 0, err.start)
-        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-        raise DataError(
-            f"{path}, line {line}: invalid UTF-8 (byte {data[err.start]:#04x} at byte column {column}: {err.reason}); "
-            "convert the file to UTF-8, e.g. with iconv"
-        ) from None
-    return text.removeprefix("\ufeff") if start else text
-
-
-def read_lines(path: str | Path) -> list[str]:
-    """All lines of a UTF-8 text file (see :func:`line_chunks`), for test sets and references.
-
-    Raises:
-        DataError: the file is missing, or is not valid UTF-8 (the message names the line).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    return [line for chunk in line_chunks(path) for line in chunk]
 
 
 def _rebatch(chunks: Iterable[list[str]], size: int) -> Iterator[list[str]]:
@@ -615,8 +342,8 @@ def _read(cfg: DataConfig, split: str) -> tuple[datasets.Dataset, str, dict]:
     identity, batches = _READERS[cfg.format](cfg, name)
     where = cfg.hub_id if cfg.format == "hub" else cfg.root
     origin = f"{split} split ({name!r}, {cfg.src_lang}-{cfg.tgt_lang}, in {where})"
-    key = _key("raw", cfg.format, identity, cfg.src_lang, cfg.tgt_lang)
-    path = cache_root(cfg) / f"raw-{key}.arrow"
+    key = datacache.key("raw", cfg.format, identity, cfg.src_lang, cfg.tgt_lang)
+    path = datacache.cache_root(cfg) / f"raw-{key}.arrow"
     # A file source's identity is (path, size, mtime) per file; a hub or disk dataset's is its fingerprint.
     sources = [entry for entry in identity if isinstance(entry, (list, tuple)) and len(entry) == 3]
 
@@ -633,7 +360,7 @@ def _read(cfg: DataConfig, split: str) -> tuple[datasets.Dataset, str, dict]:
         return ds
 
     needs = sum(size for _, size, _ in sources) or 1 << 20
-    ds, seal = _cached(path, build, load, needs)
+    ds, seal = datacache.cached(path, build, load, needs)
     return ds, origin, seal
 
 
@@ -649,7 +376,7 @@ def corpus_fingerprint(cfg: DataConfig, split: str = "train") -> dict:
     if _text_digests(ds) != seal["sha256"]:
         path = Path(ds.cache_files[0]["filename"])
         del ds  # its memory map, before the file is removed
-        _discard(path, "does not hold the text its seal records (changed after it was written)")
+        datacache.discard(path, "does not hold the text its seal records (changed after it was written)")
         _, origin, seal = _read(cfg, split)
     return {"origin": origin, "files": seal.get("source_files", []), "pairs": seal["rows"], "sha256": seal["sha256"]}
 
@@ -723,11 +450,11 @@ def load_split(cfg: DataConfig, split: str, train: bool) -> datasets.Dataset:
     if len(raw) == 0:
         raise DataError(f"{origin} has no lines; point data.splits.{split} at a split with sentence pairs")
     dedup = train and cfg.dedup
-    key = _key("clean", raw._fingerprint, dedup)
+    key = datacache.key("clean", raw._fingerprint, dedup)
     features = {"src": datasets.Value("string"), "tgt": datasets.Value("string"), "flags": datasets.Value("uint8")}
     if dedup:
         features["pair_hash"] = datasets.Value("int64")
-    ds = _map(raw, cfg, cache_root(cfg) / f"clean-{key}.arrow", _clean, 1.1, fn_kwargs={"dedup": dedup},
+    ds = _map(raw, cfg, datacache.cache_root(cfg) / f"clean-{key}.arrow", _clean, 1.1, fn_kwargs={"dedup": dedup},
               features=datasets.Features(features), new_fingerprint=key, desc=f"cleaning the {split} split")
 
     flags = _numpy(ds, "flags")
@@ -765,11 +492,11 @@ def _map(ds: datasets.Dataset, cfg: DataConfig, path: Path, function: Callable, 
         return [Path(f["filename"]) for f in out.cache_files], len(out), {}
 
     def load():  # with the number of processes that wrote the files, whatever data.num_proc is now
-        written = len(_files_of(path))
+        written = len(datacache.files_of(path))
         return ds.map(function, num_proc=written if written > 1 else None, **options)
 
     needs = int(growth * sum(Path(f["filename"]).stat().st_size for f in ds.cache_files))
-    return _cached(path, build, load, needs)[0]
+    return datacache.cached(path, build, load, needs)[0]
 
 
 def _keep(ds: datasets.Dataset, keep: np.ndarray, key: str) -> datasets.Dataset:
@@ -778,7 +505,7 @@ def _keep(ds: datasets.Dataset, keep: np.ndarray, key: str) -> datasets.Dataset:
     if keep.all():
         return ds
     assert ds._indices is None, "rows are kept of a dataset file, not of a selection"
-    kept_key = _key("kept", key)
+    kept_key = datacache.key("kept", key)
     path = Path(ds.cache_files[0]["filename"]).with_name(f"kept-{kept_key}.arrow")
 
     def build():  # the index file datasets itself writes for a selection: one uint64 column "indices"
@@ -789,7 +516,7 @@ def _keep(ds: datasets.Dataset, keep: np.ndarray, key: str) -> datasets.Dataset:
         return [path], len(rows), {}
 
     load = lambda: ds._new_dataset_with_indices(indices_cache_file_name=str(path), fingerprint=kept_key)  # noqa: E731
-    return _cached(path, build, load, needs=8 * len(keep) + (1 << 16))[0]
+    return datacache.cached(path, build, load, needs=8 * len(keep) + (1 << 16))[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -881,8 +608,8 @@ def train_tokenizer(splits: list[datasets.Dataset], cfg: DataConfig, run_copy: P
     Raises:
         TokenizerError: settings SentencePiece rejects, or an unusable ``data.tokenizer.model``.
     """
-    key = _key("spm", [ds._fingerprint for ds in splits], asdict(cfg.tokenizer), list(tags))
-    cached = cache_root(cfg) / "tokenizers" / key
+    key = datacache.key("spm", [ds._fingerprint for ds in splits], asdict(cfg.tokenizer), list(tags))
+    cached = datacache.cache_root(cfg) / "tokenizers" / key
     for folder in (run_copy, cached):
         if folder is not None and saved_fingerprint(folder) == key:
             logger.info("reusing the tokenizer in %s (same data and settings)", folder)
@@ -941,9 +668,9 @@ def tokenize(ds: datasets.Dataset, tokenizer: Tokenizer, cfg: DataConfig, train:
     features["tgt_ids"] = datasets.Sequence(datasets.Value(dtype))
     features["src_len"] = features["tgt_len"] = datasets.Value("int32")
     # The target prefix joins the key only where there is one: the caches of attnmt's own models stay valid.
-    key = _key("tok", ds._fingerprint, tokenizer.fingerprint, dtype, list(prefix),
+    key = datacache.key("tok", ds._fingerprint, tokenizer.fingerprint, dtype, list(prefix),
                *([list(tgt_prefix)] if tgt_prefix else []))
-    ds = _map(ds, cfg, cache_root(cfg) / f"tokenized-{key}.arrow", _encode, 1.8,
+    ds = _map(ds, cfg, datacache.cache_root(cfg) / f"tokenized-{key}.arrow", _encode, 1.8,
               fn_kwargs={"tokenizer": tokenizer, "prefix": list(prefix), "tgt_prefix": list(tgt_prefix)},
               features=features, new_fingerprint=key, desc="tokenizing")
     if train:
@@ -974,4 +701,63 @@ def _filter_lengths(ds: datasets.Dataset, cfg: DataConfig, key: str, n_tags: int
         raise DataError(f"no training pairs left after the length rules: {int(too_long.sum())} of {len(ds)} over "
                         f"data.max_len={cfg.max_len} tokens, {int(bad_ratio.sum())} with a length ratio above "
                         f"data.max_len_ratio={cfg.max_len_ratio}; raise these limits")
-    return _keep(ds, keep, _key(key, cfg.max_len, cfg.max_len_ratio, n_tags))
+    return _keep(ds, keep, datacache.key(key, cfg.max_len, cfg.max_len_ratio, n_tags))
+
+
+# ----------------------------------------------------------------------------------------------------
+# A training job's data
+
+
+def prepare_data(data_cfg: DataConfig, tokenizer_dir: Path, tokenizer: Tokenizer | None = None):
+    """The tokenizer, every stream's tokenized train split, and each direction's tokenized valid
+    split, prepared once per job.
+
+    Under torchrun, local rank 0 of each machine reads, cleans and tokenizes into ``data.cache_dir``
+    first; the other ranks then memory-map what it wrote. The tokenizer is ``tokenizer`` (a
+    checkpoint's), else global rank 0's (reused from ``tokenizer_dir`` or the cache when it was made
+    from the same data and settings, else trained), sent to every rank.
+
+    Returns:
+        (tokenizer, train, mix, valid): ``train`` holds the pairs of every stream
+        (:func:`streams`), one stream after another, with ``src_ids``, ``tgt_ids`` and
+        their lengths; ``mix`` is ``(sizes, shares)`` of those streams, or None for a single one;
+        ``valid`` lists ``(stream, valid dataset, (source prefix, target prefix))`` of each direction
+        of the main corpus.
+    """
+    train_streams = streams(data_cfg)
+    valid_streams = train_streams[: len(data_cfg.pairs())]
+    with distributed.local_rank_zero_first():
+        # With several streams, each one's log lines and errors start with its name.
+        names = [stream.name if len(train_streams) > 1 else None for stream in train_streams]
+        cleaned = [_named(name, load_split, stream.cfg, "train", train=True) for stream, name in zip(train_streams, names)]
+        valid_clean = [load_split(stream.cfg, "valid", train=False) for stream in valid_streams]
+    if tokenizer is None:
+        state = (train_tokenizer(cleaned, data_cfg, tokenizer_dir, tags(data_cfg)).to_state()
+                 if distributed.rank() == 0 else None)
+        tokenizer = Tokenizer.from_state(distributed.broadcast_object(state))
+    prefixes = [tokenizer.direction_ids(stream.cfg.src_lang, stream.cfg.tgt_lang, stream.tags) for stream in train_streams]
+    with distributed.local_rank_zero_first():
+        train_sets = [_named(name, tokenize, ds, tokenizer, stream.cfg, train=True, prefix=prefix,
+                             name=name or "train split", tgt_prefix=tgt_prefix)
+                      for stream, name, ds, (prefix, tgt_prefix) in zip(train_streams, names, cleaned, prefixes)]
+        valid = [(stream, tokenize(ds, tokenizer, stream.cfg, train=False, prefix=prefix, tgt_prefix=tgt_prefix),
+                  (prefix, tgt_prefix))
+                 for stream, ds, (prefix, tgt_prefix) in zip(valid_streams, valid_clean, prefixes)]
+    if len(train_sets) == 1:
+        return tokenizer, train_sets[0], None, valid
+    sizes = [len(ds) for ds in train_sets]
+    mix = (sizes, shares(sizes, [s.weight for s in train_streams], data_cfg.temperature).tolist())
+    logger.info("mixing %s", ", ".join(f"{s.name}: {n} pairs, {share:.1%} of an epoch"
+                                       for s, n, share in zip(train_streams, *mix)))
+    return tokenizer, datasets.concatenate_datasets(train_sets), mix, valid
+
+
+def _named(label: str | None, step, *args, **kwargs):
+    """``step(*args, **kwargs)`` on a stream; a :class:`DataError` starts with ``label`` where one is
+    given, e.g. ``en-de (data.mix[0], bt)``, whose entry the ``data.*`` keys it names stand for."""
+    try:
+        return step(*args, **kwargs)
+    except DataError as err:
+        if label is None:
+            raise
+        raise DataError(f"{label}: {err}") from None

@@ -30,7 +30,6 @@ import logging
 import pickle
 import re
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -350,19 +349,8 @@ def load_hf_weights(model: Transformer, weights: dict[str, torch.Tensor], permut
 
 
 def save(model: Transformer, tokenizer: Tokenizer, out: str | Path, source: str) -> Path:
-    """Write ``model`` and ``tokenizer`` as an attnmt checkpoint ``out`` (atomically, ``weights_only`` loadable)."""
-    from attnmt import __version__
-    from attnmt.checkpoint import FORMAT, save_checkpoint
+    """Write ``model`` and ``tokenizer`` as an attnmt checkpoint ``out`` (atomically, ``weights_only``
+    loadable), through :func:`attnmt.checkpoint.save_imported`."""
+    from attnmt.checkpoint import save_imported
 
-    state = {
-        "format": FORMAT,
-        "model": {name: tensor.detach().clone() for name, tensor in model.state_dict().items()},
-        "model_config": asdict(model.cfg),
-        "tokenizer": tokenizer.to_state(),
-        "config": {"model": asdict(model.cfg), "data": None, "optim": None, "train": None},
-        "step": 0,
-        "imported_from": str(source),
-        "attnmt_version": __version__,
-    }
-    save_checkpoint(state, out)
-    return Path(out)
+    return save_imported(model, tokenizer, out, source)

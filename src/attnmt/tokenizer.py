@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sentencepiece as spm
+
+from attnmt import durable
 
 if TYPE_CHECKING:
     from attnmt.config import TokenizerConfig
@@ -172,13 +173,13 @@ class Tokenizer:
     def save(self, out_dir: str | Path) -> None:
         """Write ``joint.model`` (or ``src.model`` and ``tgt.model``) and ``tokenizer.json`` into ``out_dir``.
 
-        Atomically: the files go into a temporary folder beside ``out_dir``, which then replaces it, so
-        a crash leaves either the previous folder or the complete new one, never a half-written one.
+        Atomically (:func:`attnmt.durable.replacing_folder`): the files go into a temporary folder beside
+        ``out_dir``, which then replaces it, so a crash leaves either the previous folder or the complete
+        new one, never a half-written one.
         """
         out_dir = Path(out_dir)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp", dir=out_dir.parent))
-        try:
+        with durable.replacing_folder(out_dir) as tmp:
             if self.joint:
                 (tmp / "joint.model").write_bytes(self._src_bytes)
             else:
@@ -186,15 +187,6 @@ class Tokenizer:
                 (tmp / "tgt.model").write_bytes(self._tgt_bytes)
             meta = {"joint": self.joint, "settings": self.settings, "fingerprint": self.fingerprint}
             (tmp / SETTINGS_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            if out_dir.exists():  # a rename cannot replace a non-empty folder: move the old one aside first
-                old = out_dir.with_name(f".{out_dir.name}.old{os.getpid()}")
-                os.replace(out_dir, old)
-                os.replace(tmp, out_dir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import sys
-import time
 from dataclasses import fields
 
 import hydra
@@ -23,12 +22,12 @@ from tqdm import tqdm
 from attnmt.checkpoint import CheckpointError, run_config
 from attnmt.cli.common import UserError, output_file, run_command, setup_logging, take_arguments, to_config
 from attnmt.config import ConfigError, DecodeConfig, EvaluateConfig, config_dir, register_configs, trained_data_config
-from attnmt.data import DataError, direction, load_references, load_split, read_lines
 from attnmt.decoding import strategy
 from attnmt.device import resolve_device
-from attnmt.evaluation import corpus_scores
+from attnmt.evaluation import translate_and_score
 from attnmt.export import ExportError
 from attnmt.inference import capabilities_of, check_capabilities, open_engine
+from attnmt.textfiles import DataError, read_lines
 from attnmt.tokenizer import TokenizerError
 
 log = logging.getLogger("attnmt.evaluate")
@@ -68,6 +67,8 @@ def test_set(cfg: EvaluateConfig, trained_config: dict, data_overrides: list[str
     except OmegaConfBaseException as err:
         raise UserError(f"{' '.join(data_overrides)}: {str(err).splitlines()[0]} (the keys are those of DataConfig, "
                         "e.g. data.root=FOLDER)") from None
+    from attnmt.data import direction, load_references, load_split  # HF datasets: only for a split
+
     stream = direction(data_cfg, cfg.src_lang, cfg.tgt_lang)
     split = load_split(stream.cfg, cfg.split, train=False)
     return (list(split["src"]), load_references(stream.cfg, cfg.split), f"split {cfg.split}",
@@ -88,15 +89,12 @@ def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
                 else output_file(cfg.hyp, "hyp", {"src": cfg.src, "ref": cfg.ref, "ckpt": paths}))
     with hyp_file as f:
         engine = open_engine(cfg, paths, device, src_lang=src_lang, tgt_lang=tgt_lang)
-        start = time.perf_counter()
         with tqdm(total=len(sources), unit="sent", desc="translating", file=sys.stderr, disable=None) as bar:
-            translations = engine.translate(sources, cfg, on_batch=bar.update)
-        seconds = time.perf_counter() - start
-        hypotheses = [t.texts[0] for t in translations]
+            hypotheses, scores, seconds = translate_and_score(engine, sources, references, cfg, tgt_lang,
+                                                              cfg.bleu_tokenize, on_batch=bar.update)
         if f is not None:
             f.writelines(h + "\n" for h in hypotheses)
 
-    scores = corpus_scores(hypotheses, references, tgt_lang, cfg.bleu_tokenize)
     result = {
         **scores,
         "bleu": round(scores["bleu"], 2),

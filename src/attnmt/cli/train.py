@@ -28,7 +28,8 @@ from attnmt.cli.common import UserError, apply_overrides
 from attnmt.config import ConfigError, config_dir, register_configs
 from attnmt.data import DataError
 from attnmt.tokenizer import TokenizerError
-from attnmt.training import LOG_FORMAT, TrainingError, train
+from attnmt.rundir import LOG_FORMAT
+from attnmt.training import TrainingError, train
 
 logger = logging.getLogger("attnmt.cli.train")
 

@@ -14,8 +14,6 @@ half-written model where a complete one is expected.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -66,7 +64,8 @@ def check_model_options(cfg: ModelConfig, expressible: Mapping[str, tuple | None
 
 
 def write_directory(out: str | Path, fill: Callable[[Path], None]) -> Path:
-    """Create directory ``out`` by ``fill(tmp)`` into a temporary directory beside it, then a rename.
+    """Create directory ``out`` by ``fill(tmp)`` into a temporary directory beside it, then a rename
+    (:func:`attnmt.durable.replacing_folder`).
 
     ``out`` must not exist or be empty. If another process creates ``out`` meanwhile, its directory
     wins and this one is discarded (both hold the same model when both come from the same input).
@@ -76,18 +75,8 @@ def write_directory(out: str | Path, fill: Callable[[Path], None]) -> Path:
     """
     out = check_new_directory(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = durable.temporary_name(out)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with durable.replacing_folder(out, keep_existing=True) as tmp:
         fill(tmp)
-        try:
-            os.rename(tmp, out)  # replaces an empty directory; fails on a full one
-        except OSError:
-            if not (out.is_dir() and any(out.iterdir())):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -42,7 +42,7 @@ from attnmt.tokenizer import Tokenizer, TokenizerError, language_tag, normalize,
 if TYPE_CHECKING:
     import torch
 
-    from attnmt.config import EvaluateConfig, TranslateConfig
+    from attnmt.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class Engine:
         return translations(self.tokenizer, hypotheses, cfg.nbest)
 
 
-def open_engine(cfg: TranslateConfig | EvaluateConfig, paths: Sequence, device: torch.device,
+def open_engine(cfg: EngineConfig, paths: Sequence, device: torch.device,
                 src_lang: str | None = None, tgt_lang: str | None = None, direction: bool = True) -> Engine:
     """The engine ``cfg.engine`` on checkpoint(s) ``paths`` (weights averaged when several), on ``device``,
     translating from ``src_lang`` (checked, if given) into ``tgt_lang`` (default: the command's
@@ -220,7 +220,7 @@ def open_engine(cfg: TranslateConfig | EvaluateConfig, paths: Sequence, device: 
     """
     module = _module(cfg.engine)
     check_capabilities(cfg.engine, module.CAPABILITIES, cfg)
-    backend, tokenizer, run_config = module.open_backend(list(paths), device, getattr(cfg, "compute_type", "default"))
+    backend, tokenizer, run_config = module.open_backend(list(paths), device, cfg.compute_type)
     prefix, tgt_prefix = [], []
     if direction:
         prefix, tgt_prefix = language_prefixes(tokenizer, run_config, tgt_lang if tgt_lang is not None else cfg.tgt_lang,

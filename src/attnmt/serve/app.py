@@ -3,7 +3,7 @@
 Routes:
 
 - ``POST /translate``: ``{"text": [lines], "tgt_lang"?, "src_lang"?, "attention"?, and the decode
-  settings of attnmt-translate but max_tokens, the server's (beam_size, len_penalty, nbest, ...)}`` ->
+  settings of attnmt-translate but max_tokens, the server's batches (beam_size, len_penalty, nbest, ...)}`` ->
   ``{"translations": [one per line, in order], "scores": [...]}`` (length-normalised log-probabilities,
   null for greedy search, which computes none, and 0 for an empty line), with ``"nbest"`` (each line's
   candidates, best first) when ``nbest > 1`` and ``"attention"`` (each line's source and target
@@ -96,7 +96,7 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
                               "search); use batching=per_call")
         batcher = RunningBatcher(engine, cfg.max_rows, cfg.max_pending_lines)
     else:
-        batcher = Batcher(engine, cfg.batch_wait_ms / 1000, cfg.max_tokens, cfg.max_pending_lines)
+        batcher = Batcher(engine, cfg.batch_wait_ms / 1000, cfg.gather_tokens, cfg.max_pending_lines)
     directions = Directions(engine, cfg.src_lang, cfg.tgt_lang)  # defaults, if any, were checked by open_engine
 
     @asynccontextmanager
@@ -108,24 +108,7 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
     app = FastAPI(title="attnmt", summary=f"attnmt-serve: {model_name}", lifespan=lifespan)
     app.state.batcher = batcher
 
-    @app.exception_handler(RequestError)
-    async def request_error(_request: Request, err: RequestError) -> JSONResponse:
-        return JSONResponse({"error": err.message, "field": err.field}, status_code=err.status, headers=err.headers)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, err: HTTPException) -> JSONResponse:  # 404, 405, ...
-        return JSONResponse({"error": str(err.detail), "field": None}, status_code=err.status_code, headers=err.headers)
-
-    @app.exception_handler(ClientDisconnect)
-    async def client_gone(request: Request, _err: ClientDisconnect) -> Response:
-        # A client that goes while sending its body is no server error: one line, not a traceback.
-        log.info("a client (%s) disconnected before its request was read", request.client.host if request.client
-                 else "?")
-        return Response(status_code=499)  # nobody is there to read it
-
-    @app.exception_handler(Exception)
-    async def internal_error(_request: Request, err: Exception) -> JSONResponse:  # logged by the server too
-        return JSONResponse({"error": f"internal error: {type(err).__name__}: {err}", "field": None}, status_code=500)
+    add_error_handlers(app)
 
     @app.post("/translate", openapi_extra={"requestBody": {
         "required": True, "content": {"application/json": {"schema": TranslateRequest.model_json_schema()}}}})
@@ -164,6 +147,31 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str) -> FastAPI:
         return HTMLResponse(page)
 
     return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error answered as ``{"error": message, "field": field}``: a bad request with its status, an
+    unknown route or method with FastAPI's, a client gone while it sent its body as 499 (and one log line),
+    anything else as 500."""
+
+    @app.exception_handler(RequestError)
+    async def request_error(_request: Request, err: RequestError) -> JSONResponse:
+        return JSONResponse({"error": err.message, "field": err.field}, status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, err: HTTPException) -> JSONResponse:  # 404, 405, ...
+        return JSONResponse({"error": str(err.detail), "field": None}, status_code=err.status_code, headers=err.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, _err: ClientDisconnect) -> Response:
+        # A client that goes while sending its body is no server error: one line, not a traceback.
+        log.info("a client (%s) disconnected before its request was read", request.client.host if request.client
+                 else "?")
+        return Response(status_code=499)  # nobody is there to read it
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, err: Exception) -> JSONResponse:  # logged by the server too
+        return JSONResponse({"error": f"internal error: {type(err).__name__}: {err}", "field": None}, status_code=500)
 
 
 async def read_body(request: Request, limit: int) -> bytes:

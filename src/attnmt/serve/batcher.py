@@ -2,7 +2,7 @@
 
 Requests arrive one by one on the event loop; the engine translates best in large batches. The
 :class:`Batcher` queues each request's encoded lines as a :class:`Job`. Once the engine is free and a
-job waits, its loop waits ``wait_s`` for others (or until ``max_tokens`` source tokens are queued) and
+job waits, its loop waits ``wait_s`` for others (or until ``gather_tokens`` source tokens are queued) and
 hands the lines of every job with the same search settings to the engine in one call, in a worker
 thread, so that the event loop keeps taking requests meanwhile. Under load a call takes what queued
 up during the last one and the next requests of the clients it answered; with one client a request
@@ -74,15 +74,16 @@ class Batcher:
         engine: the opened engine; only the batcher's thread searches with it (the event loop uses
             its tokenizer, to encode requests and name pieces).
         wait_s: how long the batcher waits for more jobs once the engine is free and one is queued.
-        max_tokens: source tokens gathered into one engine call before it starts without waiting
-            (the engine cuts it into batches of at most its decode settings' ``max_tokens``).
+        gather_tokens: source tokens gathered into one engine call before it starts without waiting
+            (``attnmt-serve gather_tokens=``; the engine cuts the call into batches of at most its
+            decode settings' ``max_tokens``).
         max_pending_lines: queued lines past which :meth:`submit` refuses new jobs.
     """
 
-    def __init__(self, engine: Engine, wait_s: float, max_tokens: int, max_pending_lines: int) -> None:
+    def __init__(self, engine: Engine, wait_s: float, gather_tokens: int, max_pending_lines: int) -> None:
         self.engine = engine
         self.wait_s = wait_s
-        self.max_tokens = max_tokens
+        self.gather_tokens = gather_tokens
         self.max_pending_lines = max_pending_lines
         self.pending_lines = 0  # submitted, not yet handed to the engine
         self.translated_lines = 0
@@ -168,7 +169,7 @@ class Batcher:
 
     async def _gather(self) -> list[Job]:
         """The queued jobs, oldest first, once ``wait_s`` has passed since the engine was free and a
-        job there, or about ``max_tokens`` source tokens are queued; at most about ``max_tokens`` of them.
+        job there, or about ``gather_tokens`` source tokens are queued; at most about ``gather_tokens`` of them.
 
         The wait starts when the engine is free, not when the oldest job arrived: under load the
         oldest has waited out the last call already, but the clients that call answered have not yet
@@ -180,7 +181,7 @@ class Batcher:
             self._arrived.clear()
             await self._arrived.wait()
         deadline = loop.time() + self.wait_s
-        while self._queued_tokens < self.max_tokens and (remaining := deadline - loop.time()) > 0:
+        while self._queued_tokens < self.gather_tokens and (remaining := deadline - loop.time()) > 0:
             self._arrived.clear()
             try:
                 await asyncio.wait_for(self._arrived.wait(), remaining)
@@ -188,7 +189,7 @@ class Batcher:
                 break
         jobs: list[Job] = []
         tokens = 0
-        while self._jobs and (not jobs or tokens + self._jobs[0].tokens <= self.max_tokens):
+        while self._jobs and (not jobs or tokens + self._jobs[0].tokens <= self.gather_tokens):
             job = self._jobs.popleft()
             jobs.append(job)
             tokens += job.tokens
