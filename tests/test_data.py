@@ -360,3 +360,10 @@ def test_an_error_in_a_mixed_corpus_names_its_entry(tmp_path):
     cfg = folder_cfg(TINY, mix=[missing])
     with pytest.raises(DataError, match=r"^de-en \(data.mix\[0\], bt\): data.root=\S+synthetic does not exist"):
         prepare_data(cfg, tmp_path / "tokenizer")
+
+
+def test_every_data_format_the_config_accepts_has_a_reader() -> None:
+    from attnmt import data
+    from attnmt.config import DATA_FORMATS
+
+    assert set(data._READERS) == set(DATA_FORMATS)  # a format added to one list alone would pass the config check

@@ -36,7 +36,7 @@ import torch
 
 from attnmt import install_hint
 from attnmt.checkpoint import first_line
-from attnmt.config import ModelConfig
+from attnmt.config import MODEL_KEYS_ADDED, ModelConfig
 from attnmt.model import Transformer, build_model
 from attnmt.tokenizer import Tokenizer
 
@@ -70,7 +70,10 @@ def _common(config, **fields) -> dict:
     if not getattr(config, "scale_embedding", False):
         raise PretrainedError(f"{config.model_type}: scale_embedding=false; attnmt always scales embeddings by "
                               "sqrt(d_model)")
+    # A model option added to attnmt after these importers were written takes the value that reproduces
+    # the models attnmt had before it (MODEL_KEYS_ADDED), those Marian and M2M100 compute, unless set here.
     return dict(
+        MODEL_KEYS_ADDED,
         d_model=config.d_model, n_heads=config.encoder_attention_heads, ffn_dim=config.encoder_ffn_dim,
         encoder_layers=config.encoder_layers, decoder_layers=config.decoder_layers, dropout=config.dropout,
         attention_dropout=config.attention_dropout, activation_dropout=config.activation_dropout,

@@ -29,16 +29,6 @@ class ExportError(ValueError):
     """A model or an export request that cannot work; the message names the option or path and what to do."""
 
 
-# The model options the exporters were written for. A model option added later is missing here, and
-# check_model_options refuses it until its conversion is written and it is listed.
-CONVERTED_OPTIONS = (
-    "d_model", "n_heads", "ffn_dim", "encoder_layers", "decoder_layers", "activation", "norm_first", "positions",
-    "max_positions", "share_embeddings", "tie_output", "src_vocab_size", "tgt_vocab_size", "pad_id", "bos_id",
-    "eos_id", "output_bias",
-    "dropout", "attention_dropout", "activation_dropout",  # training only: nothing to convert
-)
-
-
 def check_model_options(cfg: ModelConfig, expressible: Mapping[str, tuple | None], target: str) -> None:
     """Refuse, in one line, a model whose options ``target`` cannot express, before anything is converted or written.
 

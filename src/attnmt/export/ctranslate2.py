@@ -40,14 +40,20 @@ import torch
 
 from attnmt.config import ModelConfig
 from attnmt.export import (
-    CONVERTED_OPTIONS, ExportError, check_model_options, check_new_directory, checkpoint_hash, write_directory,
+    ExportError, check_model_options, check_new_directory, checkpoint_hash, write_directory,
 )
 from attnmt.model import Transformer
 from attnmt.tokenizer import Tokenizer
 
 # The values of each model option CTranslate2 expresses exactly (None: any); check_model_options
 # refuses an option that is not listed (one added to the model after this conversion was written).
-EXPRESSIBLE = dict.fromkeys(CONVERTED_OPTIONS)
+# Every model option this exporter converts, with the values it expresses (None: any). A model option
+# added later is not here, and check_model_options refuses it until its conversion is written here: for
+# this exporter alone (the HF exporter lists its own).
+EXPRESSIBLE: dict[str, tuple | None] = dict.fromkeys((
+    "d_model", "n_heads", "ffn_dim", "encoder_layers", "decoder_layers", "activation", "norm_first", "positions",
+    "max_positions", "share_embeddings", "tie_output", "src_vocab_size", "tgt_vocab_size", "pad_id", "bos_id",
+    "eos_id", "output_bias", "dropout", "attention_dropout", "activation_dropout"))  # dropouts: nothing to convert
 FORMAT = "attnmt-ctranslate2-2"  # part of the cache key: a change of the conversion invalidates caches
 META_FILE = "attnmt.json"
 JOINT_SPM, SOURCE_SPM, TARGET_SPM = "sentencepiece.model", "source.model", "target.model"

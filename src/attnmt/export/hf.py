@@ -37,7 +37,7 @@ import torch
 from attnmt import install_hint
 from attnmt.config import ModelConfig
 from attnmt.decoding import never_generated
-from attnmt.export import CONVERTED_OPTIONS, ExportError, check_model_options, check_new_directory, write_directory
+from attnmt.export import ExportError, check_model_options, check_new_directory, write_directory
 from attnmt.model import Transformer
 from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
@@ -45,9 +45,14 @@ from attnmt.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 _WHITESPACE = "".join(chr(c) for c in range(0x110000) if chr(c).isspace())
 
 
-# The values of each model option M2M100 or Marian express (None: any; positions and norm_first are
-# checked together by architecture()); check_model_options refuses an option that is not listed.
-EXPRESSIBLE = dict.fromkeys(CONVERTED_OPTIONS)
+# Every model option this exporter converts, with the values M2M100 or Marian express (None: any;
+# positions and norm_first are checked together by architecture()). A model option added later is not
+# here, and check_model_options refuses it until its conversion is written here: for this exporter alone
+# (the CTranslate2 exporter lists its own).
+EXPRESSIBLE: dict[str, tuple | None] = dict.fromkeys((
+    "d_model", "n_heads", "ffn_dim", "encoder_layers", "decoder_layers", "activation", "norm_first", "positions",
+    "max_positions", "share_embeddings", "tie_output", "src_vocab_size", "tgt_vocab_size", "pad_id", "bos_id",
+    "eos_id", "output_bias", "dropout", "attention_dropout", "activation_dropout"))  # dropouts: nothing to convert
 HF_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "swish"}  # attnmt's name -> transformers
 
 
