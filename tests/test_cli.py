@@ -64,6 +64,24 @@ def test_evaluate_src_ref_reads_two_text_files_without_importing_datasets(traine
     assert "datasets" in imported("split=test")  # a split of the data config is read through datasets
 
 
+@pytest.mark.parametrize("command, misspelt, key", [
+    ("translate", "beamsize=2", "beam_size"), ("evaluate", "lenpenalty=1", "len_penalty"),
+    ("export", "quantisation=int8", "quantization"), ("serve", "max_pending=5", "max_pending_lines"),
+])
+def test_the_commands_share_one_command_line(command: str, misspelt: str, key: str) -> None:
+    """The same key=value overrides, the same one line for a misspelt key (before any model is read),
+    the same --help (Hydra's, naming the command)."""
+    refused = run(command, "ckpt=missing.pt", misspelt)
+    assert refused.returncode == 2 and refused.stdout == ""
+    name = misspelt.split("=")[0]
+    (line,) = refused.stderr.strip().splitlines()
+    assert line.startswith(f"attnmt-{command}: error: {misspelt}: {command}.yaml has no key '{name}'; did you mean "
+                           f"{key}"), line
+    helped = run(command, "--help")
+    assert helped.returncode == 0 and helped.stdout.startswith(f"attnmt-{command} is powered by Hydra.")
+    assert f"{key}:" in helped.stdout.split("== Config ==")[1]  # the composed configs/{command}.yaml
+
+
 def test_evaluate_a_split_of_the_checkpoints_data_config(trained_checkpoint) -> None:
     result = run("evaluate", f"ckpt={trained_checkpoint}", "split=test", "beam_size=1")
     assert result.returncode == 0, result.stderr

@@ -122,6 +122,36 @@ def compose_cli(name: str, schema: type, overrides: list[str]) -> DictConfig | N
     return cfg
 
 
+def config_command(name: str, schema: type, run: Callable[[DictConfig], None], argv: list[str],
+                   user_errors: tuple[type[BaseException], ...] = ()) -> None:
+    """The command line of ``attnmt-NAME``, the same for every command with a ``configs/NAME.yaml``:
+    ``key=value`` overrides composed without Hydra's start-up (:func:`compose_cli`: a misspelt key
+    or a value of the wrong type is one line naming it), and under Hydra itself what needs it
+    (``--help``, ``--cfg``, ``hydra.*`` keys, ``+``/``~`` overrides); then ``run(cfg)``, with
+    ``user_errors`` one line each (:func:`run_command`)."""
+    command = f"attnmt-{name}"
+
+    def body() -> None:
+        cfg = compose_cli(name, schema, argv)
+        if cfg is not None:
+            run(cfg)
+            return
+        import hydra  # imported only here: its start-up costs more than the rest of a command's
+
+        from attnmt.config import config_dir, register_configs
+
+        register_configs()
+
+        @hydra.main(config_path=str(config_dir()), config_name=name, version_base="1.3")
+        def under_hydra(cfg: DictConfig) -> None:
+            run_command(command, lambda: run(cfg), user_errors)
+
+        sys.argv[1:] = [*argv, f"hydra.job.name={command}"]  # else Hydra names the app after this file
+        under_hydra()
+
+    run_command(command, body, user_errors)
+
+
 def apply_overrides(cfg: DictConfig, overrides: list, name: str) -> None:
     """Set each of Hydra's parsed ``overrides`` (``key=value``) in ``cfg``, as Hydra would.
 

@@ -14,14 +14,13 @@ import logging
 import sys
 from dataclasses import fields
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from attnmt.checkpoint import CheckpointError, run_config
-from attnmt.cli.common import UserError, output_file, run_command, setup_logging, take_arguments, to_config
-from attnmt.config import ConfigError, DecodeConfig, EvaluateConfig, config_dir, register_configs, trained_data_config
+from attnmt.cli.common import UserError, config_command, output_file, setup_logging, take_arguments, to_config
+from attnmt.config import ConfigError, DecodeConfig, EvaluateConfig, trained_data_config
 from attnmt.decoding import strategy
 from attnmt.device import resolve_device
 from attnmt.evaluation import translate_and_score
@@ -118,25 +117,14 @@ def run(cfg: EvaluateConfig, data_overrides: list[str]) -> None:
     print(json.dumps(result, ensure_ascii=False))
 
 
-# The data.KEY=VALUE arguments of this command line, set by main(): they override keys of the
-# checkpoint's data config, which Hydra does not compose, and are checked against DataConfig by test_set().
-_data_overrides: list[str] = []
-
-
-@hydra.main(config_path=str(config_dir()), config_name="evaluate", version_base="1.3")
-def _main(cfg: DictConfig) -> None:
-    setup_logging()
-    run_command("attnmt-evaluate", lambda: run(to_config(cfg), _data_overrides),
-                (CheckpointError, ConfigError, DataError, ExportError, TokenizerError))
-
-
 def main() -> None:
-    global _data_overrides
-    sys.argv[1:], _data_overrides = take_arguments(sys.argv[1:], "data.")
-    _main()
+    # data.KEY=VALUE items override keys of the checkpoint's data config, which is not composed here:
+    # taken before the rest is, and checked against DataConfig by test_set().
+    argv, data_overrides = take_arguments(sys.argv[1:], "data.")
+    setup_logging()
+    config_command("evaluate", EvaluateConfig, lambda cfg: run(to_config(cfg), data_overrides), argv,
+                   (CheckpointError, ConfigError, DataError, ExportError, TokenizerError))
 
-
-register_configs()
 
 if __name__ == "__main__":
     main()

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import logging
 
-import hydra
+import sys
 from omegaconf import DictConfig, OmegaConf
 
 from attnmt import install_hint
 from attnmt.checkpoint import CheckpointError, load_for_inference
-from attnmt.cli.common import UserError, run_command, setup_logging, to_config
-from attnmt.config import ExportConfig, config_dir, register_configs
+from attnmt.cli.common import UserError, config_command, setup_logging, to_config
+from attnmt.config import ExportConfig
 from attnmt.export import ExportError, check_new_directory
 
 log = logging.getLogger("attnmt.export")
@@ -58,13 +58,11 @@ def export_config(cfg: DictConfig) -> ExportConfig:
     return to_config(cfg)
 
 
-@hydra.main(config_path=str(config_dir()), config_name="export", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main() -> None:
     setup_logging()
-    run_command("attnmt-export", lambda: run(export_config(cfg)), (CheckpointError, ExportError))
+    config_command("export", ExportConfig, lambda cfg: run(export_config(cfg)), sys.argv[1:],
+                   (CheckpointError, ExportError))
 
-
-register_configs()
 
 if __name__ == "__main__":
     main()

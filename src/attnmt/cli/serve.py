@@ -16,12 +16,11 @@ import socket
 import sys
 
 import torch
-from omegaconf import DictConfig
 
 from attnmt import install_hint
 from attnmt.checkpoint import CheckpointError
-from attnmt.cli.common import UserError, compose_cli, exit_at_once, run_command, setup_logging, to_config
-from attnmt.config import ConfigError, ServeConfig, config_dir
+from attnmt.cli.common import UserError, config_command, exit_at_once, setup_logging, to_config
+from attnmt.config import ConfigError, ServeConfig
 from attnmt.device import resolve_device
 from attnmt.export import ExportError
 from attnmt.inference import capabilities_of, check_capabilities, open_engine
@@ -85,33 +84,8 @@ def check_address(host: str, port: int) -> None:
 
 
 def main() -> None:
-    argv = sys.argv[1:]
     setup_logging()
-
-    def body() -> None:
-        cfg = compose_cli("serve", ServeConfig, argv)
-        if cfg is None:  # a command line for Hydra itself: --help, --cfg, hydra.* keys, ...
-            hydra_main(argv)
-        else:
-            run(to_config(cfg))
-
-    run_command("attnmt-serve", body, USER_ERRORS)
-
-
-def hydra_main(argv: list[str]) -> None:
-    """The command under Hydra's ``@hydra.main``, for the command lines :func:`compose_cli` leaves to it."""
-    import hydra
-
-    from attnmt.config import register_configs
-
-    register_configs()
-
-    @hydra.main(config_path=str(config_dir()), config_name="serve", version_base="1.3")
-    def _main(cfg: DictConfig) -> None:
-        run_command("attnmt-serve", lambda: run(to_config(cfg)), USER_ERRORS)
-
-    sys.argv[1:] = argv
-    _main()
+    config_command("serve", ServeConfig, lambda cfg: run(to_config(cfg)), sys.argv[1:], USER_ERRORS)
 
 
 console_main = exit_at_once(main)  # attnmt-serve; tests call main() or run() in-process

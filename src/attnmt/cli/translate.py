@@ -13,15 +13,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from attnmt import install_hint
 from attnmt.checkpoint import CheckpointError
 from attnmt.cli.common import (
-    UserError, available_chunks, compose_cli, exit_at_once, iter_lines, open_input, output_file, run_command,
-    setup_logging, take_arguments, to_config,
+    UserError, available_chunks, config_command, exit_at_once, iter_lines, open_input, output_file, setup_logging,
+    take_arguments, to_config,
 )
-from attnmt.config import ConfigError, TranslateConfig, config_dir
+from attnmt.config import ConfigError, TranslateConfig
 from attnmt.device import resolve_device
 from attnmt.export import ExportError
 from attnmt.inference import Engine, Translation, capabilities_of, check_capabilities, encode_sources, open_engine
@@ -122,15 +120,8 @@ def main() -> None:
     # its own language: taken before the rest is composed.
     argv, texts = take_arguments(sys.argv[1:], "text=")
     setup_logging()
-
-    def body() -> None:
-        cfg = compose_cli("translate", TranslateConfig, argv)
-        if cfg is None:  # a command line for Hydra itself: --help, --cfg, hydra.* keys, ...
-            hydra_main(argv, texts)
-        else:
-            run(with_texts(to_config(cfg), texts))
-
-    run_command("attnmt-translate", body, (CheckpointError, ConfigError, ExportError, TokenizerError))
+    config_command("translate", TranslateConfig, lambda cfg: run(with_texts(to_config(cfg), texts)), argv,
+                   (CheckpointError, ConfigError, ExportError, TokenizerError))
 
 
 def with_texts(cfg: TranslateConfig, texts: list[str]) -> TranslateConfig:
@@ -138,24 +129,6 @@ def with_texts(cfg: TranslateConfig, texts: list[str]) -> TranslateConfig:
     if texts:
         cfg.text = [arg.removeprefix("text=") for arg in texts]
     return cfg
-
-
-def hydra_main(argv: list[str], texts: list[str]) -> None:
-    """The command under Hydra's ``@hydra.main``, for the command lines :func:`compose_cli` leaves to
-    it. Hydra is imported only here: its start-up costs more than the rest of the command's."""
-    import hydra
-
-    from attnmt.config import register_configs
-
-    register_configs()
-
-    @hydra.main(config_path=str(config_dir()), config_name="translate", version_base="1.3")
-    def _main(cfg: DictConfig) -> None:
-        run_command("attnmt-translate", lambda: run(with_texts(to_config(cfg), texts)),
-                    (CheckpointError, ConfigError, ExportError, TokenizerError))
-
-    sys.argv[1:] = argv
-    _main()
 
 
 console_main = exit_at_once(main)  # attnmt-translate; tests call main() in-process
