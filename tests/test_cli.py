@@ -67,6 +67,7 @@ def test_evaluate_src_ref_reads_two_text_files_without_importing_datasets(traine
 @pytest.mark.parametrize("command, misspelt, key", [
     ("translate", "beamsize=2", "beam_size"), ("evaluate", "lenpenalty=1", "len_penalty"),
     ("export", "quantisation=int8", "quantization"), ("serve", "max_pending=5", "max_pending_lines"),
+    ("average", "lst=2", "last"),
 ])
 def test_the_commands_share_one_command_line(command: str, misspelt: str, key: str) -> None:
     """The same key=value overrides, the same one line for a misspelt key (before any model is read),
@@ -156,12 +157,16 @@ def test_averaged_checkpoints_translate(trained_checkpoint, tmp_path) -> None:
         save_checkpoint({**state, "model": weights}, paths[name])
 
     averaged = tmp_path / "averaged.pt"
-    result = run("average", str(trained_checkpoint), str(paths["second"]), "--out", str(averaged))
+    result = run("average", f"ckpt=[{trained_checkpoint},{paths['second']}]", f"out={averaged}")
     assert result.returncode == 0, result.stderr
     written = load_checkpoint(averaged)["model"]
     assert written.keys() == mean.keys()
     for key, value in mean.items():
         torch.testing.assert_close(written[key], value, rtol=0, atol=1e-6)
+    # The argparse form of earlier versions writes the same file, and says what to write instead.
+    old = run("average", str(trained_checkpoint), str(paths["second"]), "--out", str(tmp_path / "old.pt"))
+    assert old.returncode == 0 and "attnmt-average ckpt=[" in old.stderr, old.stderr
+    assert (tmp_path / "old.pt").read_bytes() == averaged.read_bytes()
 
     lines = (FIXTURE_CORPUS / "test.de").read_text(encoding="utf-8").splitlines()[:20]
     stdin = "".join(line + "\n" for line in lines)
@@ -367,3 +372,15 @@ def test_an_output_through_a_link_or_to_a_device_keeps_the_link_and_the_device(t
         out.write("anything\n")
     assert Path("/dev/null").is_char_device()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.en", "real.en"]
+
+
+def test_import_refuses_a_misspelt_key_as_the_other_commands_do_and_helps_with_status_0(capsys) -> None:
+    from attnmt.cli import import_
+
+    with pytest.raises(SystemExit) as refused:
+        import_.main(["frm=opus-mt-en-de", "out=x.pt"])
+    assert refused.value.code == 2
+    assert capsys.readouterr().err.strip() == ("attnmt-import: error: frm=opus-mt-en-de: attnmt-import has no key 'frm'; "
+                                               "did you mean from? the keys are from, out, overwrite")
+    import_.main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: attnmt-import from=")

@@ -356,6 +356,21 @@ def test_serve_composes_without_hydra_as_hydra_does(overrides):
     assert OmegaConf.to_object(fast) == compose_shipped("serve", overrides)
 
 
+@pytest.mark.parametrize("name, schema, overrides", [
+    ("evaluate", "EvaluateConfig", ["ckpt=x.pt", "src=a.de", "ref=a.en", "beam_size=2", "bleu_tokenize=intl"]),
+    ("evaluate", "EvaluateConfig", ["ckpt=[a.pt,b.pt]", "split=test", "engine=ctranslate2", "tgt_lang=en"]),
+    ("export", "ExportConfig", ["ckpt=x.pt", "to=ctranslate2", "out=dir", "quantization=int8"]),
+    ("average", "AverageConfig", ["ckpt=[a.pt,b.pt]", "out=avg.pt"]),
+    ("average", "AverageConfig", ["ckpt=runs/x", "last=3", "out=avg.pt"]),
+])
+def test_evaluate_export_and_average_compose_without_hydra_as_hydra_does(name, schema, overrides):
+    from attnmt import config
+
+    fast = compose_cli(name, getattr(config, schema), overrides)
+    assert fast is not None, f"the shipped {name}.yaml must take the fast path"
+    assert OmegaConf.to_object(fast) == compose_shipped(name, overrides)
+
+
 def test_fast_composition_follows_a_group_options_own_defaults(tmp_path, monkeypatch):
     # decode/greedy.yaml lists beam, then itself: the fast path merges both, in Hydra's order.
     tree = tmp_path / "configs"

@@ -87,7 +87,7 @@ for dir in $DIRECTIONS; do
   end=$(date +%s.%N)
   echo "$start $end" > "$run/wall_seconds"
   cp "$run/train.log" "$OUT/$dir.train.log"  # now: a call stopped while scoring still brings it back
-  "$PYTHON" -m attnmt.cli.average "$run" --last "$average_last" --out "$run/avg_last$average_last.pt"
+  "$PYTHON" -m attnmt.cli.average "ckpt=$run" "last=$average_last" "out=$run/avg_last$average_last.pt"
   : > "$run/eval.jsonl"
   for ckpt in "avg_last$average_last.pt" checkpoints/best.pt; do
     echo "== test2016, beam 5: $ckpt"

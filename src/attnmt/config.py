@@ -590,6 +590,19 @@ class ExportConfig:
     quantization: str | None  # to=ctranslate2: int8, int8_float32, float16, bfloat16, ...; None = float32
 
 
+@dataclass
+class AverageConfig:
+    """``attnmt-average``: the weights of several checkpoints averaged into one checkpoint."""
+
+    ckpt: Any  # checkpoint files ([a.pt,b.pt]), or one run directory: its newest `last` numbered checkpoints
+    last: int  # with a run directory: how many of its step_*.pt
+    out: str  # the checkpoint to write
+
+    def check(self) -> None:
+        if self.last < 1:
+            raise ConfigError(f"last={self.last} must be at least 1")
+
+
 def register_configs() -> None:
     """Register every schema with Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
@@ -603,6 +616,7 @@ def register_configs() -> None:
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="export_schema", node=ExportConfig)
     cs.store(name="serve_schema", node=ServeConfig)
+    cs.store(name="average_schema", node=AverageConfig)
 
 
 def config_dir() -> Path:

@@ -11,6 +11,7 @@ with one line naming it, before anything is written.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from attnmt.cli.common import UserError, run_command, setup_logging
 log = logging.getLogger("attnmt.import")
 
 USAGE = "usage: attnmt-import from=FOLDER_OR_HUB_ID out=FILE.pt [overwrite=true]"
+KEYS = ("from", "out", "overwrite")
 
 
 def arguments(argv: list[str]) -> dict[str, str]:
@@ -31,9 +33,11 @@ def arguments(argv: list[str]) -> dict[str, str]:
     values = {}
     for arg in argv:
         key, sep, value = arg.partition("=")
-        if arg in ("-h", "--help"):
-            raise UserError(f"{USAGE}\n{__doc__}")
-        if not sep or key not in ("from", "out", "overwrite") or not value:
+        if sep and key not in KEYS:  # the other commands' line for a misspelt key
+            close = difflib.get_close_matches(key, KEYS, n=2)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise UserError(f"{arg}: attnmt-import has no key '{key}'; {hint}the keys are {', '.join(KEYS)}")
+        if not sep or not value:
             raise UserError(f"{arg!r} is not an argument of attnmt-import; {USAGE}")
         if key == "overwrite" and value not in ("true", "false"):
             raise UserError(f"overwrite={value}: write overwrite=true or overwrite=false")
@@ -72,8 +76,12 @@ def run(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        run_command("attnmt-import", lambda: print(f"{USAGE}\n{__doc__}"))  # a reader that leaves (| head) is no error
+        return
     setup_logging()
-    run_command("attnmt-import", lambda: run(sys.argv[1:] if argv is None else argv))
+    run_command("attnmt-import", lambda: run(argv))
 
 
 if __name__ == "__main__":
