@@ -95,9 +95,8 @@ def main() -> None:
     """``attnmt-train``: the command line checked in one line each, then composed and run by Hydra."""
     try:
         check_command_line(sys.argv[1:])
-    except UserError as err:
-        setup_logging(True)
-        logger.error("%s", err)
+    except UserError as err:  # the line every attnmt command gives a misspelt key (attnmt.cli.common.run_command)
+        print(f"attnmt-train: error: {err}", file=sys.stderr)
         sys.exit(2)
     hydra_main()
 
