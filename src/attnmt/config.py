@@ -513,7 +513,7 @@ class EvaluateConfig(EngineConfig):
     """``attnmt-evaluate``: a checkpoint's BLEU and chrF on ``src``/``ref`` files or a data split.
 
     With ``split=``, ``data.KEY=VALUE`` on the command line overrides that key of the checkpoint's own
-    data config (e.g. ``data.root=...``); the command takes those items before Hydra sees them.
+    data config (e.g. ``data.root=...``); the command takes those items before the rest is composed.
     ``src_lang`` and ``tgt_lang`` also pick a split's direction where the data has several, and
     ``tgt_lang`` sacreBLEU's tokenizer.
     """
