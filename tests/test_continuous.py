@@ -127,6 +127,16 @@ def test_a_budget_below_one_lines_rows_is_refused_in_one_line(model) -> None:
         RunningSearch(model, decode_config(sampling="true", nbest=2), max_rows=1)
 
 
+def test_a_strategy_without_a_running_step_is_refused_not_run_as_greedy(model, monkeypatch) -> None:
+    from attnmt import decoding
+
+    nucleus = decoding.Strategy("nucleus", lambda cfg: cfg.top_p < 1, decoding.sample_search)
+    monkeypatch.setattr(decoding, "STRATEGIES", [nucleus, *decoding.STRATEGIES])
+    with pytest.raises(ValueError, match="the running search has no step for the nucleus strategy"):
+        RunningSearch(model, decode_config(top_p=0.9))
+    RunningSearch(model, decode_config(beam_size=1))  # greedy, beam and sampling have theirs
+
+
 def test_a_source_longer_than_the_positions_is_refused(model) -> None:
     run = RunningSearch(model, decode_config(beam_size=1))
     limit = model.cfg.max_positions

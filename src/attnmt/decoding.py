@@ -195,13 +195,17 @@ class RunningSearch:
             ``beam_size=1`` runs beam search's bookkeeping, for tests).
 
     Raises:
-        ValueError: ``max_rows`` is smaller than one source's rows.
+        ValueError: ``max_rows`` is smaller than one source's rows, or a strategy it has no step for
+            (rather than running it as greedy search).
     """
 
     def __init__(self, model: Transformer, cfg: DecodeConfig, tgt_prefix: Sequence[int] = (),
                  max_rows: int | None = None, kind: str | None = None) -> None:
         self.model, self.cfg, self.forced = model, cfg, list(tgt_prefix)
         name = kind or strategy(cfg).name
+        if name not in ("greedy", "beam", "sampling"):  # a strategy added to STRATEGIES must be taught its step here
+            raise ValueError(f"the running search has no step for the {name} strategy; search with greedy, beam or "
+                             "sampling")
         self.beam, self.scored = name == "beam", name == "sampling"
         self.beams = cfg.beam_size if self.beam else 1  # rows of a group in the cache
         self.draws = cfg.nbest if self.scored else 1  # groups of a source: each draw its own
@@ -587,9 +591,10 @@ class Strategy:
     search: Callable[[Transformer, Tensor, Tensor, DecodeConfig, Tensor | None, Sequence[int]], list[list[Hypothesis]]]
 
 
-# The first strategy whose `chosen` holds runs. A new strategy is its function, an entry here, and
-# its config key (DecodeConfig and configs/decode/beam.yaml); engines other than attnmt's own refuse
-# it until they declare its name.
+# The first strategy whose `chosen` holds runs. A new strategy is its function, an entry here, its
+# config keys (DecodeConfig, configs/decode/beam.yaml, serve's TranslateRequest) and, for continuous
+# batching, its step in RunningSearch (which refuses a strategy it has none for); engines other than
+# attnmt's own refuse it until they declare its name.
 STRATEGIES: tuple[Strategy, ...] = (
     Strategy("sampling", lambda cfg: cfg.sampling, sample_search),
     Strategy("greedy", lambda cfg: cfg.beam_size == 1 and cfg.nbest == 1, greedy_search),
