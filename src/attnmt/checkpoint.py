@@ -59,8 +59,8 @@ class TrainState:
 
     :meth:`to_checkpoint` writes the dict and :meth:`restore` reads it back: saving and resuming a new
     field is an edit of this class, besides where the loop creates and changes it (the EMA of the
-    weights, ``ema``, took this class plus its creation and its update in ``training.py``). The
-    checkpoint's keys:
+    weights, ``ema``, took this class plus its creation and its update, ``training.py`` calling
+    :mod:`attnmt.optim`). The checkpoint's keys:
 
         format          "attnmt-checkpoint-1"
         model           the weights to translate with, as a state_dict (unwrapped: no DDP ``module.`` or
