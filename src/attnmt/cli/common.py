@@ -152,6 +152,14 @@ def config_command(name: str, schema: type, run: Callable[[DictConfig], None], a
     run_command(command, body, user_errors)
 
 
+def unknown_key(argument: str, key: str, known: list[str], where: str) -> UserError:
+    """The one line of every command for ``argument`` naming a key ``where`` does not have: the closest
+    of the ``known`` keys ("did you mean"), then all of them."""
+    close = difflib.get_close_matches(key, known, n=2)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return UserError(f"{argument}: {where} has no key {key!r}; {hint}the keys are {', '.join(known)}")
+
+
 def apply_overrides(cfg: DictConfig, overrides: list, name: str) -> None:
     """Set each of Hydra's parsed ``overrides`` (``key=value``) in ``cfg``, as Hydra would.
 
@@ -167,10 +175,7 @@ def apply_overrides(cfg: DictConfig, overrides: list, name: str) -> None:
             parent, _, _ = key.rpartition(".")
             node = OmegaConf.select(cfg, parent) if parent else cfg
             known = sorted(f"{parent}.{k}" if parent else str(k) for k in node) if isinstance(node, DictConfig) else []
-            close = difflib.get_close_matches(key, known, n=2)
-            hint = f"did you mean {' or '.join(close)}? " if close else ""
-            raise UserError(f"{override.input_line}: {name}.yaml has no key {key!r}; {hint}"
-                            f"the keys are {', '.join(known)}") from None
+            raise unknown_key(override.input_line, key, known, f"{name}.yaml") from None
         except (OmegaConfBaseException, ValueError) as err:
             hint = ""
             if isinstance(OmegaConf.select(cfg, key), ListConfig) and isinstance(override.value(), str):

@@ -11,12 +11,11 @@ with one line naming it, before anything is written.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import sys
 from pathlib import Path
 
-from attnmt.cli.common import UserError, run_command, setup_logging
+from attnmt.cli.common import UserError, run_command, setup_logging, unknown_key
 
 log = logging.getLogger("attnmt.import")
 
@@ -34,9 +33,7 @@ def arguments(argv: list[str]) -> dict[str, str]:
     for arg in argv:
         key, sep, value = arg.partition("=")
         if sep and key not in KEYS:  # the other commands' line for a misspelt key
-            close = difflib.get_close_matches(key, KEYS, n=2)
-            hint = f"did you mean {' or '.join(close)}? " if close else ""
-            raise UserError(f"{arg}: attnmt-import has no key '{key}'; {hint}the keys are {', '.join(KEYS)}")
+            raise unknown_key(arg, key, list(KEYS), "attnmt-import")
         if not sep or not value:
             raise UserError(f"{arg!r} is not an argument of attnmt-import; {USAGE}")
         if key == "overwrite" and value not in ("true", "false"):
