@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from attnmt.checkpoint import CheckpointError, average_checkpoints, checkpoint_dir, numbered_checkpoints
-from attnmt.cli.common import config_command, to_config
+from attnmt.cli.common import config_command, setup_logging, to_config
 from attnmt.config import AverageConfig, ConfigError
 
 logger = logging.getLogger("attnmt.cli.average")
@@ -54,7 +54,7 @@ def old_form(argv: list[str]) -> list[str] | None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     overrides = old_form(argv)
     if overrides is not None:
         logger.warning("attnmt-average PATHS --last N --out FILE is the form of earlier versions; write "
